@@ -1,0 +1,100 @@
+"""The `atomlab` command: one subcommand per stage, plus run and verify.
+
+User mistakes raise AtomlabError, printed here as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from atomlab import __version__
+from atomlab.errors import AtomlabError
+from atomlab.pipeline import STEP_NAMES, build_steps, select
+from atomlab.recipe import load_recipe
+from atomlab.steps import execute, plan
+
+
+def _run(args: argparse.Namespace, until: str | None) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    out_dir = Path(recipe.out_dir)
+    steps = select(build_steps(recipe), until)
+    if args.dry_run:
+        print(f"recipe {recipe.source} (name {recipe.name}, seed {recipe.seed}); outputs under {out_dir}/")
+        for entry in plan(steps, out_dir):
+            verb = {"reuse": "reuse (finished)", "run": "run", "resume": "run (interrupted; --resume continues it)"}
+            print(f"  {entry.step.name:<13} {verb[entry.status]:<40} {entry.folder}")
+        return 0
+    done = execute(steps, out_dir, resume=args.resume, restart=args.restart, seed=recipe.seed)
+    last = steps[-1].name
+    print(f"done: {last} -> {done[last]}")
+    if last == "release":
+        metrics = json.loads((done[last] / "metrics.json").read_text())
+        print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from atomlab.release.bundle import verify_bundle, verify_listed
+
+    folder = Path(args.bundle)
+    if not folder.is_dir():
+        raise AtomlabError(f"{folder}: not a folder (give the path of a release bundle)")
+    problems = verify_bundle(folder)
+    for problem in problems[1:]:
+        print(f"{folder}: {problem}", file=sys.stderr)
+    if problems:
+        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+        raise AtomlabError(f"{folder}: {problems[0]}{more}; the bundle does not match its manifest")
+    print(f"verify: all {len(verify_listed(folder))} files in {folder} match its manifest")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="atomlab", description="Build truly open language models.")
+    top.add_argument("--version", action="version", version=f"atomlab {__version__}")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "recipe", nargs="?", default="tiny", help="recipe file, or tiny / smoke (shipped); default tiny"
+        )
+        sub.add_argument("overrides", nargs="*", help="KEY=VALUE settings, e.g. train.lr=1e-3 model.n_layers=2")
+        sub.add_argument("--dry-run", action="store_true", help="print the plan and what would be reused, do nothing")
+        sub.add_argument(
+            "--resume", action="store_true", help="continue an interrupted pretrain from its last checkpoint"
+        )
+        sub.add_argument("--restart", action="store_true", help="discard an interrupted pretrain and start it again")
+        return sub
+
+    stage("run", "run every step: prepare-data, tokenizer, pretrain, release").set_defaults(until=None)
+    for name in STEP_NAMES:
+        stage(name, f"run the steps up to {name}").set_defaults(until=name)
+    verify = commands.add_parser("verify", help="recheck every file of a release bundle against its manifest")
+    verify.add_argument("bundle")
+    verify.set_defaults(until="verify")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "verify":
+            return _verify(args)
+        return _run(args, args.until)
+    except AtomlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished steps and the last complete checkpoint are kept; rerun with --resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The training loop: AdamW, warmup + cosine / WSD, clipping, accumulation, eval, samples,
+checkpoints, exact resume, progress bar with loss, tokens/s and MFU, JSONL metrics.
+
+Every random choice is a function of the seed and the step (data order included), so a run
+killed and resumed from a checkpoint ends with the same weights, bit for bit, on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atomlab.errors import AtomlabError
+from atomlab.model import ModelArgs, Transformer, count_parameters, flops_per_token
+from atomlab.progress import progress_bar
+from atomlab.recipe import ModelConfig, TrainConfig
+from atomlab.steps import StepContext, write_json
+from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
+from atomlab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from atomlab.train.metrics import MetricsLogger
+from atomlab.train.peak import device_peak_flops
+
+
+def model_args(config: ModelConfig, vocab_size: int) -> ModelArgs:
+    return ModelArgs(
+        vocab_size=vocab_size,
+        d_model=config.d_model,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+        mlp=config.mlp,
+        hidden=config.hidden,
+        qk_norm=config.qk_norm,
+        tie_embeddings=config.tie_embeddings,
+        seq_len=config.seq_len,
+        rope_theta=config.rope_theta,
+        norm_eps=config.norm_eps,
+        init_std=config.init_std,
+    )
+
+
+def learning_rate(step: int, train: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr_ratio, or warmup-stable-decay (linear decay at the end)."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    floor = train.lr * train.min_lr_ratio
+    if train.schedule == "wsd":
+        decay_start = int(train.max_steps * (1 - train.decay_fraction))
+        if step < decay_start:
+            return train.lr
+        progress = (step - decay_start) / max(1, train.max_steps - decay_start)
+        return train.lr - (train.lr - floor) * progress
+    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len+1 tokens, shuffled per epoch by a seeded permutation.
+
+    Sample i of the run is a pure function of (seed, i): the data position in a checkpoint is
+    just the step number.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.count = (len(tokens) - 1) // seq_len
+        self._epoch, self._order = -1, None
+
+    def window(self, index: int) -> np.ndarray:
+        start = index * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def sample(self, i: int) -> np.ndarray:
+        epoch, position = divmod(i, self.count)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order, self._epoch = torch.randperm(self.count, generator=generator).numpy(), epoch
+        return self.window(int(self._order[position]))
+
+    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(np.stack([self.sample(first + j) for j in range(size)]))
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_tokens(folder: Path, split: str) -> np.ndarray:
+    dtype = json.loads((folder / "shards.json").read_text())["dtype"]
+    return np.memmap(folder / f"{split}.bin", dtype=np.dtype(dtype), mode="r")
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    windows: TokenWindows,
+    byte_lengths: torch.Tensor,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+    autocast: Any,
+) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per byte over evenly spaced windows (all if max_batches is None)."""
+    model.eval()
+    indices = np.arange(windows.count)
+    if max_batches is not None and max_batches * batch_size < windows.count:
+        indices = np.linspace(0, windows.count - 1, max_batches * batch_size).round().astype(np.int64)
+    nats, tokens, bytes_ = 0.0, 0, 0
+    for start in range(0, len(indices), batch_size):
+        rows = torch.from_numpy(np.stack([windows.window(int(i)) for i in indices[start : start + batch_size]]))
+        inputs, targets = rows[:, :-1].to(device), rows[:, 1:].to(device)
+        with autocast:
+            loss = model.loss(inputs, targets, reduction="sum")
+        nats += float(loss)
+        tokens += targets.numel()
+        bytes_ += int(byte_lengths[targets.cpu()].sum())
+    model.train()
+    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, bytes_), "val_tokens": tokens}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AtomlabError('train.device: cuda requested but no CUDA device is available (set train.device = "cpu")')
+    return torch.device(name)
+
+
+def build_optimizer(model: Transformer, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, fused=device.type == "cuda"
+    )
+
+
+def sample_text(model: Transformer, tokenizer: Any, prompt: str, tokens: int, seed: int) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(END_OF_TEXT)]
+    out = model.generate(ids, tokens, generator=generator, stop_token=tokenizer.token_to_id(END_OF_TEXT))
+    return prompt + tokenizer.decode(out)
+
+
+def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sample_prompt: str) -> dict[str, Any]:
+    tok_folder = ctx.inputs["tokenizer"]
+    tokenizer = load_tokenizer(tok_folder / "tokenizer.json")
+    device = pick_device(train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(train.threads or os.cpu_count() or 1)
+    torch.manual_seed(ctx.seed)
+    args = model_args(model_config, tokenizer.get_vocab_size())
+    model = Transformer(args)
+    model.init_weights(torch.Generator().manual_seed(ctx.seed))
+    model.to(device)
+    optimizer = build_optimizer(model, train, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    train_windows = TokenWindows(load_tokens(tok_folder, "train"), args.seq_len, ctx.seed)
+    val_windows = TokenWindows(load_tokens(tok_folder, "val"), args.seq_len, ctx.seed)
+    if train_windows.count < 1 or val_windows.count < 1:
+        raise AtomlabError(
+            f"model.seq_len: {args.seq_len} is longer than the data "
+            f"({len(train_windows.tokens)} train / {len(val_windows.tokens)} validation tokens); lower it or add data"
+        )
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
+    params = count_parameters(model)
+    flops_token = flops_per_token(args, params["matmul"])
+    peak = device_peak_flops(device)
+    tokens_per_step = train.batch_size * train.grad_accum * args.seq_len
+
+    start_step = 0
+    checkpoints = complete_checkpoints(ctx.folder) if ctx.resume else []
+    if checkpoints:
+        meta = load_checkpoint(checkpoints[-1], model, optimizer)
+        start_step = meta["step"]
+        print(f"resumed from {checkpoints[-1]} (step {start_step})")
+    metrics = MetricsLogger(
+        ctx.folder,
+        truncate_after=start_step,
+        tensorboard=train.tensorboard,
+        wandb=train.wandb,
+        run_name=ctx.step.dirname,
+        config={"model": model_config.model_dump(), "train": train.model_dump()},
+    )
+    write_json(
+        ctx.folder / "config.json",
+        {"architecture": "atomlab-transformer", **args.to_dict(), "parameters": params, "flops_per_token": flops_token},
+    )
+    print(
+        f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
+        f"{flops_token / 1e6:.1f} MFLOP/token; device {device}, peak {peak / 1e9:.1f} GFLOP/s; "
+        f"{train_windows.count:,} training windows of {args.seq_len} tokens"
+    )
+
+    model.train()
+    history: list[float] = []
+    window_start, window_tokens = time.perf_counter(), 0
+    tokens_per_second = mfu = 0.0
+    with progress_bar("pretrain", total=train.max_steps, completed=start_step) as bar:
+        for step in range(start_step, train.max_steps):
+            lr = learning_rate(step, train)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total_loss = 0.0
+            for micro in range(train.grad_accum):
+                first = (step * train.grad_accum + micro) * train.batch_size
+                inputs, targets = train_windows.batch(first, train.batch_size)
+                with autocast:
+                    loss = model.loss(inputs.to(device), targets.to(device)) / train.grad_accum
+                loss.backward()
+                total_loss += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(total_loss):
+                raise AtomlabError(
+                    f"train.lr: loss became {total_loss} at step {step + 1}; lower train.lr ({train.lr})"
+                )
+            done = step + 1
+            window_tokens += tokens_per_step
+            elapsed = time.perf_counter() - window_start
+            if elapsed > 2.0 or done == train.max_steps:
+                tokens_per_second = window_tokens / elapsed
+                mfu = tokens_per_second * flops_token / peak
+                window_start, window_tokens = time.perf_counter(), 0
+            history.append(total_loss)
+            record = {
+                "step": done,
+                "loss": round(total_loss, 5),
+                "lr": lr,
+                "grad_norm": round(grad_norm, 4),
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": round(tokens_per_second, 1),
+                "mfu": round(mfu, 4),
+            }
+            if done % train.eval_every == 0 or done == train.max_steps:
+                final = done == train.max_steps
+                record.update(
+                    evaluate(
+                        model,
+                        val_windows,
+                        byte_lengths,
+                        train.batch_size,
+                        None if final else train.eval_batches,
+                        device,
+                        autocast,
+                    )
+                )
+                bar.log(
+                    f"step {done}: train loss {total_loss:.3f}, val loss {record['val_loss']:.3f}, "
+                    f"val bits/byte {record['val_bpb']:.3f}"
+                )
+            if done % train.sample_every == 0 or done == train.max_steps:
+                text = sample_text(model, tokenizer, sample_prompt, train.sample_tokens, ctx.seed + done)
+                record["sample"] = text
+                with open(ctx.folder / "samples.txt", "a", encoding="utf-8") as handle:
+                    handle.write(f"--- step {done} ---\n{text}\n")
+            metrics.log(record)
+            bar.update(done, loss=total_loss, tokens_per_s=tokens_per_second, mfu=mfu)
+            if done % train.checkpoint_every == 0 and done != train.max_steps:
+                metrics.flush()
+                save_checkpoint(
+                    ctx.folder,
+                    done,
+                    model,
+                    optimizer,
+                    {"data_position": done * train.grad_accum * train.batch_size},
+                    train.keep_checkpoints,
+                )
+    metrics.close()
+    save_weights(model, ctx.folder / "model.safetensors")
+    final = metrics.last_eval()
+    summary = {
+        "parameters": params,
+        "flops_per_token": flops_token,
+        "steps": train.max_steps,
+        "tokens": train.max_steps * tokens_per_step,
+        "final_train_loss": round(float(np.mean(history[-10:])), 4) if history else None,
+        "val_loss": final.get("val_loss"),
+        "val_bpb": final.get("val_bpb"),
+        "tokens_per_s": round(tokens_per_second, 1),
+        "mfu": round(mfu, 4),
+        "peak_flops": peak,
+        "device": str(device),
+        "sample": final.get("sample") or metrics.last_sample(),
+    }
+    write_json(ctx.folder / "train_summary.json", summary)
+    print(f"\nsample at step {train.max_steps}:\n{summary['sample']}\n", file=sys.stdout)
+    return {k: v for k, v in summary.items() if k != "sample"}
