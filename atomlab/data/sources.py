@@ -76,10 +76,11 @@ def _skip(report: ReadReport, reason: str, path: Path) -> None:
     report.skipped_examples.setdefault(reason, str(path))
 
 
-def _read_file(path: Path, text_field: str, license: str, report: ReadReport) -> Iterator[Document]:
+def _read_file(path: Path, name: str, text_field: str, license: str, report: ReadReport) -> Iterator[Document]:
+    """Documents of one file; `name` is how ids and provenance cite it (as the recipe gave it)."""
     report.files += 1
     if path.suffix == ".parquet":
-        yield from _read_parquet(path, text_field, license, report)
+        yield from _read_parquet(path, name, text_field, license, report)
         return
     raw = path.read_bytes()
     if not raw.strip():
@@ -90,7 +91,7 @@ def _read_file(path: Path, text_field: str, license: str, report: ReadReport) ->
         _skip(report, "binary or not UTF-8", path)
         return
     if path.suffix == ".txt":
-        yield Document(id=str(path), text=text, source=str(path), license=license, sha256=_sha(raw))
+        yield Document(id=name, text=text, source=name, license=license, sha256=_sha(raw))
         return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -104,15 +105,15 @@ def _read_file(path: Path, text_field: str, license: str, report: ReadReport) ->
             _skip(report, f"jsonl line without a string {text_field!r} field", Path(f"{path}:{number}"))
             continue
         yield Document(
-            id=f"{path}:{number}",
+            id=f"{name}:{number}",
             text=value,
-            source=f"{path}:{number}",
+            source=f"{name}:{number}",
             license=str(row.get("license", license)),
             sha256=_sha(line.encode("utf-8")),
         )
 
 
-def _read_parquet(path: Path, text_field: str, license: str, report: ReadReport) -> Iterator[Document]:
+def _read_parquet(path: Path, name: str, text_field: str, license: str, report: ReadReport) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -130,9 +131,9 @@ def _read_parquet(path: Path, text_field: str, license: str, report: ReadReport)
             _skip(report, "parquet row without text", Path(f"{path}#{row}"))
             continue
         yield Document(
-            id=f"{path}#{row}",
+            id=f"{name}#{row}",
             text=value,
-            source=f"{path}#{row}",
+            source=f"{name}#{row}",
             license=str(licenses[row]) if licenses and licenses[row] else license,
             sha256=_sha(value.encode("utf-8")),
         )
@@ -159,4 +160,5 @@ def read_sources(
         else:
             raise AtomlabError(f"data.sources[{index}]: {source} is not a {', '.join(SUFFIXES)} file or a folder")
         for file in files:
-            yield from _read_file(file, text_field, license, report)
+            name = source if file == path else f"{source.rstrip('/')}/{file.relative_to(path).as_posix()}"
+            yield from _read_file(file, name, text_field, license, report)

