@@ -33,6 +33,7 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
         "recipe.toml",
         "provenance.jsonl",
         "REPORT.md",
+        "training_curves.png",
         "openness.json",
         "train_log.jsonl",
     ):

@@ -16,7 +16,7 @@ from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
 from atomlab.recipe import Recipe
-from atomlab.release.cards import model_card, openness, technical_report
+from atomlab.release.cards import model_card, openness, plot_training, technical_report
 from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 
@@ -86,6 +86,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     write_atomic(out / "DATA_CARD.md", data_card(stats, recipe.data, tokens["tokens"]))
     log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
     write_atomic(out / "REPORT.md", technical_report(recipe, log, summary))
+    plot_training(log, out / "training_curves.png")
     grade = openness(out, stats)
     write_json(out / "openness.json", grade)
     write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))

@@ -191,6 +191,36 @@ def model_card(
     return "\n".join(lines)
 
 
+def plot_training(metrics_log: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and validation bits per byte against tokens seen, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in metrics_log if "loss" in r]
+    evals = [r for r in metrics_log if "val_bpb" in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    tokens = [r["tokens"] / 1e6 for r in steps]
+    left.plot(tokens, [r["loss"] for r in steps], lw=0.6, alpha=0.4, label="train (per step)")
+    window = max(1, len(steps) // 50)
+    smooth = [
+        sum(r["loss"] for r in steps[max(0, i - window + 1) : i + 1]) / len(steps[max(0, i - window + 1) : i + 1])
+        for i in range(len(steps))
+    ]
+    left.plot(tokens, smooth, lw=1.5, label=f"train (mean of {window})")
+    left.plot([r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    left.set(xlabel="tokens (millions)", ylabel="loss (nats/token)", title="Loss")
+    left.legend()
+    right.plot([r["tokens"] / 1e6 for r in evals], [r["val_bpb"] for r in evals], "o-", color="C2")
+    right.set(xlabel="tokens (millions)", ylabel="bits per byte", title="Validation bits per byte (held-out documents)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def technical_report(recipe: Recipe, metrics_log: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     evals = [r for r in metrics_log if "val_bpb" in r]
     lines = [

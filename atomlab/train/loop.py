@@ -7,6 +7,7 @@ killed and resumed from a checkpoint ends with the same weights, bit for bit, on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,21 +32,8 @@ from atomlab.train.peak import device_peak_flops
 
 
 def model_args(config: ModelConfig, vocab_size: int) -> ModelArgs:
-    return ModelArgs(
-        vocab_size=vocab_size,
-        d_model=config.d_model,
-        n_layers=config.n_layers,
-        n_heads=config.n_heads,
-        n_kv_heads=config.n_kv_heads,
-        mlp=config.mlp,
-        hidden=config.hidden,
-        qk_norm=config.qk_norm,
-        tie_embeddings=config.tie_embeddings,
-        seq_len=config.seq_len,
-        rope_theta=config.rope_theta,
-        norm_eps=config.norm_eps,
-        init_std=config.init_std,
-    )
+    shared = {f.name for f in dataclasses.fields(ModelArgs)} - {"vocab_size", "hidden"}
+    return ModelArgs(vocab_size=vocab_size, hidden=config.hidden, **{name: getattr(config, name) for name in shared})
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
