@@ -79,7 +79,9 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1)
-    batch_size: int = Field(16, ge=1)  # sequences per micro-batch
+    # Sequences per micro-batch over all processes (each of N processes takes batch_size / N), so the
+    # global batch, the data order and the step's hash do not depend on how many processes run it.
+    batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -97,7 +99,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0)  # CPU threads; 0 = all cores
+    threads: int = Field(0, ge=0)  # CPU threads per process; 0 = all cores shared among local processes
+    # Under torchrun: "ddp" replicates the model, "fsdp" shards it per block (FSDP2 fully_shard).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False  # torch.compile the model (GPU speed; works on CPU with a C++ compiler)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     tensorboard: bool = False
     wandb: bool = False
 
