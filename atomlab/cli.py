@@ -10,11 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-from atomlab import __version__
+from atomlab import __version__, launch
+from atomlab import plan as plan_command
 from atomlab.errors import AtomlabError
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
 from atomlab.steps import execute, plan
+from atomlab.train.distributed import cleanup, current_world, setup
 
 
 def _run(args: argparse.Namespace, until: str | None) -> int:
@@ -27,7 +29,19 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
             verb = {"reuse": "reuse (finished)", "run": "run", "resume": "run (interrupted; --resume continues it)"}
             print(f"  {entry.step.name:<13} {verb[entry.status]:<40} {entry.folder}")
         return 0
-    done = execute(steps, out_dir, resume=args.resume, restart=args.restart, seed=recipe.seed)
+    world = current_world()
+    if world.distributed:  # under torchrun: join the job before any step, so ranks can wait for rank 0
+        from atomlab.train.loop import pick_device
+
+        world = setup(pick_device(recipe.train.device).type)
+    finished = False
+    try:
+        done = execute(steps, out_dir, resume=args.resume, restart=args.restart, seed=recipe.seed, world=world)
+        finished = True
+    finally:
+        cleanup(finished)
+    if not world.is_main:
+        return 0
     last = steps[-1].name
     print(f"done: {last} -> {done[last]}")
     if last == "release":
@@ -75,15 +89,17 @@ def parser() -> argparse.ArgumentParser:
         stage(name, f"run the steps up to {name}").set_defaults(until=name)
     verify = commands.add_parser("verify", help="recheck every file of a release bundle against its manifest")
     verify.add_argument("bundle")
-    verify.set_defaults(until="verify")
+    verify.set_defaults(handler=_verify)
+    launch.register(commands)
+    plan_command.register(commands)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "verify":
-            return _verify(args)
+        if hasattr(args, "handler"):
+            return args.handler(args)
         return _run(args, args.until)
     except AtomlabError as exc:
         print(f"error: {exc}", file=sys.stderr)

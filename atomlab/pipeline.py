@@ -41,6 +41,7 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         [tokenizer],
         lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt),
         resumable=True,
+        collective=True,
     )
     release_step = Step(
         "release",

@@ -13,11 +13,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class _Bar:
-    def __init__(self, progress: Progress | None, task: int | None, label: str, total: int) -> None:
-        self.progress, self.task, self.label, self.total = progress, task, label, total
+    def __init__(
+        self, progress: Progress | None, task: int | None, label: str, total: int, silent: bool = False
+    ) -> None:
+        self.progress, self.task, self.label, self.total, self.silent = progress, task, label, total, silent
         self.last_print = 0.0
 
     def update(self, completed: int, **fields: float) -> None:
+        if self.silent:
+            return
         text = self._fields(fields)
         if self.progress is not None:
             self.progress.update(self.task, completed=completed, fields=text)
@@ -26,6 +30,8 @@ class _Bar:
             print(f"{self.label} {completed}/{self.total} {text}", flush=True)
 
     def log(self, message: str) -> None:
+        if self.silent:
+            return
         if self.progress is not None:
             self.progress.console.print(message)
         else:
@@ -44,7 +50,11 @@ class _Bar:
 
 
 @contextmanager
-def progress_bar(label: str, total: int, completed: int = 0) -> Iterator[_Bar]:
+def progress_bar(label: str, total: int, completed: int = 0, enabled: bool = True) -> Iterator[_Bar]:
+    """A bar on a terminal, periodic lines otherwise; nothing at all when not enabled (other ranks)."""
+    if not enabled:
+        yield _Bar(None, None, label, total, silent=True)
+        return
     if not sys.stdout.isatty():
         yield _Bar(None, None, label, total)
         return

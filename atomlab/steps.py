@@ -26,6 +26,7 @@ from typing import Any
 
 from atomlab import __version__
 from atomlab.errors import AtomlabError
+from atomlab.train.distributed import SINGLE_PROCESS, World, barrier, broadcast_object
 
 MANIFEST = "manifest.json"
 
@@ -113,6 +114,7 @@ class Step:
     inputs: list[Step]
     run: Callable[[StepContext], dict[str, Any] | None]
     resumable: bool = False
+    collective: bool = False  # run by every process of a torchrun job, not rank 0 alone
     hash: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
@@ -167,6 +169,69 @@ def plan(steps: list[Step], out_dir: Path) -> list[PlanEntry]:
     return entries
 
 
+def _fresh_folder(partial: Path, step: Step, keep: bool, restart: bool) -> None:
+    if partial.exists() and step.resumable and not keep and not restart:
+        raise AtomlabError(
+            f"{partial}: step {step.name} was interrupted; pass --resume to continue it or --restart to discard it"
+        )
+    if partial.exists() and not keep:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+
+
+def _finish(
+    ctx: StepContext, folder: Path, done: dict[str, Path], summary: dict | None, started: float, world: World
+) -> None:
+    """Run a single-process step if not yet run, then write its manifest and rename it into place."""
+    step, partial = ctx.step, ctx.folder
+    if summary is None:
+        summary = step.run(ctx) or {}
+    finished = time.time()
+    manifest = {
+        "step": step.name,
+        "hash": step.hash,
+        "config": step.config,
+        "inputs": {
+            s.name: {
+                "folder": done[s.name].name,
+                "hash": s.hash,
+                "manifest_sha256": sha256_file(done[s.name] / MANIFEST),
+            }
+            for s in step.inputs
+        },
+        "outputs": list_files(partial),
+        "summary": summary,
+        "code": code_version(),
+        "host": host_info(),
+        "processes": world.size if step.collective else 1,
+        "timing": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "seconds": round(finished - started, 3),
+        },
+    }
+    write_json(partial / MANIFEST, manifest)
+    if folder.exists():  # a stale folder without manifest: never a finished step
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
+def _run_on_main(world: World, action: Callable[[], Any]) -> Any:
+    """Run `action` on rank 0 only; every rank gets its result, or raises the same user error."""
+    outcome: Any = None
+    if world.is_main:
+        try:
+            outcome = ("ok", action())
+        except AtomlabError as exc:
+            outcome = ("error", str(exc))
+            if not world.distributed:
+                raise
+    outcome = broadcast_object(outcome) if world.distributed else outcome
+    if outcome[0] == "error":
+        raise AtomlabError(outcome[1])
+    return outcome[1]
+
+
 def execute(
     steps: list[Step],
     out_dir: Path,
@@ -175,56 +240,38 @@ def execute(
     restart: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    world: World = SINGLE_PROCESS,
 ) -> dict[str, Path]:
-    """Run the steps in order (they are given topologically), reusing finished ones."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Run the steps in order (they are given topologically), reusing finished ones.
+
+    Under torchrun every process calls this: rank 0 runs the single-process steps while the
+    others wait, `collective` steps (pretraining) run on all, and rank 0 alone writes manifests
+    and renames folders.
+    """
+    log = log if world.is_main else (lambda message: None)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
-    for entry in plan(steps, out_dir):
+    entries = plan(steps, out_dir)
+    # rank 0's view of the disk decides for all: the others may look only after it has changed
+    statuses = broadcast_object([entry.status for entry in entries]) if world.distributed else None
+    for index, entry in enumerate(entries):
         step, folder = entry.step, entry.folder
-        if entry.status == "reuse":
+        status = statuses[index] if statuses else entry.status
+        if status == "reuse":
             log(f"[reuse] {step.name:<13} {folder}")
             done[step.name] = folder
             continue
         partial = Path(f"{folder}.partial")
-        if partial.exists():
-            if step.resumable and not resume and not restart:
-                raise AtomlabError(
-                    f"{partial}: step {step.name} was interrupted; pass --resume to continue it "
-                    "or --restart to discard it"
-                )
-            if not (step.resumable and resume):
-                shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
+        keep_partial = step.resumable and resume
+        _run_on_main(world, lambda: _fresh_folder(partial, step, keep_partial, restart))  # noqa: B023 - called at once
         log(f"[run]   {step.name:<13} {folder}")
         started = time.time()
         ctx = StepContext(step, partial, {s.name: done[s.name] for s in step.inputs}, resume, seed)
-        summary = step.run(ctx) or {}
-        finished = time.time()
-        manifest = {
-            "step": step.name,
-            "hash": step.hash,
-            "config": step.config,
-            "inputs": {
-                s.name: {
-                    "folder": done[s.name].name,
-                    "hash": s.hash,
-                    "manifest_sha256": sha256_file(done[s.name] / MANIFEST),
-                }
-                for s in step.inputs
-            },
-            "outputs": list_files(partial),
-            "summary": summary,
-            "code": code_version(),
-            "host": host_info(),
-            "timing": {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
-                "seconds": round(finished - started, 3),
-            },
-        }
-        write_json(partial / MANIFEST, manifest)
-        if folder.exists():  # a stale folder without manifest: never a finished step
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+        summary = None
+        if step.collective:
+            summary = step.run(ctx) or {}
+            barrier()
+        _run_on_main(world, lambda: _finish(ctx, folder, done, summary, started, world))  # noqa: B023
         done[step.name] = folder
     return done

@@ -1,9 +1,12 @@
-"""Checkpoints: safetensors weights + optimizer state + RNG and data position, written atomically.
+"""Checkpoints: sharded through torch.distributed.checkpoint (DCP), plus consolidated safetensors weights.
 
-A checkpoint is a folder `checkpoints/step_NNNNNNN/` holding `model.safetensors`,
-`optimizer.safetensors` and `checkpoint.json` (step, RNG state, the sha256 of both tensor
-files). It is written as `step_NNNNNNN.partial` and renamed when complete, so a kill at any
-moment leaves the previous checkpoint intact; on load every hash is checked.
+A checkpoint is a folder `checkpoints/step_NNNNNNN/` holding
+- `sharded/`: model and optimizer state written by every process with DCP, which reshards on
+  load, so a run saved by 2 processes resumes on 1 or 4 and the other way round;
+- `model.safetensors`: the full weights, readable by anyone without atomlab or torch.distributed;
+- `checkpoint.json`: the step, RNG state and data position, and the sha256 of every file above.
+It is written as `step_NNNNNNN.partial` and renamed when complete (the completion marker), so a
+kill at any moment leaves the previous checkpoint intact; on load every hash is checked.
 """
 
 from __future__ import annotations
@@ -11,89 +14,102 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from atomlab.errors import AtomlabError
 from atomlab.model import Transformer
-from atomlab.steps import sha256_file, write_json
+from atomlab.steps import list_files, sha256_file, write_json
+from atomlab.train.distributed import SINGLE_PROCESS, World, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
+# DCP works without a process group (one process) but warns that it assumes so at every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Weights to save: the tied lm_head is stored once, as the embedding."""
-    state = model.state_dict()
+def full_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0 (a collective under FSDP); the tied lm_head stored once."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 
-def save_weights(model: Transformer, path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(model_tensors(model), str(tmp), metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+def save_weights(model: Transformer, path: Path, world: World = SINGLE_PROCESS) -> None:
+    weights = full_weights(model)
+    if world.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
 
 
-def load_weights(model: Transformer, path: Path) -> None:
+def load_weights(model: nn.Module, path: Path, tie_embeddings: bool) -> None:
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises SafetensorError / OSError on damage
         raise AtomlabError(f"{path}: cannot read weights ({exc})") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if not (model.args.tie_embeddings and m == "lm_head.weight")]
+    missing = [m for m in missing if not (tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise AtomlabError(
             f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
 
 
-def optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name, param in model.named_parameters():
-        for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"{key}/{name}"] = value.detach().to("cpu").contiguous().reshape(value.shape)
-    return tensors
-
-
-def load_optimizer(model: Transformer, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state = optimizer.state_dict()
-    # state_dict numbers parameters in param_group order; map names through the parameter ids
-    ids = {id(p): n for n, p in model.named_parameters()}
-    order = [ids[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    state["state"] = {}
-    for position, name in enumerate(order):
-        entry = {key.split("/", 1)[0]: tensor for key, tensor in tensors.items() if key.split("/", 1)[1] == name}
-        if entry:
-            state["state"][position] = entry
-    optimizer.load_state_dict(state)
-
-
 def save_checkpoint(
-    folder: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, extra: dict[str, Any], keep: int
+    folder: Path,
+    step: int,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int,
+    world: World = SINGLE_PROCESS,
 ) -> Path:
     root = folder / CHECKPOINTS
-    final = root / f"step_{step:07d}"
-    partial = root / f"step_{step:07d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(model_tensors(model), str(partial / "model.safetensors"))
-    save_file(optimizer_tensors(model, optimizer), str(partial / "optimizer.safetensors"))
-    meta = {
-        "step": step,
-        "torch_rng": torch.get_rng_state().tolist(),
-        "files": {name: sha256_file(partial / name) for name in ("model.safetensors", "optimizer.safetensors")},
-        **extra,
-    }
-    write_json(partial / "checkpoint.json", meta)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    for old in complete_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old)
+    final, partial = root / f"step_{step:07d}", root / f"step_{step:07d}.partial"
+    if world.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save(
+        {"model": model_state, "optimizer": optimizer_state},
+        checkpoint_id=str(partial / "sharded"),
+        no_dist=not dist.is_initialized(),
+    )
+    weights = full_weights(model)
+    if world.is_main:
+        save_file(weights, str(partial / "model.safetensors"))
+        files = {name: entry["sha256"] for name, entry in list_files(partial).items()}
+        write_json(
+            partial / "checkpoint.json",
+            {
+                "step": step,
+                "processes": world.size,
+                "torch_rng": torch.get_rng_state().tolist(),
+                "files": files,
+                **extra,
+            },
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in complete_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old)
+    barrier()
     return final
 
 
@@ -105,8 +121,8 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG; raise AtomlabError naming the damaged file."""
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata, after checking every file against its sha256."""
     hint = f"delete {path} to resume from an earlier checkpoint, or pass --restart"
     try:
         meta = json.loads((path / "checkpoint.json").read_text(encoding="utf-8"))
@@ -119,7 +135,26 @@ def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optim
             raise AtomlabError(f"{file}: checkpoint file missing; {hint}")
         if sha256_file(file) != digest:
             raise AtomlabError(f"{file}: checkpoint file is corrupt or truncated (sha256 mismatch); {hint}")
-    load_weights(model, path / "model.safetensors")
-    load_optimizer(model, optimizer, load_file(str(path / "optimizer.safetensors")))
-    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     return meta
+
+
+def load_checkpoint(
+    path: Path, model: Transformer, optimizer: torch.optim.Optimizer, world: World = SINGLE_PROCESS
+) -> dict[str, Any]:
+    """Restore model, optimizer and RNG, resharding to this job's processes."""
+    # rank 0 checks the files; every rank learns the verdict, so all stop together on damage
+    verdict = None
+    if world.is_main:
+        try:
+            verdict = check_checkpoint(path)
+        except AtomlabError as exc:
+            verdict = str(exc)
+    verdict = broadcast_object(verdict)
+    if isinstance(verdict, str):
+        raise AtomlabError(verdict)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path / "sharded"), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    torch.set_rng_state(torch.tensor(verdict["torch_rng"], dtype=torch.uint8))
+    return verdict

@@ -27,6 +27,7 @@ from atomlab.recipe import ModelConfig, TrainConfig
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
 from atomlab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, parallelize, setup
 from atomlab.train.metrics import MetricsLogger
 from atomlab.train.peak import device_peak_flops
 
@@ -84,32 +85,49 @@ def load_tokens(folder: Path, split: str) -> np.ndarray:
     return np.memmap(folder / f"{split}.bin", dtype=np.dtype(dtype), mode="r")
 
 
+def lm_loss(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy through `net`, the possibly DDP-wrapped model (DDP syncs only calls made through it)."""
+    logits = net(inputs)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate(
-    model: Transformer,
+    net: torch.nn.Module,
     windows: TokenWindows,
     byte_lengths: torch.Tensor,
     batch_size: int,
     max_batches: int | None,
     device: torch.device,
     autocast: Any,
+    world: World = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """Validation loss (nats/token) and bits per byte over evenly spaced windows (all if max_batches is None)."""
-    model.eval()
+    """Validation loss (nats/token) and bits per byte over evenly spaced windows (all if max_batches is None).
+
+    Each process evaluates every world.size-th window; all run the same number of forward passes
+    (FSDP needs them in step), a process short of windows repeating one with zero weight.
+    """
+    net.eval()
     indices = np.arange(windows.count)
     if max_batches is not None and max_batches * batch_size < windows.count:
         indices = np.linspace(0, windows.count - 1, max_batches * batch_size).round().astype(np.int64)
-    nats, tokens, bytes_ = 0.0, 0, 0
-    for start in range(0, len(indices), batch_size):
-        rows = torch.from_numpy(np.stack([windows.window(int(i)) for i in indices[start : start + batch_size]]))
+    mine = indices[world.rank :: world.size]
+    per_process = math.ceil(len(indices) / world.size)
+    nats = tokens = bytes_ = 0.0
+    for start in range(0, per_process, batch_size):
+        chunk, weight = mine[start : start + batch_size], 1.0
+        if len(chunk) == 0:
+            chunk, weight = indices[:1], 0.0
+        rows = torch.from_numpy(np.stack([windows.window(int(i)) for i in chunk]))
         inputs, targets = rows[:, :-1].to(device), rows[:, 1:].to(device)
         with autocast:
-            loss = model.loss(inputs, targets, reduction="sum")
-        nats += float(loss)
-        tokens += targets.numel()
-        bytes_ += int(byte_lengths[targets.cpu()].sum())
-    model.train()
-    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, bytes_), "val_tokens": tokens}
+            loss = lm_loss(net, inputs, targets, reduction="sum")
+        nats += weight * float(loss)
+        tokens += weight * targets.numel()
+        bytes_ += weight * int(byte_lengths[targets.cpu()].sum())
+    nats, tokens, bytes_ = all_reduce_sum([nats, tokens, bytes_], device)
+    net.train()
+    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1.0, bytes_), "val_tokens": int(tokens)}
 
 
 def pick_device(name: str) -> torch.device:
@@ -140,13 +158,27 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
     tok_folder = ctx.inputs["tokenizer"]
     tokenizer = load_tokenizer(tok_folder / "tokenizer.json")
     device = pick_device(train.device)
-    if device.type == "cpu":
-        torch.set_num_threads(train.threads or os.cpu_count() or 1)
+    world = setup(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    else:  # the cores are shared by the processes on this machine
+        torch.set_num_threads(train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    if train.batch_size % world.size:
+        raise AtomlabError(f"train.batch_size ({train.batch_size}) must be divisible by the {world.size} processes")
     torch.manual_seed(ctx.seed)
     args = model_args(model_config, tokenizer.get_vocab_size())
     model = Transformer(args)
-    model.init_weights(torch.Generator().manual_seed(ctx.seed))
+    model.init_weights(torch.Generator().manual_seed(ctx.seed))  # the same on every process
     model.to(device)
+    params = count_parameters(model)
+    net = parallelize(
+        model,
+        world,
+        parallel=train.parallel,
+        device=device,
+        compile=train.compile,
+        activation_checkpointing=train.activation_checkpointing,
+    )
     optimizer = build_optimizer(model, train, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -158,55 +190,70 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
             f"({len(train_windows.tokens)} train / {len(val_windows.tokens)} validation tokens); lower it or add data"
         )
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
-    params = count_parameters(model)
     flops_token = flops_per_token(args, params["matmul"])
-    peak = device_peak_flops(device)
+    peak = device_peak_flops(device) * world.size  # MFU of the whole job
     tokens_per_step = train.batch_size * train.grad_accum * args.seq_len
+    local_batch = train.batch_size // world.size
 
     start_step = 0
     checkpoints = complete_checkpoints(ctx.folder) if ctx.resume else []
     if checkpoints:
-        meta = load_checkpoint(checkpoints[-1], model, optimizer)
+        meta = load_checkpoint(checkpoints[-1], model, optimizer, world)
         start_step = meta["step"]
-        print(f"resumed from {checkpoints[-1]} (step {start_step})")
-    metrics = MetricsLogger(
-        ctx.folder,
-        truncate_after=start_step,
-        tensorboard=train.tensorboard,
-        wandb=train.wandb,
-        run_name=ctx.step.dirname,
-        config={"model": model_config.model_dump(), "train": train.model_dump()},
-    )
-    write_json(
-        ctx.folder / "config.json",
-        {"architecture": "atomlab-transformer", **args.to_dict(), "parameters": params, "flops_per_token": flops_token},
-    )
-    print(
-        f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
-        f"{flops_token / 1e6:.1f} MFLOP/token; device {device}, peak {peak / 1e9:.1f} GFLOP/s; "
-        f"{train_windows.count:,} training windows of {args.seq_len} tokens"
-    )
+        if world.is_main:
+            print(
+                f"resumed from {checkpoints[-1]} (step {start_step}, saved by {meta.get('processes', 1)} process(es))"
+            )
+    metrics = None
+    if world.is_main:
+        metrics = MetricsLogger(
+            ctx.folder,
+            truncate_after=start_step,
+            tensorboard=train.tensorboard,
+            wandb=train.wandb,
+            run_name=ctx.step.dirname,
+            config={"model": model_config.model_dump(), "train": train.model_dump()},
+        )
+        write_json(
+            ctx.folder / "config.json",
+            {
+                "architecture": "atomlab-transformer",
+                **args.to_dict(),
+                "parameters": params,
+                "flops_per_token": flops_token,
+            },
+        )
+        layout = f"{world.size} processes ({train.parallel})" if world.distributed else "1 process"
+        print(
+            f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
+            f"{flops_token / 1e6:.1f} MFLOP/token; {layout} on {device}, peak {peak / 1e9:.1f} GFLOP/s; "
+            f"{train_windows.count:,} training windows of {args.seq_len} tokens"
+        )
 
-    model.train()
+    net.train()
     history: list[float] = []
     window_start, window_tokens = time.perf_counter(), 0
     tokens_per_second = mfu = 0.0
-    with progress_bar("pretrain", total=train.max_steps, completed=start_step) as bar:
+    with progress_bar("pretrain", total=train.max_steps, completed=start_step, enabled=world.is_main) as bar:
         for step in range(start_step, train.max_steps):
             lr = learning_rate(step, train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             total_loss = 0.0
             for micro in range(train.grad_accum):
-                first = (step * train.grad_accum + micro) * train.batch_size
-                inputs, targets = train_windows.batch(first, train.batch_size)
-                with autocast:
-                    loss = model.loss(inputs.to(device), targets.to(device)) / train.grad_accum
-                loss.backward()
+                first = (step * train.grad_accum + micro) * train.batch_size + world.rank * local_batch
+                inputs, targets = train_windows.batch(first, local_batch)
+                sync = nullcontext() if micro == train.grad_accum - 1 or not hasattr(net, "no_sync") else net.no_sync()
+                with sync:
+                    with autocast:
+                        loss = lm_loss(net, inputs.to(device), targets.to(device)) / train.grad_accum
+                    loss.backward()
                 total_loss += float(loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf")))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            total_loss = all_reduce_sum([total_loss], device)[0] / world.size
             if not math.isfinite(total_loss):
                 raise AtomlabError(
                     f"train.lr: loss became {total_loss} at step {step + 1}; lower train.lr ({train.lr})"
@@ -221,9 +268,9 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
             history.append(total_loss)
             record = {
                 "step": done,
-                "loss": round(total_loss, 5),
+                "loss": round(total_loss, 7),
                 "lr": lr,
-                "grad_norm": round(grad_norm, 4),
+                "grad_norm": round(grad_norm, 6),
                 "tokens": done * tokens_per_step,
                 "tokens_per_s": round(tokens_per_second, 1),
                 "mfu": round(mfu, 4),
@@ -232,13 +279,14 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
                 final = done == train.max_steps
                 record.update(
                     evaluate(
-                        model,
+                        net,
                         val_windows,
                         byte_lengths,
-                        train.batch_size,
+                        local_batch,
                         None if final else train.eval_batches,
                         device,
                         autocast,
+                        world,
                     )
                 )
                 bar.log(
@@ -246,24 +294,22 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
                     f"val bits/byte {record['val_bpb']:.3f}"
                 )
             if done % train.sample_every == 0 or done == train.max_steps:
-                text = sample_text(model, tokenizer, sample_prompt, train.sample_tokens, ctx.seed + done)
-                record["sample"] = text
-                with open(ctx.folder / "samples.txt", "a", encoding="utf-8") as handle:
-                    handle.write(f"--- step {done} ---\n{text}\n")
-            metrics.log(record)
+                record["sample"] = sample_text(model, tokenizer, sample_prompt, train.sample_tokens, ctx.seed + done)
+                if world.is_main:
+                    with open(ctx.folder / "samples.txt", "a", encoding="utf-8") as handle:
+                        handle.write(f"--- step {done} ---\n{record['sample']}\n")
+            if metrics is not None:
+                metrics.log(record)
             bar.update(done, loss=total_loss, tokens_per_s=tokens_per_second, mfu=mfu)
             if done % train.checkpoint_every == 0 and done != train.max_steps:
-                metrics.flush()
-                save_checkpoint(
-                    ctx.folder,
-                    done,
-                    model,
-                    optimizer,
-                    {"data_position": done * train.grad_accum * train.batch_size},
-                    train.keep_checkpoints,
-                )
+                if metrics is not None:
+                    metrics.flush()
+                position = {"data_position": done * train.grad_accum * train.batch_size}
+                save_checkpoint(ctx.folder, done, model, optimizer, position, train.keep_checkpoints, world)
+    save_weights(model, ctx.folder / "model.safetensors", world)
+    if metrics is None:
+        return {}
     metrics.close()
-    save_weights(model, ctx.folder / "model.safetensors")
     final = metrics.last_eval()
     summary = {
         "parameters": params,
@@ -277,7 +323,9 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
         "mfu": round(mfu, 4),
         "peak_flops": peak,
         "device": str(device),
-        "sample": final.get("sample") or metrics.last_sample(),
+        "processes": world.size,
+        "parallel": train.parallel if world.distributed else "none",
+        "sample": metrics.last_sample(),
     }
     write_json(ctx.folder / "train_summary.json", summary)
     print(f"\nsample at step {train.max_steps}:\n{summary['sample']}\n", file=sys.stdout)
