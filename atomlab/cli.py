@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from atomlab import __version__, launch
 from atomlab import plan as plan_command
 from atomlab.errors import AtomlabError
+from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
+from atomlab.release import hf
 from atomlab.steps import execute, plan
 from atomlab.train.distributed import cleanup, current_world, setup
 
@@ -40,13 +43,18 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
         finished = True
     finally:
         cleanup(finished)
-    if not world.is_main:
-        return 0
-    last = steps[-1].name
-    print(f"done: {last} -> {done[last]}")
-    if last == "release":
-        metrics = json.loads((done[last] / "metrics.json").read_text())
-        print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+    if world.is_main:
+        last = steps[-1].name
+        print(f"done: {last} -> {done[last]}")
+        if last == "release":
+            metrics = json.loads((done[last] / "metrics.json").read_text())
+            print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+    if world.distributed:
+        # Everything is written and the process group is gone; skip interpreter teardown, where gloo's
+        # threads sometimes abort the process ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -84,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--restart", action="store_true", help="discard an interrupted pretrain and start it again")
         return sub
 
-    stage("run", "run every step: prepare-data, tokenizer, pretrain, release").set_defaults(until=None)
+    stage("run", "run every step: prepare-data, tokenizer, pretrain, evaluate, release").set_defaults(until=None)
     for name in STEP_NAMES:
         stage(name, f"run the steps up to {name}").set_defaults(until=name)
     verify = commands.add_parser("verify", help="recheck every file of a release bundle against its manifest")
@@ -92,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_verify)
     launch.register(commands)
     plan_command.register(commands)
+    chat.register(commands)
+    server.register(commands)
+    hf.register(commands)
     return top
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from atomlab.recipe import Recipe
 from atomlab.steps import Step
 
-STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "release")
+STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "evaluate", "release")
 
 
 def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     """The steps in dependency order. Each step's hash covers exactly the settings it reads."""
     from atomlab.data.prepare import prepare_data, source_fingerprint, tokenize
+    from atomlab.evaluate.step import evaluate_step
     from atomlab.release.bundle import release
     from atomlab.train.loop import pretrain
 
@@ -43,13 +44,19 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         resumable=True,
         collective=True,
     )
+    evaluate = Step(
+        "evaluate",
+        {"evaluate": recipe.evaluate.model_dump(), "seed": recipe.seed},
+        [prepare, tokenizer, pretrain_step],
+        lambda ctx: evaluate_step(ctx, recipe),
+    )
     release_step = Step(
         "release",
         {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()},
-        [prepare, tokenizer, pretrain_step],
+        [prepare, tokenizer, pretrain_step, evaluate],
         lambda ctx: release(ctx, recipe),
     )
-    return [prepare, tokenizer, pretrain_step, release_step]
+    return [prepare, tokenizer, pretrain_step, evaluate, release_step]
 
 
 def select(steps: list[Step], until: str | None) -> list[Step]:

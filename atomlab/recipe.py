@@ -116,6 +116,12 @@ class TrainConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "Of Mans First Disobedience"])
+    sample_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, ge=0, le=2)
+
+
 class ReleaseConfig(Section):
     model_name: str = Field("atomlab-model", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     license: str = "Apache-2.0"  # for weights, code and configs; data keeps its own licences
@@ -131,6 +137,7 @@ class Recipe(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     # where the recipe was read from; not a setting
     source: str = Field("", exclude=True)

@@ -4,5 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ATOMLAB_EXTRAS="${ATOMLAB_EXTRAS:-test}" scripts/setup.sh
+# The web chat is tested in a real headless browser: Debian's chromium and its driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }) ||
+      echo "warning: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "warning: chromium/chromedriver not found; the browser test will be skipped" >&2
+  fi
+fi
 .venv/bin/ruff check atomlab tests benchmarks
 exec .venv/bin/python -m pytest -q "$@"

@@ -6,7 +6,7 @@ from tests.conftest import atomlab, step_folder
 
 
 def test_smoke_run_writes_every_step_with_manifest(smoke_run):
-    for step in ("prepare-data", "tokenizer", "pretrain", "release"):
+    for step in ("prepare-data", "tokenizer", "pretrain", "evaluate", "release"):
         folder = step_folder(smoke_run, step)
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["step"] == step and manifest["hash"] == folder.name.rsplit("-", 1)[1]
@@ -34,6 +34,10 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
         "provenance.jsonl",
         "REPORT.md",
         "training_curves.png",
+        "throughput.png",
+        "bits_per_byte_by_document.png",
+        "report.html",
+        "eval.json",
         "openness.json",
         "train_log.jsonl",
     ):
@@ -44,6 +48,9 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
     assert Tokenizer.from_file(str(bundle / "tokenizer.json")).get_vocab_size() == config["vocab_size"]
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert 0 < metrics["val_bits_per_byte"] < 8
+    assert abs(metrics["held_out_bits_per_byte"] - metrics["val_bits_per_byte"]) < 0.3  # whole documents vs windows
+    report = (bundle / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3 and "Held-out documents" in report
     card = (bundle / "MODEL_CARD.md").read_text()
     for section in (
         "## Architecture",
@@ -63,7 +70,7 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
 def test_released_recipe_reproduces_the_same_plan(smoke_run):
     bundle = step_folder(smoke_run, "release")
     result = atomlab("run", str(bundle / "recipe.toml"), "--dry-run", cwd=smoke_run)
-    for step in ("prepare-data", "tokenizer", "pretrain", "release"):
+    for step in ("prepare-data", "tokenizer", "pretrain", "evaluate", "release"):
         line = next(x for x in result.stdout.splitlines() if x.strip().startswith(step))
         assert "reuse" in line and step_folder(smoke_run, step).name in line
 
@@ -90,7 +97,7 @@ def test_verify_names_missing_and_unlisted_files(bundle_copy):
 def test_rerun_reuses_every_step(smoke_run):
     before = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (smoke_run / "runs").iterdir()}
     result = atomlab("run", "smoke", cwd=smoke_run)
-    assert result.stdout.count("[reuse]") == 4 and "[run]" not in result.stdout
+    assert result.stdout.count("[reuse]") == 5 and "[run]" not in result.stdout
     after = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (smoke_run / "runs").iterdir()}
     assert before == after
 
@@ -101,9 +108,9 @@ def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     plan = atomlab("run", "smoke", "train.lr=0.002", "--dry-run", cwd=work).stdout
     lines = {line.split()[0]: line for line in plan.splitlines() if line.startswith("  ")}
     assert "reuse" in lines["prepare-data"] and "reuse" in lines["tokenizer"]
-    assert "reuse" not in lines["pretrain"] and "reuse" not in lines["release"]
+    assert all("reuse" not in lines[step] for step in ("pretrain", "evaluate", "release"))
     result = atomlab("run", "smoke", "train.lr=0.002", cwd=work)
-    assert result.stdout.count("[reuse]") == 2 and result.stdout.count("[run]") == 2
+    assert result.stdout.count("[reuse]") == 2 and result.stdout.count("[run]") == 3
     assert len(list((work / "runs").glob("pretrain-*"))) == 2
     tok_plan = atomlab("run", "smoke", "tokenizer.vocab_size=400", "--dry-run", cwd=work).stdout
     assert tok_plan.count("reuse") == 1  # only prepare-data survives a tokenizer change

@@ -118,3 +118,14 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(smoke_run, tmp_path, dama
     if damage == "flip":  # --restart is the way out
         atomlab("pretrain", "smoke", *SETTINGS, "--restart", cwd=work)
         assert (step_folder(work, "pretrain") / "model.safetensors").is_file()
+
+
+def test_metrics_mirror_to_tensorboard(smoke_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = workdir(smoke_run, tmp_path, "tensorboard")
+    atomlab("pretrain", "smoke", "train.max_steps=10", "train.eval_every=5", "train.tensorboard=true", cwd=work)
+    events = EventAccumulator(str(step_folder(work, "pretrain") / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("loss")) == 10 and len(events.Scalars("val_bpb")) == 2

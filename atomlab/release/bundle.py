@@ -15,8 +15,9 @@ from typing import Any
 from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
+from atomlab.evaluate.report import PLOTS
 from atomlab.recipe import Recipe
-from atomlab.release.cards import model_card, openness, plot_training, technical_report
+from atomlab.release.cards import model_card, openness
 from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 
@@ -34,6 +35,7 @@ def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
 
 def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
+    evaluation = ctx.inputs["evaluate"]
     out = ctx.folder
     shutil.copyfile(train / "model.safetensors", out / "model.safetensors")
     shutil.copyfile(tok / "tokenizer.json", out / "tokenizer.json")
@@ -79,14 +81,17 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "tokens_per_s": summary["tokens_per_s"],
         "mfu": summary["mfu"],
         "parameters": summary["parameters"],
+        "held_out_bits_per_byte": json.loads((evaluation / "eval.json").read_text())["held_out_bits_per_byte"],
     }
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
     write_json(out / "data_stats.json", stats)
     write_atomic(out / "DATA_CARD.md", data_card(stats, recipe.data, tokens["tokens"]))
-    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    write_atomic(out / "REPORT.md", technical_report(recipe, log, summary))
-    plot_training(log, out / "training_curves.png")
+    shutil.copyfile(evaluation / "report.md", out / "REPORT.md")
+    shutil.copyfile(evaluation / "report.html", out / "report.html")
+    shutil.copyfile(evaluation / "eval.json", out / "eval.json")
+    for name in PLOTS:
+        shutil.copyfile(evaluation / name, out / name)
     grade = openness(out, stats)
     write_json(out / "openness.json", grade)
     write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))

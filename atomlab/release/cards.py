@@ -36,8 +36,8 @@ def openness(bundle: Path, stats: dict[str, Any]) -> dict[str, Any]:
     present = {
         "model architecture": "config.json + atomlab/model.py",
         "final parameters": "model.safetensors",
-        "technical report": "REPORT.md",
-        "evaluation results": "metrics.json",
+        "technical report": "REPORT.md (report card: pipeline, curves, held-out results, samples)",
+        "evaluation results": "metrics.json, eval.json",
         "model card": "MODEL_CARD.md",
         "data card": "DATA_CARD.md",
         "sample outputs": "samples.txt",
@@ -188,56 +188,4 @@ def model_card(
         "and `atomlab verify .` rechecks them.",
         "",
     ]
-    return "\n".join(lines)
-
-
-def plot_training(metrics_log: list[dict[str, Any]], path: Path) -> None:
-    """Training loss and validation bits per byte against tokens seen, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in metrics_log if "loss" in r]
-    evals = [r for r in metrics_log if "val_bpb" in r]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    tokens = [r["tokens"] / 1e6 for r in steps]
-    left.plot(tokens, [r["loss"] for r in steps], lw=0.6, alpha=0.4, label="train (per step)")
-    window = max(1, len(steps) // 50)
-    smooth = [
-        sum(r["loss"] for r in steps[max(0, i - window + 1) : i + 1]) / len(steps[max(0, i - window + 1) : i + 1])
-        for i in range(len(steps))
-    ]
-    left.plot(tokens, smooth, lw=1.5, label=f"train (mean of {window})")
-    left.plot([r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
-    left.set(xlabel="tokens (millions)", ylabel="loss (nats/token)", title="Loss")
-    left.legend()
-    right.plot([r["tokens"] / 1e6 for r in evals], [r["val_bpb"] for r in evals], "o-", color="C2")
-    right.set(xlabel="tokens (millions)", ylabel="bits per byte", title="Validation bits per byte (held-out documents)")
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def technical_report(recipe: Recipe, metrics_log: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    evals = [r for r in metrics_log if "val_bpb" in r]
-    lines = [
-        f"# Technical report: {recipe.release.model_name}",
-        "",
-        "Produced by atomlab from the recipe in `recipe.toml`. Pipeline: prepare-data (normalise, quality",
-        "filters, exact and MinHash near-duplicate removal, held-out split by document) -> tokenizer (byte-level",
-        "BPE) -> pretrain (AdamW) -> release. Each step's inputs, outputs and code version are in `manifest.json`",
-        "of its folder; this bundle's manifest hashes every file here.",
-        "",
-        "## Validation during training",
-        "",
-        "| step | tokens | train loss | val loss | val bits/byte |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['step']} | {r['tokens']:,} | {r['loss']:.3f} | {r['val_loss']:.3f} | {r['val_bpb']:.3f} |" for r in evals
-    ]
-    lines += ["", f"Final: validation {summary['val_bpb']:.4f} bits per byte after {summary['tokens']:,} tokens.", ""]
     return "\n".join(lines)

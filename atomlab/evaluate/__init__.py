@@ -1,0 +1,1 @@
+"""Evaluation: held-out bits per byte, samples, and the run's report card."""

@@ -1,0 +1,180 @@
+"""The report card of a run: Markdown and a self-contained HTML page, with PNG plots.
+
+Training and validation loss, throughput (tokens/s and MFU), bits per byte on each held-out
+document, and sample outputs. Written by the evaluate step; the release bundle carries it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from atomlab.recipe import Recipe
+
+PLOTS = ("training_curves.png", "throughput.png", "bits_per_byte_by_document.png")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(metrics_log: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and validation bits per byte against tokens seen, as a PNG."""
+    plt = _pyplot()
+    steps = [r for r in metrics_log if "loss" in r]
+    evals = [r for r in metrics_log if "val_bpb" in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    tokens = [r["tokens"] / 1e6 for r in steps]
+    left.plot(tokens, [r["loss"] for r in steps], lw=0.6, alpha=0.4, label="train (per step)")
+    window = max(1, len(steps) // 50)
+    smooth = [
+        sum(r["loss"] for r in steps[max(0, i - window + 1) : i + 1]) / len(steps[max(0, i - window + 1) : i + 1])
+        for i in range(len(steps))
+    ]
+    left.plot(tokens, smooth, lw=1.5, label=f"train (mean of {window})")
+    left.plot([r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    left.set(xlabel="tokens (millions)", ylabel="loss (nats/token)", title="Loss")
+    left.legend()
+    right.plot([r["tokens"] / 1e6 for r in evals], [r["val_bpb"] for r in evals], "o-", color="C2")
+    right.set(xlabel="tokens (millions)", ylabel="bits per byte", title="Validation bits per byte (held-out documents)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_throughput(metrics_log: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    steps = [r for r in metrics_log if r.get("tokens_per_s")]
+    figure, left = plt.subplots(figsize=(7, 3.4))
+    left.plot([r["step"] for r in steps], [r["tokens_per_s"] for r in steps], color="C0")
+    left.set(xlabel="step", ylabel="tokens/s", title="Training throughput")
+    right = left.twinx()
+    right.plot([r["step"] for r in steps], [100 * r["mfu"] for r in steps], color="C1", alpha=0.6)
+    right.set_ylabel("MFU (%)", color="C1")
+    left.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_documents(documents: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 0.5 + 0.45 * len(documents)))
+    names = [d["title"] or d["id"].split("/")[-1] for d in documents]
+    axis.barh(names, [d["bits_per_byte"] for d in documents], color="C2")
+    axis.set(xlabel="bits per byte", title="Held-out documents")
+    axis.invert_yaxis()
+    axis.grid(alpha=0.3, axis="x")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any], results: dict[str, Any]) -> str:
+    evals = [r for r in log if "val_bpb" in r]
+    lines = [
+        f"# Report card: {recipe.release.model_name}",
+        "",
+        f"Recipe `{recipe.name}` (seed {recipe.seed}): prepare-data (normalise, quality filters, exact and",
+        "MinHash near-duplicate removal, held-out split by document) -> tokenizer (byte-level BPE) -> pretrain",
+        "(AdamW) -> evaluate -> release. Each step's inputs, outputs and code version are in its `manifest.json`.",
+        "",
+        "## Results",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| held-out bits per byte | {results['held_out_bits_per_byte']:.4f} |",
+        f"| validation loss (nats/token) | {summary['val_loss']:.4f} |",
+        f"| training tokens | {summary['tokens']:,} |",
+        f"| parameters | {summary['parameters']['total']:,} |",
+        f"| throughput | {summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} on {summary['device']} |",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "## Validation during training",
+        "",
+        "| step | tokens | train loss | val loss | val bits/byte |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['step']} | {r['tokens']:,} | {r['loss']:.3f} | {r['val_loss']:.3f} | {r['val_bpb']:.3f} |" for r in evals
+    ]
+    lines += [
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "## Held-out documents",
+        "",
+        "| document | tokens | bytes | bits per byte |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {d['title'] or d['id']} | {d['tokens']:,} | {d['bytes']:,} | {d['bits_per_byte']:.4f} |"
+        for d in results["documents"]
+    ]
+    lines += ["", "![bits per byte by document](bits_per_byte_by_document.png)", "", "## Samples", ""]
+    for sample in results["samples"]:
+        lines += [f"Prompt `{sample['prompt']}`:", "", "```", (sample["prompt"] + sample["text"]).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _html(markdown: str, folder: Path) -> str:
+    """A self-contained page: the report's tables, text and plots (inlined as base64 PNG)."""
+    body, table, code = [], [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if code else "<pre>")
+            code = not code
+            continue
+        if code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip('`'))}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("!["):
+            name = line.split("(")[1].rstrip(")")
+            data = base64.b64encode((folder / name).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if table:
+        body.append("<table>" + "".join(table) + "</table>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}"
+        "img{max-width:100%}pre{background:#f4f4f4;padding:.8rem;white-space:pre-wrap}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>atomlab report card</title>'
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def write_report_card(
+    folder: Path, recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any], results: dict[str, Any]
+) -> None:
+    plot_training(log, folder / "training_curves.png")
+    plot_throughput(log, folder / "throughput.png")
+    plot_documents(results["documents"], folder / "bits_per_byte_by_document.png")
+    markdown = _markdown(recipe, log, summary, results)
+    (folder / "report.md").write_text(markdown, encoding="utf-8")
+    (folder / "report.html").write_text(_html(markdown, folder), encoding="utf-8")

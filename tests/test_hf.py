@@ -1,0 +1,303 @@
+"""Hugging Face export and import: transformers loads the export with no custom code and computes the same
+logits as atomlab; an imported transformers checkpoint computes the same logits in atomlab; round trips are exact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from atomlab.errors import AtomlabError
+from atomlab.model import ModelArgs, Transformer
+from atomlab.release import hf
+from atomlab.release.bundle import verify_bundle
+from atomlab.release.hf import model_args_from_config, register
+from atomlab.steps import MANIFEST, list_files, write_json
+from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
+from atomlab.train.checkpoint import load_weights
+from tests.conftest import step_folder
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-4
+CHAT = [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "Who wrote 12 sonnets?"},
+    {"role": "assistant", "content": "Shakespeare wrote 154."},
+    {"role": "user", "content": "And Milton?"},
+]
+ATOMLAB_CHAT = (
+    "<|system|>\nAnswer in one line.<|end|>\n<|user|>\nWho wrote 12 sonnets?<|end|>\n"
+    "<|assistant|>\nShakespeare wrote 154.<|end|>\n<|user|>\nAnd Milton?<|end|>\n<|assistant|>\n"
+)
+
+
+def atomlab_cli(*argv: str) -> int:
+    """The export/import subcommands through a parser of our own (the lead wires them into cli.py)."""
+    top = argparse.ArgumentParser()
+    commands = top.add_subparsers(dest="command")
+    register(commands)
+    args = top.parse_args(argv)
+    return args.handler(args)
+
+
+def load_atomlab(bundle: Path) -> Transformer:
+    args = model_args_from_config(json.loads((bundle / "config.json").read_text()), bundle)
+    model = Transformer(args)
+    load_weights(model, bundle / "model.safetensors", args.tie_embeddings)
+    return model.eval()
+
+
+def random_tokens(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def max_logit_difference(hf_model, atomlab_model: Transformer, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((hf_model(tokens).logits - atomlab_model(tokens)).abs().max())
+
+
+def perturb(parameters, seed: int) -> None:
+    """Random values everywhere, norms included, so a swapped or misnamed tensor cannot go unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in parameters:
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.2 * noise if param.dim() == 1 else 0.1 * noise)
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(smoke_run) -> Path:
+    return step_folder(smoke_run, "release")
+
+
+def write_variant_bundle(folder: Path, args: ModelArgs, tokenizer_from: Path, seed: int) -> Path:
+    """A minimal bundle for an architecture the smoke recipe does not train, with the smoke tokenizer."""
+    folder.mkdir(parents=True)
+    model = Transformer(args)
+    perturb(model.parameters(), seed)
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if args.tie_embeddings:
+        weights.pop("lm_head.weight")
+    save_file(weights, str(folder / "model.safetensors"), {"format": "pt"})
+    special = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    config = {**args.to_dict(), "eos_token_id": special[END_OF_TEXT], "pad_token_id": special[PAD]}
+    write_json(folder / "config.json", {**config, "model_name": folder.name, "torch_dtype": "float32"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_from / name, folder / name)
+    (folder / "MODEL_CARD.md").write_text(f"# {folder.name}\n\nA test variant.\n")
+    write_json(folder / MANIFEST, {"outputs": list_files(folder)})
+    return folder
+
+
+def variant_args(**changes) -> ModelArgs:
+    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160, seq_len=64)
+    return ModelArgs(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(smoke_bundle, tmp_path_factory) -> Path:
+    """No QK-norm, untied, a different RoPE base and epsilon: exports as Llama."""
+    args = variant_args(qk_norm=False, tie_embeddings=False, rope_theta=500000.0, norm_eps=1e-6)
+    return write_variant_bundle(tmp_path_factory.mktemp("variants") / "llama-bundle", args, smoke_bundle, seed=1)
+
+
+@pytest.fixture(scope="module")
+def exports(smoke_bundle, llama_bundle, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exports")
+    for name, bundle in (("smoke", smoke_bundle), ("llama", llama_bundle)):
+        assert atomlab_cli("export", str(bundle), "--format", "hf", str(root / name)) == 0
+    return {"smoke": root / "smoke", "llama": root / "llama"}
+
+
+@pytest.mark.parametrize(
+    "which, architecture", [("smoke", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM")], ids=["qwen3", "llama"]
+)
+def test_export_loads_in_transformers_with_the_same_logits(which, architecture, exports, smoke_bundle, llama_bundle):
+    out = exports[which]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [architecture] and "auto_map" not in config
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert type(hf_model).__name__ == architecture
+    assert hf_model.dtype == torch.float32
+    ours = load_atomlab(smoke_bundle if which == "smoke" else llama_bundle)
+    assert max_logit_difference(hf_model, ours, random_tokens(ours.args.vocab_size, ours.args.seq_len)) < TOLERANCE
+    assert verify_bundle(out) == []  # the export carries a manifest too
+
+
+def test_exported_tokenizer_encodes_and_chats_like_atomlab(exports, smoke_bundle):
+    from atomlab.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(smoke_bundle / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(exports["smoke"], trust_remote_code=False)
+    for text in ["ROMEO: But soft, what light through yonder window breaks?", "In 1667, 10 books.\n\n  Of Man's first"]:
+        assert theirs.encode(text) == ours.encode(text, add_special_tokens=False).ids
+    assert theirs.eos_token == END_OF_TEXT and theirs.pad_token == PAD
+    assert theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == ATOMLAB_CHAT
+    chat = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert chat["input_ids"] == ours.encode(ATOMLAB_CHAT, add_special_tokens=False).ids
+    generation = json.loads((exports["smoke"] / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.token_to_id(END_OF_TEXT), ours.token_to_id("<|end|>")]
+    assert (exports["smoke"] / "README.md").read_text().count("# atomlab-smoke") == 1
+
+
+def save_transformers_checkpoint(folder: Path, kind: str, tokenizer_json: Path) -> Path:
+    """A small randomly initialised transformers model and the atomlab tokenizer, saved as on the Hub."""
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+        model = transformers.Qwen3ForCausalLM(config)
+    perturb(model.parameters(), seed=2)
+    model.save_pretrained(folder, max_shard_size="100KB")  # sharded, with model.safetensors.index.json
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), eos_token=END_OF_TEXT, pad_token=PAD, chat_template=CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(smoke_bundle, tmp_path_factory) -> dict[str, Path]:
+    root, tokenizer = tmp_path_factory.mktemp("hf-checkpoints"), smoke_bundle / "tokenizer.json"
+    return {kind: save_transformers_checkpoint(root / kind, kind, tokenizer) for kind in ("llama", "qwen3")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_import_of_a_transformers_checkpoint_gives_the_same_logits(kind, hf_checkpoints, tmp_path):
+    source = hf_checkpoints[kind]
+    assert (source / "model.safetensors.index.json").is_file()
+    out = tmp_path / "imported"
+    assert atomlab_cli("import", str(source), str(out)) == 0
+    assert verify_bundle(out) == []
+    ours = load_atomlab(out)
+    assert ours.args.qk_norm == (kind == "qwen3") and ours.args.tie_embeddings == (kind == "qwen3")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    assert max_logit_difference(hf_model, ours, random_tokens(512, 64, seed=3)) < TOLERANCE
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (0, 1)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    assert "Imported by atomlab" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_import_keeps_a_foreign_tokenizer_as_is(hf_checkpoints, tmp_path):
+    """A tokenizer without atomlab's chat tokens is not extended: its own end-of-sequence token is used."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(["Of Man's first disobedience, and the fruit"] * 4, trainer)
+    source = tmp_path / "source"
+    shutil.copytree(hf_checkpoints["llama"], source)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        (source / name).unlink()
+    tokenizer.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+    assert atomlab_cli("import", str(source), str(tmp_path / "bundle")) == 0
+    config = json.loads((tmp_path / "bundle/config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.token_to_id("</s>")
+    assert "chat_template" not in json.loads((tmp_path / "bundle/tokenizer_config.json").read_text())
+    assert "lacks atomlab's special tokens" in (tmp_path / "bundle/MODEL_CARD.md").read_text()
+    assert (tmp_path / "bundle/tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+    assert atomlab_cli("export", str(tmp_path / "bundle"), "--format", "hf", str(tmp_path / "hf")) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.eos_token == "</s>" and theirs.chat_template is None
+
+
+@pytest.mark.parametrize("which", ["smoke", "llama"])
+def test_export_then_import_gives_identical_tensors(which, exports, smoke_bundle, llama_bundle, tmp_path):
+    bundle = smoke_bundle if which == "smoke" else llama_bundle
+    assert atomlab_cli("import", str(exports[which]), str(tmp_path / "back")) == 0
+    original, back = load_file(str(bundle / "model.safetensors")), load_file(str(tmp_path / "back/model.safetensors"))
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[name], back[name]) for name in original)
+    original_config = json.loads((bundle / "config.json").read_text())
+    back_config = json.loads((tmp_path / "back/config.json").read_text())
+    assert model_args_from_config(back_config, bundle) == model_args_from_config(original_config, bundle)
+    assert verify_bundle(tmp_path / "back") == []
+
+
+def test_relu2_export_is_refused(smoke_bundle, tmp_path):
+    bundle = write_variant_bundle(tmp_path / "relu2", variant_args(mlp="relu2"), smoke_bundle, seed=4)
+    with pytest.raises(AtomlabError, match=r"model.mlp = relu2 has no Hugging Face Llama/Qwen3 equivalent"):
+        atomlab_cli("export", str(bundle), "--format", "hf", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_unless_forced(smoke_bundle, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(AtomlabError, match=r"exists and is not empty; pass --force"):
+        atomlab_cli("export", str(smoke_bundle), "--format", "hf", str(out))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert atomlab_cli("export", str(smoke_bundle), "--format", "hf", str(out), "--force") == 0
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
+    with pytest.raises(AtomlabError, match=r"holds the input"):
+        atomlab_cli("import", str(out), str(tmp_path), "--force")
+
+
+def test_a_failed_write_leaves_the_old_output_whole(smoke_bundle, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert atomlab_cli("export", str(smoke_bundle), "--format", "hf", str(out)) == 0
+    before = list_files(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hf, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomlab_cli("export", str(smoke_bundle), "--format", "hf", str(out), "--force")
+    assert list_files(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: _edit_config(f, architectures=["MistralForCausalLM"], model_type="mistral"), "MistralForCausalLM"),
+        (lambda f: _edit_config(f, attention_bias=True), "attention_bias is true"),
+        (lambda f: _edit_config(f, rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling 'linear'"),
+        (lambda f: _edit_config(f, intermediate_size=96), "has shape"),
+        (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer.json"),
+        (lambda f: (f / "model.safetensors.index.json").unlink(), "no model.safetensors"),
+        (lambda f: next(f.glob("model-00001-*.safetensors")).unlink(), "missing"),
+    ],
+    ids=["architecture", "attention-bias", "rope-scaling", "shapes", "no-tokenizer", "no-weights", "missing-shard"],
+)
+def test_import_refusals_are_one_line(damage, message, hf_checkpoints, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(hf_checkpoints["llama"], source)
+    damage(source)
+    with pytest.raises(AtomlabError, match=message) as raised:
+        atomlab_cli("import", str(source), str(tmp_path / "out"))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
