@@ -71,7 +71,38 @@ def atomlab_engine(bundle: Path, device: str) -> Generate:
     return generate
 
 
-ENGINES: dict[str, Callable[[Path, str], Generate]] = {"atomlab": atomlab_engine}
+def transformers_engine(bundle: Path, device: str) -> Generate:
+    """Hugging Face transformers' `generate` on the same model, exported with `atomlab export --format hf`."""
+    from transformers import AutoModelForCausalLM
+
+    from atomlab.release.hf import export_hf
+
+    folder = Path(tempfile.mkdtemp(prefix="atomlab-hf-"))
+    export_hf(bundle, folder / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder / "model").to(device).eval()
+    pad = model.config.pad_token_id
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> int:
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)  # left padding
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                do_sample=True,
+                pad_token_id=pad,
+                **SAMPLING,
+            )
+        generated = out[:, longest:]
+        return int((generated != pad).sum())
+
+    return generate
+
+
+ENGINES: dict[str, Callable[[Path, str], Generate]] = {"atomlab": atomlab_engine, "transformers": transformers_engine}
 
 
 def prompts_for(bundle: Path, batch: int, longest: int) -> list[list[int]]:
@@ -153,6 +184,11 @@ def benchmark(bundle: Path, options: argparse.Namespace) -> dict:
             prompts = prompts_for(bundle, batch, longest_prompt)
             column[f"batch_{batch}"] = measure(generate, prompts, new_tokens, options.repeats, device)
         results["engines"][name] = column
+    if "atomlab" in results["engines"] and "transformers" in results["engines"]:
+        results["atomlab_vs_transformers"] = {
+            key: round(column["tokens_per_s"] / results["engines"]["transformers"][key]["tokens_per_s"], 2)
+            for key, column in results["engines"]["atomlab"].items()
+        }
     return results
 
 
@@ -161,7 +197,13 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="a release bundle; default: make a smoke one in a temp folder")
     parser.add_argument("--recipe", default="smoke", help="recipe for the bundle made when --bundle is not given")
     parser.add_argument("--overrides", nargs="*", default=[], help="KEY=VALUE settings for that recipe")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=list(ENGINES),
+        choices=list(ENGINES),
+        help="engines to compare side by side (transformers needs the hf extra)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (capped by the context)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
