@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except AtomlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(
             "interrupted: finished steps and the last complete checkpoint are kept; rerun with --resume",
