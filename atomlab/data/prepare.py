@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from atomlab.data.clean import MinHasher, content_hash, near_duplicates, normalize, quality_problem
-from atomlab.data.sources import ReadReport, read_sources
+from atomlab.data.sources import ReadReport, read_sources, resolve_source
 from atomlab.errors import AtomlabError
 from atomlab.recipe import DataConfig, TokenizerConfig
 from atomlab.steps import StepContext, sha256_file, write_atomic, write_json
@@ -32,8 +32,7 @@ def source_fingerprint(data: DataConfig, base: Path) -> dict[str, str]:
     for source in data.sources:
         if source.startswith("embedded:"):
             continue  # versioned with atomlab itself
-        path = Path(source).expanduser()
-        path = path if path.is_absolute() else base / path
+        path = resolve_source(source, base)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         digest = hashlib.sha256()
         for file in files:

@@ -139,6 +139,12 @@ def _read_parquet(path: Path, name: str, text_field: str, license: str, report: 
         )
 
 
+def resolve_source(source: str, base: Path) -> Path:
+    """A user source as a path: `~` expanded, relative paths taken from `base` (the working folder)."""
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 def read_sources(
     sources: list[str], text_field: str, license: str, report: ReadReport, base: Path
 ) -> Iterator[Document]:
@@ -146,9 +152,7 @@ def read_sources(
         if source.startswith("embedded:"):
             yield from read_embedded(source.removeprefix("embedded:"))
             continue
-        path = Path(source).expanduser()
-        if not path.is_absolute():
-            path = base / path
+        path = resolve_source(source, base)
         if not path.exists():
             raise AtomlabError(f"data.sources[{index}]: {source} does not exist")
         if path.is_dir():

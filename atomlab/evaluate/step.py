@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from atomlab.evaluate.report import write_report_card
-from atomlab.infer.engine import Engine, Request, SamplingParams
-from atomlab.model import ModelArgs, Transformer
+from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
+from atomlab.model import Transformer
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
-from atomlab.train.checkpoint import load_weights
-
-
-def load_model(folder: Path) -> Transformer:
-    """A trained model from a folder holding config.json and model.safetensors (pretrain step or bundle)."""
-    config = json.loads((folder / "config.json").read_text())
-    args = ModelArgs(**{k: config[k] for k in ModelArgs.__dataclass_fields__})
-    model = Transformer(args)
-    load_weights(model, folder / "model.safetensors", args.tie_embeddings)
-    return model.eval()
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from atomlab.errors import AtomlabError
-from atomlab.model import Attention, ModelArgs, Transformer, apply_rope, rope_tables
+from atomlab.model import Attention, ModelArgs, Transformer, rope_tables
 from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -194,33 +194,22 @@ class Engine:
     def from_bundle(cls, path: str | Path, device: str = "auto") -> Engine:
         """An engine for a release bundle folder (model.safetensors, config.json, tokenizer.json)."""
         from atomlab.tokenizer import load_tokenizer
-        from atomlab.train.checkpoint import load_weights
 
         folder = Path(path)
         if not folder.is_dir():
             raise AtomlabError(f"{folder}: not a folder (give the path of a release bundle)")
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not (folder / name).is_file():
-                raise AtomlabError(f"{folder}: no {name}; not a complete release bundle")
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            args = ModelArgs(**{f.name: config[f.name] for f in fields(ModelArgs) if f.name in config})
-            model = Transformer(args)
-        except (ValueError, TypeError, KeyError, RuntimeError, ZeroDivisionError) as exc:
-            raise AtomlabError(f"{folder / 'config.json'}: not a valid model config ({exc})") from None
-        try:
-            load_weights(model, folder / "model.safetensors", args.tie_embeddings)
-        except RuntimeError as exc:  # load_state_dict: shapes that do not match the config
-            detail = str(exc).strip().splitlines()[-1].strip()
-            raise AtomlabError(f"{folder}/model.safetensors: weights do not match config.json ({detail})") from None
+        if not (folder / "tokenizer.json").is_file():
+            raise AtomlabError(f"{folder}: no tokenizer.json; not a complete release bundle")
+        model = load_model(folder)
         tokenizer = load_tokenizer(folder / "tokenizer.json")
-        if tokenizer.get_vocab_size() > args.vocab_size:
+        if tokenizer.get_vocab_size() > model.args.vocab_size:
             raise AtomlabError(
-                f"{folder}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, the model only {args.vocab_size}"
+                f"{folder}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+                f"the model only {model.args.vocab_size}"
             )
         chosen = resolve_device(device)
         model.to(chosen, dtype=torch.bfloat16 if chosen.type == "cuda" else torch.float32)
-        return cls(model.eval(), tokenizer, chosen)
+        return cls(model, tokenizer, chosen)
 
     # text <-> tokens
 
@@ -372,14 +361,8 @@ class Engine:
     ) -> torch.Tensor:
         """atomlab.model.Attention.forward, reading and writing the KV cache."""
         batch, length, _ = x.shape
-        q = attention.q_proj(x).view(batch, length, attention.n_heads, attention.head_dim)
-        k = attention.k_proj(x).view(batch, length, attention.n_kv_heads, attention.head_dim)
-        v = attention.v_proj(x).view(batch, length, attention.n_kv_heads, attention.head_dim)
-        if attention.q_norm is not None:
-            q, k = attention.q_norm(q), attention.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, length, head_dim)
-        q = apply_rope(q, cos, sin).to(self.cache_dtype)
-        k = apply_rope(k, cos, sin).to(self.cache_dtype)
+        q, k, v = attention.project(x, cos, sin)
+        q, k = q.to(self.cache_dtype), k.to(self.cache_dtype)
         end = start + length
         cache.keys[layer][:, :, start:end] = k
         cache.values[layer][:, :, start:end] = v
@@ -420,6 +403,28 @@ class Engine:
             choice = torch.searchsorted(cumulative, threshold, right=True).clamp(max=vocab - 1)
             tokens[rows] = order.gather(1, choice).squeeze(1)
         return tokens.tolist()
+
+
+def load_model(folder: Path) -> Transformer:
+    """A trained model, in eval mode, from a folder holding config.json and model.safetensors (a release
+    bundle or a pretrain step's folder); AtomlabError naming the file when either is missing or wrong."""
+    from atomlab.train.checkpoint import load_weights
+
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise AtomlabError(f"{folder}: no {name}; not a complete release bundle")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        args = ModelArgs(**{f.name: config[f.name] for f in fields(ModelArgs) if f.name in config})
+        model = Transformer(args)
+    except (ValueError, TypeError, KeyError, RuntimeError, ZeroDivisionError) as exc:
+        raise AtomlabError(f"{folder / 'config.json'}: not a valid model config ({exc})") from None
+    try:
+        load_weights(model, folder / "model.safetensors", args.tie_embeddings)
+    except RuntimeError as exc:  # load_state_dict: shapes that do not match the config
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise AtomlabError(f"{folder}/model.safetensors: weights do not match config.json ({detail})") from None
+    return model.eval()
 
 
 def check_params(params: SamplingParams, vocab_size: int) -> None:

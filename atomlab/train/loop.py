@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from atomlab.errors import AtomlabError
+from atomlab.infer.engine import resolve_device
 from atomlab.model import ModelArgs, Transformer, count_parameters, flops_per_token
 from atomlab.progress import progress_bar
 from atomlab.recipe import ModelConfig, TrainConfig
@@ -131,11 +132,11 @@ def evaluate(
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AtomlabError('train.device: cuda requested but no CUDA device is available (set train.device = "cpu")')
-    return torch.device(name)
+    """The recipe's train.device, resolved as the engine resolves devices."""
+    try:
+        return resolve_device(name)
+    except AtomlabError as exc:
+        raise AtomlabError(f"train.device: {exc}") from None
 
 
 def build_optimizer(model: Transformer, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
