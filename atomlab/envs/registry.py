@@ -20,9 +20,9 @@ ENTRY_POINT_GROUP = "atomlab.environments"
 
 
 def builtin_environments() -> list[Environment]:
-    from atomlab.envs import builtin
+    from atomlab.envs import builtin, code, tools
 
-    return [cls() for cls in builtin.ENVIRONMENTS]
+    return [cls() for cls in builtin.ENVIRONMENTS + code.ENVIRONMENTS + tools.ENVIRONMENTS]
 
 
 def _plugin(name: str) -> Environment | None:
