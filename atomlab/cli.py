@@ -13,6 +13,7 @@ from pathlib import Path
 
 from atomlab import __version__, launch
 from atomlab import plan as plan_command
+from atomlab.envs import cli as envs_cli
 from atomlab.errors import AtomlabError
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
@@ -103,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     chat.register(commands)
     server.register(commands)
     hf.register(commands)
+    envs_cli.register(commands)
     return top
 
 
