@@ -15,6 +15,7 @@ from atomlab import __version__, launch
 from atomlab import plan as plan_command
 from atomlab.envs import cli as envs_cli
 from atomlab.errors import AtomlabError
+from atomlab.evaluate import lm_eval as lm_eval_cli
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
@@ -104,6 +105,7 @@ def parser() -> argparse.ArgumentParser:
     chat.register(commands)
     server.register(commands)
     hf.register(commands)
+    lm_eval_cli.register(commands)
     envs_cli.register(commands)
     return top
 
