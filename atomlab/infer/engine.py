@@ -6,11 +6,16 @@ gives the same tokens in any batch as alone. Keys and values live in a cache pre
 layer for the whole batch; after the prompt (prefill) each step feeds one token per row. A row
 that finishes is removed from the batch (its cache rows dropped), so it costs nothing more.
 
-The cached forward is written here from the model's own modules (`q_proj`, `apply_rope`, `mlp`...)
-so that atomlab/model.py keeps a single training path. Sampling is temperature, then top-k, then
-top-p, with one `torch.Generator` per request: a request's draws depend only on its seed and its
-own logits. Text is decoded incrementally, never split inside a UTF-8 character, and text that
-could be the start of a stop string is held back until it cannot.
+The cached forward is written here from the model's weights, so that atomlab/model.py keeps a single
+training path; per step it is bound by the number of small operations, so the engine keeps its own
+copies of the block matrices, laid out for `torch.mm`, with the projections that read the same input
+side by side (q, k and v in one matrix, gate and up in another), remade whenever a parameter changes.
+Sampling is temperature, then top-k, then top-p, as an inverse-CDF draw over the tokens sorted from the
+most likely, with one `torch.Generator` per request that draws one uniform per token: a request's
+tokens depend only on its seed and its own logits. Only the top-k (or, with top-k off, the 64 most
+likely tokens) are sorted, unless the draw lands beyond them. Text is decoded incrementally, never
+split inside a UTF-8 character, and text that could be the start of a stop string is held back until
+it cannot.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from atomlab.errors import AtomlabError
-from atomlab.model import Attention, ModelArgs, Transformer, rope_tables
+from atomlab.model import ModelArgs, Transformer, rope_tables
 from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -74,6 +79,8 @@ class _Sequence:
             self.generator.seed()  # non-deterministic
         else:
             self.generator.manual_seed(self.params.seed)
+        # one uniform per sampled token, drawn up front: the same numbers as one draw per step
+        self.uniforms = torch.rand(budget, generator=self.generator) if self.params.temperature > 0 else None
         self.token_ids: list[int] = []
         self.text = ""  # decoded text so far, whole characters only
         self.streamed = 0  # characters of text already passed to on_text
@@ -159,6 +166,7 @@ class _KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     padding: torch.Tensor  # (batch,) left-padding slots of each row
+    visible: torch.Tensor  # (batch, 1, 1, capacity): the slots that are not padding, a decode step's attention mask
     length: int  # slots written so far (the same for every row)
 
     @torch.inference_mode()
@@ -166,13 +174,177 @@ class _KVCache:
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
         self.padding = self.padding.index_select(0, rows)
+        self.visible = self.visible.index_select(0, rows)
+
+
+@dataclass
+class _Layer:
+    """One block's weights as the cached forward uses them: matrices laid out (in, out) for `torch.mm`,
+    the projections that read the same input side by side, so that each is one matrix multiply."""
+
+    attention_norm: torch.Tensor
+    qkv: torch.Tensor  # q_proj, k_proj, v_proj
+    qk_norm: torch.Tensor | None  # (heads + kv_heads, head_dim): q_norm's weight per query head, k_norm's per kv head
+    o: torch.Tensor
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor  # gate_proj then up_proj (SwiGLU), or up_proj alone (ReLU^2)
+    down: torch.Tensor
+
+
+def _decode_layers(model: Transformer) -> list[_Layer]:
+    def t(*linears: torch.nn.Linear) -> torch.Tensor:
+        return torch.cat([linear.weight for linear in linears]).t().contiguous()
+
+    layers = []
+    for block in model.layers:
+        attention, mlp = block.self_attn, block.mlp
+        qk_norm = None
+        if attention.q_norm is not None:
+            qk_norm = torch.cat(
+                [
+                    attention.q_norm.weight.expand(attention.n_heads, -1),
+                    attention.k_norm.weight.expand(attention.n_kv_heads, -1),
+                ]
+            )
+        gate_up = (mlp.gate_proj, mlp.up_proj) if mlp.gate_proj is not None else (mlp.up_proj,)
+        layers.append(
+            _Layer(
+                attention_norm=block.input_layernorm.weight.detach(),
+                qkv=t(attention.q_proj, attention.k_proj, attention.v_proj),
+                qk_norm=qk_norm,
+                o=t(attention.o_proj),
+                mlp_norm=block.post_attention_layernorm.weight.detach(),
+                gate_up=t(*gate_up),
+                down=t(mlp.down_proj),
+            )
+        )
+    return layers
+
+
+def _weights_version(model: Transformer) -> tuple | None:
+    """What changes when a parameter is replaced or written in place (its version counter); None when that
+    cannot be told (parameters made under inference mode have no version counter)."""
+    try:
+        return tuple((p.data_ptr(), p.dtype, p._version) for p in model.parameters())
+    except RuntimeError:
+        return None
+
+
+# With top-k off, the most likely tokens are taken sorted and the draw is made among them whenever it
+# lands there (it almost always does): the whole vocabulary is sorted only for the other draws.
+_HEAD = 64
+
+
+@dataclass
+class _Group:
+    """Sampled rows with the same top-k, and their settings as columns."""
+
+    rows: torch.Tensor | None  # the rows of the batch (None: every row, in order)
+    top_k: int  # 0: the whole vocabulary
+    temperature: torch.Tensor  # (rows, 1)
+    top_p: torch.Tensor | None  # (rows, 1); None when every row keeps all (top_p 1)
+    uniforms: torch.Tensor  # (rows, draws): each row's uniforms, one per step
+
+
+class _Sampler:
+    """The next token of each live row: argmax where temperature is 0, otherwise a draw after
+    temperature, top-k and top-p, using the row's own uniform for this step (so its draws do not
+    depend on the batch). Made once for a set of live rows."""
+
+    def __init__(self, sequences: list[_Sequence], vocab: int, device: torch.device) -> None:
+        sampled = [i for i, sequence in enumerate(sequences) if sequence.uniforms is not None]
+        self.rows = len(sequences)
+        self.greedy = len(sampled) < len(sequences)
+        by_top_k: dict[int, list[int]] = {}
+        for i in sampled:
+            top_k = sequences[i].params.top_k
+            by_top_k.setdefault(top_k if top_k < vocab else 0, []).append(i)
+        self.groups = []
+        for top_k, rows in by_top_k.items():
+            params = [sequences[i].params for i in rows]
+            uniforms = torch.zeros(len(rows), max(len(sequences[i].uniforms) for i in rows))
+            for row, i in enumerate(rows):
+                uniforms[row, : len(sequences[i].uniforms)] = sequences[i].uniforms
+            self.groups.append(
+                _Group(
+                    rows=None if len(rows) == self.rows else torch.tensor(rows, device=device),
+                    top_k=top_k,
+                    temperature=torch.tensor([[p.temperature] for p in params], device=device),
+                    top_p=None
+                    if all(p.top_p >= 1 for p in params)
+                    else torch.tensor([[p.top_p] for p in params], device=device),
+                    uniforms=uniforms.to(device),
+                )
+            )
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Token ids (rows,) from logits (rows, vocab), for the step-th token of every row."""
+        if not self.groups:
+            return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1) if self.greedy else None
+        for group in self.groups:
+            scaled = (logits if group.rows is None else logits.index_select(0, group.rows)) / group.temperature
+            drawn = _draw(scaled, group.top_k, group.top_p, group.uniforms[:, step : step + 1])
+            if group.rows is None:
+                return drawn
+            if tokens is None:
+                tokens = torch.empty(self.rows, dtype=drawn.dtype, device=drawn.device)
+            tokens.index_copy_(0, group.rows, drawn)
+        return tokens
+
+
+def _draw(scaled: torch.Tensor, top_k: int, top_p: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of scaled logits (rows, vocab): the tokens sorted from the most likely, the
+    first top_k kept (all when 0), then the first whose mass reaches top_p (the first always stays);
+    the token is where `uniform` (rows, 1) falls in the cumulative mass of those kept."""
+    vocab = scaled.shape[-1]
+    if top_k == 0 and vocab > _HEAD:
+        return _draw_from_head(scaled, top_p, uniform)
+    values, order = scaled.topk(top_k, dim=-1) if 0 < top_k < vocab else scaled.sort(dim=-1, descending=True)
+    cumulative, _ = _top_p(values.softmax(dim=-1), top_p)
+    choice = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return order.gather(1, choice.clamp(max=order.shape[1] - 1)).squeeze(1)
+
+
+def _draw_from_head(scaled: torch.Tensor, top_p: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
+    """_draw over the whole vocabulary, sorting only the _HEAD most likely tokens for the rows whose
+    draw lands among them and whose top-p (if any) ends among them."""
+    probs = scaled.softmax(dim=-1)
+    head, order = probs.topk(_HEAD, dim=-1)
+    cumulative, cut = _top_p(head, top_p)
+    total = probs.sum(dim=-1, keepdim=True)  # every token is kept
+    if cut is not None:
+        inside = cut[:, -1:]  # top-p ends inside the head: the tokens it keeps are all there
+        total = torch.where(inside, cumulative[:, -1:], total)
+    choice = torch.searchsorted(cumulative, uniform * total, right=True)
+    tokens = order.gather(1, choice.clamp(max=_HEAD - 1)).squeeze(1)
+    rest = choice >= _HEAD
+    if cut is not None:
+        rest |= (top_p < 1) & ~inside  # top-p keeps tokens past the head, whose order is not known
+    if rest.any():
+        rows = rest.squeeze(1).nonzero().squeeze(1)
+        kept = None if top_p is None else top_p.index_select(0, rows)
+        tokens[rows] = _draw(scaled.index_select(0, rows), scaled.shape[-1], kept, uniform.index_select(0, rows))
+    return tokens
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cumulative mass of probs (rows, sorted from the most likely) once top-p has cut the tail, and the
+    tokens it cut (None without top-p): those after the mass before them reached top_p."""
+    cumulative = probs.cumsum(dim=-1)
+    if top_p is None:
+        return cumulative, None
+    cut = (cumulative - probs >= top_p) & (top_p < 1)
+    return probs.masked_fill(cut, 0.0).cumsum(dim=-1), cut
 
 
 class Engine:
     """Batched generation from a Transformer and its tokenizer. Not thread-safe: one generate at a time.
 
-    The engine runs the model it is given, without copying it (so a trainer's updated weights are
-    used by the next call), in the model's dtype; on CUDA an fp32 model runs under bf16 autocast.
+    The engine runs the model it is given (a trainer's updated weights are used by the next call: the
+    engine's fused copies are remade when a parameter is replaced or changed in place), in the model's
+    dtype; on CUDA an fp32 model runs under bf16 autocast.
     `from_bundle` loads fp32 weights on CPU and bf16 on CUDA.
     """
 
@@ -185,8 +357,13 @@ class Engine:
         weight_dtype = model.embed_tokens.weight.dtype
         self.autocast = self.device.type == "cuda" and weight_dtype == torch.float32
         self.cache_dtype = torch.bfloat16 if self.autocast else weight_dtype
-        # RoPE in fp32 whatever the weights' dtype, as in training under autocast
-        self.rope_cos, self.rope_sin = rope_tables(self.args, self.max_context, self.device)
+        # RoPE in fp32 whatever the weights' dtype, as in training under autocast; one table of cos and
+        # sin by position, sin negated on its first half (where rotate-half negates)
+        cos, sin = rope_tables(self.args, self.max_context, self.device)
+        half = self.args.head_dim // 2
+        self.rope = torch.cat([cos, -sin[:, :half], sin[:, half:]], dim=-1)
+        self._decode_weights: list[_Layer] = []
+        self._layers_version: tuple | None = None
         special = [tokenizer.token_to_id(token) for token in (END_OF_TEXT, END_OF_TURN)]
         self.default_stop_token_ids = {token for token in special if token is not None}
 
@@ -284,125 +461,112 @@ class Engine:
         live = [sequence for sequence in sequences if not sequence.finished]
         if not live:
             return
-        cache, logits = self._prefill([sequence.request.prompt for sequence in live], max(s.budget for s in live))
+        layers = self._layers()
+        cache, logits = self._prefill([sequence.request.prompt for sequence in live], live, layers)
+        sampler = _Sampler(live, self.args.vocab_size, self.device)
         while True:
-            tokens = self._sample(logits, live)
-            for sequence, token in zip(live, tokens, strict=True):
+            tokens = sampler.sample(logits, len(live[0].token_ids))
+            for sequence, token in zip(live, tokens.tolist(), strict=True):
                 sequence.add_token(token)
             yield
             still_live = [i for i, sequence in enumerate(live) if not sequence.finished]
             if not still_live:
                 return
             if len(still_live) < len(live):
-                cache.keep_rows(torch.tensor(still_live, device=self.device))
+                rows = torch.tensor(still_live, device=self.device)
+                cache.keep_rows(rows)
+                tokens = tokens.index_select(0, rows)
                 live = [live[i] for i in still_live]
-                tokens = [tokens[i] for i in still_live]
-            logits = self._step(cache, tokens)
+                sampler = _Sampler(live, self.args.vocab_size, self.device)
+            logits = self._forward(tokens.unsqueeze(1), cache, layers)
 
     @torch.inference_mode()
-    def _prefill(self, prompts: list[list[int]], max_budget: int) -> tuple[_KVCache, torch.Tensor]:
+    def _layers(self) -> list[_Layer]:
+        """The decode weights of the model as it is now, rebuilt when a parameter has changed since."""
+        version = _weights_version(self.model)
+        if version is None or version != self._layers_version:
+            self._decode_weights, self._layers_version = _decode_layers(self.model), version
+        return self._decode_weights
+
+    @torch.inference_mode()
+    def _prefill(
+        self, prompts: list[list[int]], sequences: list[_Sequence], layers: list[_Layer]
+    ) -> tuple[_KVCache, torch.Tensor]:
         longest = max(len(prompt) for prompt in prompts)
         # the last sampled token is never fed back, so the cache needs one slot less than the budget
-        capacity = longest + max_budget - 1
+        capacity = longest + max(sequence.budget for sequence in sequences) - 1
         shape = (len(prompts), self.args.n_kv_heads, capacity, self.args.head_dim)
+        padding = torch.tensor([longest - len(prompt) for prompt in prompts], device=self.device)
         cache = _KVCache(
             keys=[torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.args.n_layers)],
             values=[torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.args.n_layers)],
-            padding=torch.tensor([longest - len(prompt) for prompt in prompts], device=self.device),
+            padding=padding,
+            visible=(torch.arange(capacity, device=self.device) >= padding.unsqueeze(1)).view(len(prompts), 1, 1, -1),
             length=0,
         )
         pad_id = 0  # any id: padded slots are masked out of every real row's attention
         rows = [[pad_id] * (longest - len(prompt)) + prompt for prompt in prompts]
-        tokens = torch.tensor(rows, device=self.device)
-        return cache, self._forward(tokens, cache)
+        return cache, self._forward(torch.tensor(rows, device=self.device), cache, layers)
 
     @torch.inference_mode()
-    def _step(self, cache: _KVCache, tokens: list[int]) -> torch.Tensor:
-        return self._forward(torch.tensor(tokens, device=self.device).unsqueeze(1), cache)
-
-    def _forward(self, tokens: torch.Tensor, cache: _KVCache) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, cache: _KVCache, layers: list[_Layer]) -> torch.Tensor:
         """Logits (batch, vocab) in fp32 for the token after `tokens` (batch, length), which fill the
-        next slots of the cache."""
-        start, length = cache.length, tokens.shape[1]
-        slots = torch.arange(start, start + length, device=self.device)
-        positions = (slots.unsqueeze(0) - cache.padding.unsqueeze(1)).clamp(min=0)  # (batch, length)
-        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        # a query sees the keys at or before its slot that are not padding; a padding query sees
-        # itself only, so that its softmax is defined (its output is never used)
-        key_slots = torch.arange(start + length, device=self.device)
-        causal = key_slots.view(1, 1, -1) <= slots.view(1, -1, 1)
-        not_padding = key_slots.view(1, 1, -1) >= cache.padding.view(-1, 1, 1)
-        itself = key_slots.view(1, 1, -1) == slots.view(1, -1, 1)
-        mask = ((causal & not_padding) | itself).unsqueeze(1)  # (batch, 1, length, keys)
+        next slots of the cache: atomlab.model.Transformer.forward, reading and writing the KV cache."""
+        batch, length = tokens.shape
+        start, end = cache.length, cache.length + tokens.shape[1]
+        if length == 1:  # a decode step: the query is the newest slot, it sees every slot not padding
+            positions = (start - cache.padding).unsqueeze(1)
+            mask = cache.visible[..., :end]
+        else:
+            slots = torch.arange(start, end, device=self.device)
+            positions = (slots.unsqueeze(0) - cache.padding.unsqueeze(1)).clamp(min=0)  # (batch, length)
+            # a query sees the keys at or before its slot that are not padding; a padding query sees
+            # itself only, so that its softmax is defined (its output is never used)
+            key_slots = torch.arange(end, device=self.device)
+            causal = key_slots.view(1, 1, -1) <= slots.view(1, -1, 1)
+            itself = key_slots.view(1, 1, -1) == slots.view(1, -1, 1)
+            mask = ((causal & cache.visible[:, 0, :, :end]) | itself).unsqueeze(1)  # (batch, 1, length, keys)
+        rope = self.rope[positions].unsqueeze(2)  # (batch, length, 1, 2 * head_dim): cos, then signed sin
+        cos, sin = rope.chunk(2, dim=-1)
 
+        args = self.args
+        heads, kv_heads, head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         model = self.model
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
-            x = model.embed_tokens(tokens)
-            for index, layer in enumerate(model.layers):
-                attention = self._attention(
-                    layer.self_attn, layer.input_layernorm(x), cos, sin, cache, index, start, mask
+            x = model.embed_tokens(tokens).view(batch * length, -1)
+            for index, layer in enumerate(layers):
+                h = F.rms_norm(x, (args.d_model,), layer.attention_norm, args.norm_eps)
+                qkv = torch.mm(h, layer.qkv).view(batch, length, heads + 2 * kv_heads, head_dim)
+                qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+                if layer.qk_norm is not None:
+                    qk = F.rms_norm(qk, (head_dim,), None, args.norm_eps) * layer.qk_norm
+                half = head_dim // 2
+                qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin  # apply_rope
+                qk = qk.to(self.cache_dtype).transpose(1, 2)
+                cache.keys[index][:, :, start:end] = qk[:, heads:]
+                cache.values[index][:, :, start:end] = v.transpose(1, 2)
+                q, rows = qk[:, :heads], length
+                if index == len(layers) - 1 and length > 1:  # only the last position's output is needed
+                    q, mask, rows = q[:, :, -1:], mask[:, :, -1:], 1
+                    x = x.view(batch, length, -1)[:, -1]
+                out = F.scaled_dot_product_attention(
+                    q,
+                    cache.keys[index][:, :, :end],
+                    cache.values[index][:, :, :end],
+                    attn_mask=mask,
+                    enable_gqa=kv_heads != heads,
                 )
-                x = x + attention
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-            logits = model.lm_head(model.norm(x[:, -1]))
-        cache.length = start + length
+                x = x + torch.mm(out.transpose(1, 2).reshape(batch * rows, -1), layer.o)
+                h = F.rms_norm(x, (args.d_model,), layer.mlp_norm, args.norm_eps)
+                gate_up = torch.mm(h, layer.gate_up)
+                if args.mlp == "swiglu":
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    x = x + torch.mm(F.silu(gate) * up, layer.down)
+                else:
+                    x = x + torch.mm(F.relu(gate_up).square(), layer.down)
+            logits = model.lm_head(model.norm(x.view(batch, -1, args.d_model)[:, -1]))
+        cache.length = end
         return logits.float()
-
-    def _attention(
-        self,
-        attention: Attention,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: _KVCache,
-        layer: int,
-        start: int,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """atomlab.model.Attention.forward, reading and writing the KV cache."""
-        batch, length, _ = x.shape
-        q, k, v = attention.project(x, cos, sin)
-        q, k = q.to(self.cache_dtype), k.to(self.cache_dtype)
-        end = start + length
-        cache.keys[layer][:, :, start:end] = k
-        cache.values[layer][:, :, start:end] = v
-        out = F.scaled_dot_product_attention(
-            q,
-            cache.keys[layer][:, :, :end],
-            cache.values[layer][:, :, :end],
-            attn_mask=mask,
-            enable_gqa=attention.n_kv_heads != attention.n_heads,
-        )
-        return attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-    @torch.inference_mode()
-    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
-        """The next token of each row: argmax where temperature is 0, otherwise a draw from the
-        row's own generator after temperature, top-k and top-p."""
-        tokens = logits.argmax(dim=-1)
-        sampled = [i for i, sequence in enumerate(sequences) if sequence.params.temperature > 0]
-        if sampled:
-            params = [sequences[i].params for i in sampled]
-            rows = torch.tensor(sampled, device=self.device)
-            vocab = logits.shape[-1]
-            temperature = torch.tensor([p.temperature for p in params], device=self.device).unsqueeze(1)
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=self.device)
-            top_p = torch.tensor([p.top_p for p in params], device=self.device).unsqueeze(1)
-            # one uniform per row per step, from the row's generator: its draws do not depend on the batch
-            uniform = torch.stack([torch.rand((), generator=sequences[i].generator) for i in sampled])
-
-            sorted_logits, order = (logits[rows] / temperature).sort(dim=-1, descending=True)
-            rank = torch.arange(vocab, device=self.device)
-            sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
-            probs = sorted_logits.softmax(dim=-1)
-            # top-p: keep the most likely tokens until their mass reaches top_p (the first always stays)
-            mass_before = probs.cumsum(dim=-1) - probs
-            probs = probs.masked_fill((mass_before >= top_p) & (top_p < 1), 0.0)
-            cumulative = probs.cumsum(dim=-1)
-            threshold = uniform.to(self.device).unsqueeze(1) * cumulative[:, -1:]
-            choice = torch.searchsorted(cumulative, threshold, right=True).clamp(max=vocab - 1)
-            tokens[rows] = order.gather(1, choice).squeeze(1)
-        return tokens.tolist()
 
 
 def load_model(folder: Path) -> Transformer:
