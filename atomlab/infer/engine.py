@@ -511,52 +511,69 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, cache: _KVCache, layers: list[_Layer]) -> torch.Tensor:
         """Logits (batch, vocab) in fp32 for the token after `tokens` (batch, length), which fill the
-        next slots of the cache: atomlab.model.Transformer.forward, reading and writing the KV cache."""
+        next slots of the cache: atomlab.model.Transformer.forward, reading and writing the KV cache.
+        Outside attention, the rows are the tokens that are not padding, one after the other."""
         batch, length = tokens.shape
-        start, end = cache.length, cache.length + tokens.shape[1]
+        start, end = cache.length, cache.length + length
+        real = last = None  # which of the batch x length slots are tokens, and each row's last token
         if length == 1:  # a decode step: the query is the newest slot, it sees every slot not padding
-            positions = (start - cache.padding).unsqueeze(1)
+            positions = start - cache.padding
             mask = cache.visible[..., :end]
         else:
             slots = torch.arange(start, end, device=self.device)
-            positions = (slots.unsqueeze(0) - cache.padding.unsqueeze(1)).clamp(min=0)  # (batch, length)
+            positions = (slots.unsqueeze(0) - cache.padding.unsqueeze(1)).flatten()  # (batch x length)
             # a query sees the keys at or before its slot that are not padding; a padding query sees
             # itself only, so that its softmax is defined (its output is never used)
             key_slots = torch.arange(end, device=self.device)
             causal = key_slots.view(1, 1, -1) <= slots.view(1, -1, 1)
             itself = key_slots.view(1, 1, -1) == slots.view(1, -1, 1)
             mask = ((causal & cache.visible[:, 0, :, :end]) | itself).unsqueeze(1)  # (batch, 1, length, keys)
-        rope = self.rope[positions].unsqueeze(2)  # (batch, length, 1, 2 * head_dim): cos, then signed sin
+            last = torch.arange(length - 1, batch * length, length, device=self.device)
+            visible = cache.visible[:, 0, 0, start:end]
+            if not bool(visible.all()):
+                real = visible.flatten().nonzero().squeeze(1)
+                positions, tokens = positions[real], tokens.flatten()[real]
+                last = visible.sum(dim=1).cumsum(dim=0) - 1
+        rope = self.rope[positions].unsqueeze(1)  # (tokens, 1, 2 x head_dim): cos, then signed sin
         cos, sin = rope.chunk(2, dim=-1)
 
         args = self.args
         heads, kv_heads, head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         model = self.model
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
-            x = model.embed_tokens(tokens).view(batch * length, -1)
+            x = model.embed_tokens(tokens.flatten())
             for index, layer in enumerate(layers):
                 h = F.rms_norm(x, (args.d_model,), layer.attention_norm, args.norm_eps)
-                qkv = torch.mm(h, layer.qkv).view(batch, length, heads + 2 * kv_heads, head_dim)
-                qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+                qkv = torch.mm(h, layer.qkv).view(-1, heads + 2 * kv_heads, head_dim)
+                qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
                 if layer.qk_norm is not None:
                     qk = F.rms_norm(qk, (head_dim,), None, args.norm_eps) * layer.qk_norm
                 half = head_dim // 2
                 qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin  # apply_rope
-                qk = qk.to(self.cache_dtype).transpose(1, 2)
-                cache.keys[index][:, :, start:end] = qk[:, heads:]
-                cache.values[index][:, :, start:end] = v.transpose(1, 2)
-                q, rows = qk[:, :heads], length
-                if index == len(layers) - 1 and length > 1:  # only the last position's output is needed
-                    q, mask, rows = q[:, :, -1:], mask[:, :, -1:], 1
-                    x = x.view(batch, length, -1)[:, -1]
+                if real is not None:  # back to batch x length slots; padding's keys and values are 0
+                    qk = qk.new_zeros(batch * length, heads + kv_heads, head_dim).index_copy_(0, real, qk)
+                    v = v.new_zeros(batch * length, kv_heads, head_dim).index_copy_(0, real, v)
+                qk = qk.view(batch, length, -1, head_dim).transpose(1, 2)
+                keys, values = cache.keys[index], cache.values[index]
+                keys.narrow(2, start, length).copy_(qk[:, heads:])
+                values.narrow(2, start, length).copy_(v.view(batch, length, -1, head_dim).transpose(1, 2))
+                q, query_mask = qk[:, :heads], mask
+                final = index == len(layers) - 1 and last is not None
+                if final:  # only each row's last position is needed from here on
+                    q, query_mask = q[:, :, -1:], mask[:, :, -1:]
                 out = F.scaled_dot_product_attention(
-                    q,
-                    cache.keys[index][:, :, :end],
-                    cache.values[index][:, :, :end],
-                    attn_mask=mask,
+                    q.to(self.cache_dtype),
+                    keys.narrow(2, 0, end),
+                    values.narrow(2, 0, end),
+                    attn_mask=query_mask,
                     enable_gqa=kv_heads != heads,
                 )
-                x = x + torch.mm(out.transpose(1, 2).reshape(batch * rows, -1), layer.o)
+                out = out.transpose(1, 2).reshape(-1, heads * head_dim)
+                if final:
+                    x = x.index_select(0, last)
+                elif real is not None:
+                    out = out.index_select(0, real)
+                x = x + torch.mm(out, layer.o)
                 h = F.rms_norm(x, (args.d_model,), layer.mlp_norm, args.norm_eps)
                 gate_up = torch.mm(h, layer.gate_up)
                 if args.mlp == "swiglu":
@@ -564,7 +581,9 @@ class Engine:
                     x = x + torch.mm(F.silu(gate) * up, layer.down)
                 else:
                     x = x + torch.mm(F.relu(gate_up).square(), layer.down)
-            logits = model.lm_head(model.norm(x.view(batch, -1, args.d_model)[:, -1]))
+            if last is not None and not layers:
+                x = x.index_select(0, last)
+            logits = model.lm_head(model.norm(x))
         cache.length = end
         return logits.float()
 
