@@ -7,9 +7,10 @@ layer for the whole batch; after the prompt (prefill) each step feeds one token 
 that finishes is removed from the batch (its cache rows dropped), so it costs nothing more.
 
 The cached forward is written here from the model's weights, so that atomlab/model.py keeps a single
-training path; per step it is bound by the number of small operations, so the engine keeps its own
-copies of the block matrices, laid out for `torch.mm`, with the projections that read the same input
-side by side (q, k and v in one matrix, gate and up in another), remade whenever a parameter changes.
+training path. The engine keeps its own copies of the matrices, remade whenever a parameter changes:
+the projections that read the same input side by side (q, k and v in one matrix, gate and up in
+another), laid out (in, out) for `torch.mm` and, on CPU, also packed for oneDNN, used from a few rows
+up (a batch, a prompt). Outside attention, prefill works on the prompt tokens only, not the padding.
 Sampling is temperature, then top-k, then top-p, as an inverse-CDF draw over the tokens sorted from the
 most likely, with one `torch.Generator` per request that draws one uniform per token: a request's
 tokens depend only on its seed and its own logits. Only the top-k (or, with top-k off, the 64 most
@@ -20,6 +21,7 @@ it cannot.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
@@ -177,23 +179,68 @@ class _KVCache:
         self.visible = self.visible.index_select(0, rows)
 
 
+_ONEDNN_ROWS = 4  # from this many rows, oneDNN's packed matmul (where there is one) beats torch.mm
+
+
+class _Matrix:
+    """x @ weight.T for a weight (out, in), kept (in, out) for `torch.mm` (the default BLAS, best for a
+    row or two). On CPU in fp32 it is also packed for oneDNN, which is faster from a few rows up (1.3x
+    at 16) and gives a row the same numbers whatever the number of rows from there."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.t = weight.t().contiguous()
+        self.packed = _onednn_pack(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or x.shape[0] < _ONEDNN_ROWS:
+            return torch.mm(x, self.t)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _onednn_works():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # a layout for 16 rows, right for any number
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    """Whether this torch build has oneDNN's packed linear and it computes F.linear (checked once)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    try:
+        with torch.inference_mode():
+            weight, x = torch.randn(24, 40), torch.randn(3, 40)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            return torch.allclose(out, F.linear(x, weight), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 @dataclass
 class _Layer:
-    """One block's weights as the cached forward uses them: matrices laid out (in, out) for `torch.mm`,
-    the projections that read the same input side by side, so that each is one matrix multiply."""
+    """One block's weights as the cached forward uses them, the projections that read the same input
+    side by side, so that each is one matrix multiply."""
 
     attention_norm: torch.Tensor
-    qkv: torch.Tensor  # q_proj, k_proj, v_proj
+    qkv: _Matrix  # q_proj, k_proj, v_proj
     qk_norm: torch.Tensor | None  # (heads + kv_heads, head_dim): q_norm's weight per query head, k_norm's per kv head
-    o: torch.Tensor
+    o: _Matrix
     mlp_norm: torch.Tensor
-    gate_up: torch.Tensor  # gate_proj then up_proj (SwiGLU), or up_proj alone (ReLU^2)
-    down: torch.Tensor
+    gate_up: _Matrix  # gate_proj then up_proj (SwiGLU), or up_proj alone (ReLU^2)
+    down: _Matrix
 
 
-def _decode_layers(model: Transformer) -> list[_Layer]:
-    def t(*linears: torch.nn.Linear) -> torch.Tensor:
-        return torch.cat([linear.weight for linear in linears]).t().contiguous()
+@dataclass
+class _Weights:
+    layers: list[_Layer]
+    lm_head: _Matrix
+
+
+def _decode_weights(model: Transformer) -> _Weights:
+    def fused(*linears: torch.nn.Linear) -> _Matrix:
+        return _Matrix(torch.cat([linear.weight for linear in linears]))
 
     layers = []
     for block in model.layers:
@@ -210,24 +257,30 @@ def _decode_layers(model: Transformer) -> list[_Layer]:
         layers.append(
             _Layer(
                 attention_norm=block.input_layernorm.weight.detach(),
-                qkv=t(attention.q_proj, attention.k_proj, attention.v_proj),
+                qkv=fused(attention.q_proj, attention.k_proj, attention.v_proj),
                 qk_norm=qk_norm,
-                o=t(attention.o_proj),
+                o=fused(attention.o_proj),
                 mlp_norm=block.post_attention_layernorm.weight.detach(),
-                gate_up=t(*gate_up),
-                down=t(mlp.down_proj),
+                gate_up=fused(*gate_up),
+                down=fused(mlp.down_proj),
             )
         )
-    return layers
+    return _Weights(layers, _Matrix(model.lm_head.weight.detach()))
 
 
-def _weights_version(model: Transformer) -> tuple | None:
+def _weights_version(model: Transformer) -> list | None:
     """What changes when a parameter is replaced or written in place (its version counter); None when that
-    cannot be told (parameters made under inference mode have no version counter)."""
+    cannot be told (parameters made under inference mode have no version counter). Walks the modules
+    itself: half the time of model.parameters(), which is paid at every generate call."""
+    version, modules = [], [model]
     try:
-        return tuple((p.data_ptr(), p.dtype, p._version) for p in model.parameters())
+        while modules:
+            module = modules.pop()
+            version += [(p.data_ptr(), p.dtype, p._version) for p in module._parameters.values() if p is not None]
+            modules += [child for child in module._modules.values() if child is not None]
     except RuntimeError:
         return None
+    return version
 
 
 # With top-k off, the most likely tokens are taken sorted and the draw is made among them whenever it
@@ -343,8 +396,8 @@ class Engine:
     """Batched generation from a Transformer and its tokenizer. Not thread-safe: one generate at a time.
 
     The engine runs the model it is given (a trainer's updated weights are used by the next call: the
-    engine's fused copies are remade when a parameter is replaced or changed in place), in the model's
-    dtype; on CUDA an fp32 model runs under bf16 autocast.
+    engine's copies of the matrices, the model's size again, twice on CPU, are remade when a parameter
+    is replaced or changed in place), in the model's dtype; on CUDA an fp32 model runs under bf16 autocast.
     `from_bundle` loads fp32 weights on CPU and bf16 on CUDA.
     """
 
@@ -362,8 +415,8 @@ class Engine:
         cos, sin = rope_tables(self.args, self.max_context, self.device)
         half = self.args.head_dim // 2
         self.rope = torch.cat([cos, -sin[:, :half], sin[:, half:]], dim=-1)
-        self._decode_weights: list[_Layer] = []
-        self._layers_version: tuple | None = None
+        self._weights: _Weights | None = None
+        self._weights_version: list | None = None
         special = [tokenizer.token_to_id(token) for token in (END_OF_TEXT, END_OF_TURN)]
         self.default_stop_token_ids = {token for token in special if token is not None}
 
@@ -461,8 +514,8 @@ class Engine:
         live = [sequence for sequence in sequences if not sequence.finished]
         if not live:
             return
-        layers = self._layers()
-        cache, logits = self._prefill([sequence.request.prompt for sequence in live], live, layers)
+        weights = self._current_weights()
+        cache, logits = self._prefill([sequence.request.prompt for sequence in live], live, weights)
         sampler = _Sampler(live, self.args.vocab_size, self.device)
         while True:
             tokens = sampler.sample(logits, len(live[0].token_ids))
@@ -478,19 +531,19 @@ class Engine:
                 tokens = tokens.index_select(0, rows)
                 live = [live[i] for i in still_live]
                 sampler = _Sampler(live, self.args.vocab_size, self.device)
-            logits = self._forward(tokens.unsqueeze(1), cache, layers)
+            logits = self._forward(tokens.unsqueeze(1), cache, weights)
 
     @torch.inference_mode()
-    def _layers(self) -> list[_Layer]:
-        """The decode weights of the model as it is now, rebuilt when a parameter has changed since."""
+    def _current_weights(self) -> _Weights:
+        """The decode weights of the model as it is now, remade when a parameter has changed since."""
         version = _weights_version(self.model)
-        if version is None or version != self._layers_version:
-            self._decode_weights, self._layers_version = _decode_layers(self.model), version
-        return self._decode_weights
+        if self._weights is None or version is None or version != self._weights_version:
+            self._weights, self._weights_version = _decode_weights(self.model), version
+        return self._weights
 
     @torch.inference_mode()
     def _prefill(
-        self, prompts: list[list[int]], sequences: list[_Sequence], layers: list[_Layer]
+        self, prompts: list[list[int]], sequences: list[_Sequence], weights: _Weights
     ) -> tuple[_KVCache, torch.Tensor]:
         longest = max(len(prompt) for prompt in prompts)
         # the last sampled token is never fed back, so the cache needs one slot less than the budget
@@ -506,10 +559,10 @@ class Engine:
         )
         pad_id = 0  # any id: padded slots are masked out of every real row's attention
         rows = [[pad_id] * (longest - len(prompt)) + prompt for prompt in prompts]
-        return cache, self._forward(torch.tensor(rows, device=self.device), cache, layers)
+        return cache, self._forward(torch.tensor(rows, device=self.device), cache, weights)
 
     @torch.inference_mode()
-    def _forward(self, tokens: torch.Tensor, cache: _KVCache, layers: list[_Layer]) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, cache: _KVCache, weights: _Weights) -> torch.Tensor:
         """Logits (batch, vocab) in fp32 for the token after `tokens` (batch, length), which fill the
         next slots of the cache: atomlab.model.Transformer.forward, reading and writing the KV cache.
         Outside attention, the rows are the tokens that are not padding, one after the other."""
@@ -542,9 +595,10 @@ class Engine:
         model = self.model
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
             x = model.embed_tokens(tokens.flatten())
+            layers = weights.layers
             for index, layer in enumerate(layers):
                 h = F.rms_norm(x, (args.d_model,), layer.attention_norm, args.norm_eps)
-                qkv = torch.mm(h, layer.qkv).view(-1, heads + 2 * kv_heads, head_dim)
+                qkv = layer.qkv(h).view(-1, heads + 2 * kv_heads, head_dim)
                 qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
                 if layer.qk_norm is not None:
                     qk = F.rms_norm(qk, (head_dim,), None, args.norm_eps) * layer.qk_norm
@@ -573,17 +627,17 @@ class Engine:
                     x = x.index_select(0, last)
                 elif real is not None:
                     out = out.index_select(0, real)
-                x = x + torch.mm(out, layer.o)
+                x = x + layer.o(out)
                 h = F.rms_norm(x, (args.d_model,), layer.mlp_norm, args.norm_eps)
-                gate_up = torch.mm(h, layer.gate_up)
+                gate_up = layer.gate_up(h)
                 if args.mlp == "swiglu":
                     gate, up = gate_up.chunk(2, dim=-1)
-                    x = x + torch.mm(F.silu(gate) * up, layer.down)
+                    x = x + layer.down(F.silu(gate) * up)
                 else:
-                    x = x + torch.mm(F.relu(gate_up).square(), layer.down)
+                    x = x + layer.down(F.relu(gate_up).square())
             if last is not None and not layers:
                 x = x.index_select(0, last)
-            logits = model.lm_head(model.norm(x))
+            logits = weights.lm_head(model.norm(x))
         cache.length = end
         return logits.float()
 
