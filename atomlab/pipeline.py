@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atomlab.errors import AtomlabError
 from atomlab.recipe import Recipe
 from atomlab.steps import Step
 
-STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "evaluate", "release")
+STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "sft", "rl", "evaluate", "release")
 
 
 def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
@@ -44,25 +45,68 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         resumable=True,
         collective=True,
     )
+    # post-training reads the held-out questions to keep them out of its training data
+    held_out = {"evaluate_environments": recipe.evaluate.model_dump(include={"environments", "tasks", "difficulty"})}
+    trained = [pretrain_step]
+    if recipe.sft is not None:
+        from atomlab.posttrain.sft import sft
+
+        sft_step = Step(
+            "sft",
+            {
+                "sft": recipe.sft.model_dump(),
+                "seed": recipe.seed,
+                **held_out,
+                "data_content": sft_fingerprint(recipe, base),
+            },
+            [tokenizer, trained[-1]],
+            lambda ctx: sft(ctx, recipe, base),
+            resumable=True,
+            collective=True,
+        )
+        trained.append(sft_step)
+    if recipe.rl is not None:
+        from atomlab.posttrain.rl import rl
+
+        rl_step = Step(
+            "rl",
+            {"rl": recipe.rl.model_dump(), "seed": recipe.seed, **held_out},
+            [tokenizer, trained[-1]],
+            lambda ctx: rl(ctx, recipe),
+        )
+        trained.append(rl_step)
     evaluate = Step(
         "evaluate",
         {"evaluate": recipe.evaluate.model_dump(), "seed": recipe.seed},
-        [prepare, tokenizer, pretrain_step],
+        [prepare, tokenizer, *trained],
         lambda ctx: evaluate_step(ctx, recipe),
     )
     release_step = Step(
         "release",
         {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()},
-        [prepare, tokenizer, pretrain_step, evaluate],
+        [prepare, tokenizer, *trained, evaluate],
         lambda ctx: release(ctx, recipe),
     )
-    return [prepare, tokenizer, pretrain_step, evaluate, release_step]
+    return [prepare, tokenizer, *trained, evaluate, release_step]
+
+
+def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:
+    """Content hashes of the user's SFT files, so editing one reruns the step."""
+    from atomlab.steps import sha256_file
+
+    found = {}
+    for name in recipe.sft.data if recipe.sft else []:
+        path = Path(name) if Path(name).is_absolute() else base / name
+        found[name] = sha256_file(path) if path.is_file() else "missing"
+    return found
 
 
 def select(steps: list[Step], until: str | None) -> list[Step]:
     """The steps needed to produce `until` (all when None)."""
     if until is None:
         return steps
+    if until not in {step.name for step in steps}:
+        raise AtomlabError(f"this recipe has no {until} step; add a [{until}] section to it (see recipes/tiny.toml)")
     names = {until}
     for step in reversed(steps):
         if step.name in names:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from atomlab.errors import AtomlabError
 
@@ -18,6 +18,9 @@ END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [END_OF_TEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+# The markup of environment replies, one token each: a small model learns the reply format at once
+# and never mixes up `</think>` and `</answer>`. Ordinary (not special) tokens: decoding keeps them.
+MARKUP_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<tool>", "</tool>", "<result>", "</result>"]
 
 # Jinja template in the Hugging Face convention; the same layout atomlab's chat uses.
 CHAT_TEMPLATE = (
@@ -45,6 +48,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_tokens([AddedToken(token, single_word=False, normalized=False) for token in MARKUP_TOKENS])
     return tokenizer
 
 
@@ -75,3 +79,37 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -
             pieces.append(np.asarray(encoding.ids, dtype=dtype))
             pieces.append(np.asarray([eot], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """CHAT_TEMPLATE as (text, is_assistant_reply) pieces: "<|role|>\\n", the content with its <|end|>
+    (the part a model learns to write when the role is assistant), then "\\n"."""
+    pieces = []
+    for number, message in enumerate(messages, 1):
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise AtomlabError(f"chat message {number}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise AtomlabError(f"chat message {number}: content must be text, got {type(content).__name__}")
+        pieces += [(f"<|{role}|>\n", False), (content + END_OF_TURN, role == "assistant"), ("\n", False)]
+    if add_generation_prompt:
+        pieces.append((f"{ASSISTANT}\n", False))
+    return pieces
+
+
+def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it belongs to an assistant reply (the tokens
+    SFT and RL train on). The pieces are encoded separately, so a reply's tokens never merge with the
+    template around it; for ordinary text this equals encoding the rendered string whole."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, trained in render_chat(messages, add_generation_prompt):
+        piece = tokenizer.encode(text, add_special_tokens=False).ids
+        ids += piece
+        mask += [trained] * len(piece)
+    return ids, mask

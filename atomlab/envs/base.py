@@ -55,9 +55,14 @@ class Task:
 
     @property
     def prompt_hash(self) -> str:
-        """Hash of the prompt text: two tasks with the same hash are the same question (decontamination)."""
-        text = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in self.messages)
-        return hashlib.sha256(f"{self.env}\x1d{text}".encode()).hexdigest()[:24]
+        return prompt_hash(self.messages)
+
+
+def prompt_hash(messages: list[dict[str, str]]) -> str:
+    """Hash of a prompt's messages: two prompts with the same hash ask the same question, whichever
+    environment or file they came from (decontamination compares these)."""
+    text = "\x1e".join(f"{m.get('role')}\x1f{' '.join(str(m.get('content')).split())}" for m in messages)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def extract_answer(response: str) -> tuple[str | None, str]:

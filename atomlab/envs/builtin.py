@@ -77,7 +77,31 @@ class Arithmetic(ExactAnswer):
         if op == "-" and difficulty == 1 and b > a:  # level 1 keeps results non-negative
             a, b = b, a
         result = a + b if op == "+" else a - b
-        return f"What is {a} {op} {b}? {FORMAT_HINT}", str(result), answer_tag(str(result)), {"a": a, "b": b, "op": op}
+        reply = f"<think>{column_working(a, b, op)}</think>{answer_tag(str(result))}"
+        return f"What is {a} {op} {b}? {FORMAT_HINT}", str(result), reply, {"a": a, "b": b, "op": op}
+
+
+def column_working(a: int, b: int, op: str) -> str:
+    """Written column arithmetic, units first, as the gold reasoning: every step is a one-digit sum
+    or difference with its carry or borrow, which a small model learns far sooner than whole answers.
+    47 + 38 -> "7+8=15, 4+3+1=8"; 83 - 47 -> "13-7=6, 8-4-1=3"; 47 - 83 -> "83>47, so -(83-47): ..."."""
+    if op == "-" and b > a:
+        return f"{b}>{a}, so -({b}-{a}): {column_working(b, a, op)}"
+    units_first_a, units_first_b = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for place in range(max(len(units_first_a), len(units_first_b))):
+        x = int(units_first_a[place]) if place < len(units_first_a) else 0
+        y = int(units_first_b[place]) if place < len(units_first_b) else 0
+        if op == "+":
+            total = x + y + carry
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+            carry = total // 10
+        else:
+            value = x - y - carry
+            borrow = value < 0
+            steps.append(f"{'1' if borrow else ''}{x}-{y}{'-1' if carry else ''}={value + 10 * borrow}")
+            carry = int(borrow)
+    return ", ".join(steps)
 
 
 # ---------------------------------------------------------------------------------------------------

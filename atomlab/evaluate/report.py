@@ -13,8 +13,6 @@ from typing import Any
 
 from atomlab.recipe import Recipe
 
-PLOTS = ("training_curves.png", "throughput.png", "bits_per_byte_by_document.png")
-
 
 def _pyplot() -> Any:
     import matplotlib
@@ -79,6 +77,97 @@ def plot_documents(documents: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def plot_accuracy(stages: dict[str, Any], path: Path) -> None:
+    """Held-out greedy pass@1 (with its 95% interval) and pass@k of each model, per environment."""
+    plt = _pyplot()
+    names = list(stages)
+    envs = list(next(iter(stages.values()))["environments"])
+    figure, axes = plt.subplots(1, len(envs), figsize=(max(5, 4.5 * len(envs)), 3.6), squeeze=False)
+    for axis, env in zip(axes[0], envs, strict=True):
+        results = [stages[name]["environments"][env] for name in names]
+        greedy = [r["pass@1"] for r in results]
+        errors = [
+            [max(0.0, g - r["pass@1_ci95"][0]) for g, r in zip(greedy, results, strict=True)],
+            [max(0.0, r["pass@1_ci95"][1] - g) for g, r in zip(greedy, results, strict=True)],
+        ]
+        x = range(len(names))
+        axis.bar([i - 0.2 for i in x], greedy, 0.4, yerr=errors, capsize=4, label="pass@1 (greedy)")
+        k = results[0]["samples"]
+        axis.bar([i + 0.2 for i in x], [r["pass@k"] for r in results], 0.4, label=f"pass@{k} (sampled)")
+        axis.set_xticks(list(x), names)
+        axis.set(ylim=(0, 1), ylabel="accuracy", title=f"{env}: {results[0]['tasks']} held-out tasks")
+        axis.grid(alpha=0.3, axis="y")
+        axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_rl(rl_log: list[dict[str, Any]], path: Path) -> None:
+    """Reward, accuracy and reply length of the RL rollouts per step."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    steps = [r["step"] for r in rl_log]
+    left.plot(steps, [r["accuracy"] for r in rl_log], label="rollout accuracy")
+    left.plot(steps, [r["reward"] for r in rl_log], alpha=0.6, label="mean reward")
+    left.set(xlabel="RL step", ylim=(0, 1), title="GRPO rollouts (temperature 1)")
+    left.legend()
+    right.plot(steps, [r["response_tokens"] for r in rl_log], color="C2")
+    right.set(xlabel="RL step", ylabel="tokens", title="Mean reply length")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _environment_section(results: dict[str, Any]) -> list[str]:
+    stages, k = results["stages"], None
+    lines = ["## Held-out environment accuracy", ""]
+    check = results["decontamination"]
+    lines += [
+        f"{check['held_out_tasks']} held-out tasks per environment from seed {check['held_out_seed']}; training "
+        f"tasks come from seed {check['training_seed']} with every held-out question removed. Held-out questions "
+        f"found in training data: {sum(check['held_out_questions_trained_on'].values())}.",
+        "",
+    ]
+    for stage, scores in stages.items():
+        for env, r in scores["environments"].items():
+            if k is None:
+                k = r["samples"]
+                lines += [
+                    f"| model | environment | pass@1 (greedy) | 95% interval | pass@1 (sampled) | pass@{k} |",
+                    "|---|---|---|---|---|---|",
+                ]
+            low, high = r["pass@1_ci95"]
+            lines.append(
+                f"| {stage} | {env} | {r['pass@1']:.3f} | {low:.3f}-{high:.3f} | {r['sampled_pass@1']:.3f} "
+                f"| {r['pass@k']:.3f} |"
+            )
+    if results["comparisons"]:
+        lines += ["", "Paired differences in greedy pass@1 on the same tasks (95% interval):", ""]
+        lines += ["| comparison | difference | 95% interval |", "|---|---|---|"]
+        for name, c in results["comparisons"].items():
+            lines.append(f"| {name} | {c['difference']:+.3f} | {c['ci_low']:+.3f} to {c['ci_high']:+.3f} |")
+    lines += ["", "![accuracy by stage](accuracy_by_stage.png)", ""]
+    if results.get("rl_plot"):
+        lines += ["![RL curves](rl_curves.png)", ""]
+    for stage, scores in stages.items():
+        for env, r in scores["environments"].items():
+            example = r["examples"][0]
+            lines += [
+                f"{stage} on {env}, first held-out task (reward {example['reward']:.0f}):",
+                "",
+                "```",
+                example["prompt"],
+                "->",
+                example["reply"],
+                "```",
+                "",
+            ]
+    return lines
+
+
 def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any], results: dict[str, Any]) -> str:
     evals = [r for r in log if "val_bpb" in r]
     lines = [
@@ -121,7 +210,10 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
         f"| {d['title'] or d['id']} | {d['tokens']:,} | {d['bytes']:,} | {d['bits_per_byte']:.4f} |"
         for d in results["documents"]
     ]
-    lines += ["", "![bits per byte by document](bits_per_byte_by_document.png)", "", "## Samples", ""]
+    lines += ["", "![bits per byte by document](bits_per_byte_by_document.png)", ""]
+    if "stages" in results:
+        lines += _environment_section(results)
+    lines += ["## Samples", ""]
     for sample in results["samples"]:
         lines += [f"Prompt `{sample['prompt']}`:", "", "```", (sample["prompt"] + sample["text"]).strip(), "```", ""]
     return "\n".join(lines)
@@ -170,11 +262,21 @@ def _html(markdown: str, folder: Path) -> str:
 
 
 def write_report_card(
-    folder: Path, recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any], results: dict[str, Any]
+    folder: Path,
+    recipe: Recipe,
+    log: list[dict[str, Any]],
+    summary: dict[str, Any],
+    results: dict[str, Any],
+    rl_log: list[dict[str, Any]] | None = None,
 ) -> None:
     plot_training(log, folder / "training_curves.png")
     plot_throughput(log, folder / "throughput.png")
     plot_documents(results["documents"], folder / "bits_per_byte_by_document.png")
+    if "stages" in results:
+        plot_accuracy(results["stages"], folder / "accuracy_by_stage.png")
+    if rl_log:
+        plot_rl(rl_log, folder / "rl_curves.png")
+        results = {**results, "rl_plot": True}
     markdown = _markdown(recipe, log, summary, results)
     (folder / "report.md").write_text(markdown, encoding="utf-8")
     (folder / "report.html").write_text(_html(markdown, folder), encoding="utf-8")

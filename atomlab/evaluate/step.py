@@ -9,9 +9,12 @@ from typing import Any
 
 import torch
 
+from atomlab.errors import AtomlabError
+from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
 from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
 from atomlab.model import Transformer
+from atomlab.posttrain.tasks import held_out_seed, held_out_tasks, read_trained_prompts, training_seed
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
@@ -84,8 +87,61 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
+    headline = {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    if recipe.evaluate.environments:
+        results.update(environment_results(ctx, recipe, tokenizer, model))
+        headline["accuracy"] = {
+            stage: {env: round(r["pass@1"], 4) for env, r in scores["environments"].items()}
+            for stage, scores in results["stages"].items()
+        }
     write_json(ctx.folder / "eval.json", results)
     log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
     summary = json.loads((train / "train_summary.json").read_text())
-    write_report_card(ctx.folder, recipe, log, summary, results)
-    return {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    rl_log = None
+    if "rl" in ctx.inputs:
+        rl_log = [json.loads(line) for line in (ctx.inputs["rl"] / "metrics.jsonl").read_text().splitlines() if line]
+    write_report_card(ctx.folder, recipe, log, summary, results, rl_log)
+    return headline
+
+
+POST_TRAINING = ("sft", "rl")
+
+
+def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: Transformer) -> dict[str, Any]:
+    """Held-out accuracy of the base model and of each post-trained one, after checking that no
+    held-out question was trained on; paired differences between consecutive stages."""
+    settings = recipe.evaluate
+    tasks = held_out_tasks(settings, recipe.seed)
+    held_out = {task.prompt_hash for task in tasks}
+    trained = {stage: read_trained_prompts(ctx.inputs[stage]) for stage in POST_TRAINING if stage in ctx.inputs}
+    leaked = {stage: len(hashes & held_out) for stage, hashes in trained.items()}
+    if any(leaked.values()):
+        raise AtomlabError(
+            f"decontamination: held-out questions were trained on ({leaked}); the evaluation would be invalid"
+        )
+    decontamination = {
+        "training_seed": training_seed(recipe.seed),
+        "held_out_seed": held_out_seed(recipe.seed),
+        "held_out_tasks": len(tasks),
+        "distinct_held_out_questions": len(held_out),
+        "trained_questions": {stage: len(hashes) for stage, hashes in trained.items()},
+        "held_out_questions_trained_on": leaked,
+    }
+    stages = {"base": base}
+    stages.update({stage: load_model(ctx.inputs[stage]) for stage in POST_TRAINING if stage in ctx.inputs})
+    scores = {}
+    for stage, model in stages.items():
+        scores[stage] = score_model(
+            model, tokenizer, tasks, samples=settings.samples, max_tokens=settings.max_tokens, seed=recipe.seed
+        )
+        for env, result in scores[stage]["environments"].items():
+            low, high = result["pass@1_ci95"]
+            print(f"{stage:>5} {env}: pass@1 {result['pass@1']:.3f} (95% CI {low:.3f}-{high:.3f})")
+    names = list(stages)
+    comparisons = {}
+    for before, after in zip(names, names[1:], strict=False):
+        for env in scores[after]["environments"]:
+            comparisons[f"{after} - {before} ({env})"] = paired_difference(
+                scores[before]["environments"][env]["correct"], scores[after]["environments"][env]["correct"]
+            )
+    return {"decontamination": decontamination, "stages": scores, "comparisons": comparisons}

@@ -15,7 +15,6 @@ from typing import Any
 from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
-from atomlab.evaluate.report import PLOTS
 from atomlab.recipe import Recipe
 from atomlab.release.cards import model_card, openness
 from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
@@ -37,7 +36,12 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
     evaluation = ctx.inputs["evaluate"]
     out = ctx.folder
-    shutil.copyfile(train / "model.safetensors", out / "model.safetensors")
+    # the released weights are the last trained stage's: RL, else SFT, else pretraining
+    final = next(ctx.inputs[stage] for stage in ("rl", "sft", "pretrain") if stage in ctx.inputs)
+    shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
+    for stage in ("sft", "rl"):
+        if stage in ctx.inputs:
+            shutil.copyfile(ctx.inputs[stage] / "metrics.jsonl", out / f"{stage}_log.jsonl")
     shutil.copyfile(tok / "tokenizer.json", out / "tokenizer.json")
     for name in ("metrics.jsonl", "samples.txt"):
         if (train / name).exists():
@@ -72,6 +76,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             "additional_special_tokens": SPECIAL_TOKENS[2:],
         },
     )
+    evaluated = json.loads((evaluation / "eval.json").read_text())
     metrics = {
         "val_loss": summary["val_loss"],
         "val_bits_per_byte": summary["val_bpb"],
@@ -81,8 +86,17 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "tokens_per_s": summary["tokens_per_s"],
         "mfu": summary["mfu"],
         "parameters": summary["parameters"],
-        "held_out_bits_per_byte": json.loads((evaluation / "eval.json").read_text())["held_out_bits_per_byte"],
+        "held_out_bits_per_byte": evaluated["held_out_bits_per_byte"],
+        "released_stage": final.name.rsplit("-", 1)[0],
     }
+    if "stages" in evaluated:
+        metrics["environment_accuracy"] = {
+            stage: {
+                env: {k: r[k] for k in ("pass@1", "pass@1_ci95", "pass@k", "samples", "tasks")}
+                for env, r in scores["environments"].items()
+            }
+            for stage, scores in evaluated["stages"].items()
+        }
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
     write_json(out / "data_stats.json", stats)
@@ -90,8 +104,8 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(evaluation / "report.md", out / "REPORT.md")
     shutil.copyfile(evaluation / "report.html", out / "report.html")
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")
-    for name in PLOTS:
-        shutil.copyfile(evaluation / name, out / name)
+    for plot in sorted(evaluation.glob("*.png")):
+        shutil.copyfile(plot, out / plot.name)
     grade = openness(out, stats)
     write_json(out / "openness.json", grade)
     write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))

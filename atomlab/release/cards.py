@@ -75,6 +75,40 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
 
 
+def _post_training(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
+    """The SFT and RL stages and the held-out environment accuracy of each model."""
+    lines = []
+    if recipe.sft is not None:
+        sft = recipe.sft
+        sources = ", ".join(sft.environments + [str(p) for p in sft.data])
+        lines += [
+            "",
+            "## Post-training",
+            "",
+            f"- SFT: {sft.max_steps} steps, lr {sft.lr:g}, on {sources}; loss on",
+            "  assistant tokens only, held-out evaluation questions removed from the data.",
+        ]
+    if recipe.rl is not None:
+        rl = recipe.rl
+        if recipe.sft is None:
+            lines += ["", "## Post-training", ""]
+        lines += [
+            f"- RL: GRPO, {rl.max_steps} steps x {rl.batch_size} tasks x {rl.group_size} samples on "
+            f"{', '.join(rl.environments)}, lr {rl.lr:g}, clip {rl.clip_ratio:g}, KL {rl.kl_coef:g}."
+        ]
+    accuracy = metrics.get("environment_accuracy")
+    if accuracy:
+        lines += ["", "Held-out environment accuracy (greedy pass@1, 95% interval):", ""]
+        rows = []
+        for stage, envs in accuracy.items():
+            for env, r in envs.items():
+                low, high = r["pass@1_ci95"]
+                rows.append((f"{stage}, {env}", f"{r['pass@1']:.3f} ({low:.3f}-{high:.3f}), {r['tasks']} tasks"))
+        lines += _table(rows)
+        lines += ["", f"The released weights are the `{metrics['released_stage']}` stage's."]
+    return lines
+
+
 def model_card(
     recipe: Recipe,
     config: dict[str, Any],
@@ -139,6 +173,7 @@ def model_card(
             ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}"),
         ]
     )
+    lines += _post_training(recipe, metrics)
     lines += ["", "## Metrics", ""]
     lines += _table(
         [

@@ -27,7 +27,13 @@ from atomlab.progress import progress_bar
 from atomlab.recipe import ModelConfig, TrainConfig
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
-from atomlab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from atomlab.train.checkpoint import (
+    complete_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
 from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, parallelize, setup
 from atomlab.train.metrics import MetricsLogger
 from atomlab.train.peak import device_peak_flops
@@ -36,6 +42,12 @@ from atomlab.train.peak import device_peak_flops
 def model_args(config: ModelConfig, vocab_size: int) -> ModelArgs:
     shared = {f.name for f in dataclasses.fields(ModelArgs)} - {"vocab_size", "hidden"}
     return ModelArgs(vocab_size=vocab_size, hidden=config.hidden, **{name: getattr(config, name) for name in shared})
+
+
+def model_args_from_folder(folder: Path) -> ModelArgs:
+    """The architecture of the model a step folder holds (its config.json)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return ModelArgs(**{f.name: config[f.name] for f in dataclasses.fields(ModelArgs) if f.name in config})
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
@@ -53,31 +65,45 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-class TokenWindows:
-    """Non-overlapping windows of seq_len+1 tokens, shuffled per epoch by a seeded permutation.
+class Rows:
+    """A dataset of fixed-length training rows, visited in a seeded order that is reshuffled each epoch.
 
     Sample i of the run is a pure function of (seed, i): the data position in a checkpoint is
-    just the step number.
+    just the step number. Subclasses give `count` and `rows(indices) -> (inputs, targets)`, targets
+    being -100 where no loss is taken.
     """
+
+    count: int
+    seed: int
+    seq_len: int  # tokens per row fed to the model
+
+    def rows(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def order(self, i: int) -> int:
+        epoch, position = divmod(i, self.count)
+        if epoch != getattr(self, "_epoch", -1):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order, self._epoch = torch.randperm(self.count, generator=generator).numpy(), epoch
+        return int(self._order[position])
+
+    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows([self.order(first + j) for j in range(size)])
+
+
+class TokenWindows(Rows):
+    """Non-overlapping windows of seq_len+1 tokens of one token stream (pretraining)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.count = (len(tokens) - 1) // seq_len
-        self._epoch, self._order = -1, None
 
     def window(self, index: int) -> np.ndarray:
         start = index * self.seq_len
         return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
 
-    def sample(self, i: int) -> np.ndarray:
-        epoch, position = divmod(i, self.count)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order, self._epoch = torch.randperm(self.count, generator=generator).numpy(), epoch
-        return self.window(int(self._order[position]))
-
-    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(np.stack([self.sample(first + j) for j in range(size)]))
+    def rows(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(np.stack([self.window(int(i)) for i in indices]))
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -95,7 +121,7 @@ def lm_loss(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, r
 @torch.no_grad()
 def evaluate(
     net: torch.nn.Module,
-    windows: TokenWindows,
+    windows: Rows,
     byte_lengths: torch.Tensor,
     batch_size: int,
     max_batches: int | None,
@@ -119,13 +145,13 @@ def evaluate(
         chunk, weight = mine[start : start + batch_size], 1.0
         if len(chunk) == 0:
             chunk, weight = indices[:1], 0.0
-        rows = torch.from_numpy(np.stack([windows.window(int(i)) for i in chunk]))
-        inputs, targets = rows[:, :-1].to(device), rows[:, 1:].to(device)
+        inputs, targets = windows.rows(chunk)
         with autocast:
-            loss = lm_loss(net, inputs, targets, reduction="sum")
+            loss = lm_loss(net, inputs.to(device), targets.to(device), reduction="sum")
+        scored = targets >= 0  # -100 marks tokens without loss (prompts in SFT)
         nats += weight * float(loss)
-        tokens += weight * targets.numel()
-        bytes_ += weight * int(byte_lengths[targets.cpu()].sum())
+        tokens += weight * int(scored.sum())
+        bytes_ += weight * int((byte_lengths[targets.clamp(min=0)] * scored).sum())
     nats, tokens, bytes_ = all_reduce_sum([nats, tokens, bytes_], device)
     net.train()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1.0, bytes_), "val_tokens": int(tokens)}
@@ -148,16 +174,51 @@ def build_optimizer(model: Transformer, train: TrainConfig, device: torch.device
     )
 
 
-def sample_text(model: Transformer, tokenizer: Any, prompt: str, tokens: int, seed: int) -> str:
+def sample_text(
+    model: Transformer, tokenizer: Any, prompt: str, tokens: int, seed: int, stop: str = END_OF_TEXT
+) -> str:
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(END_OF_TEXT)]
-    out = model.generate(ids, tokens, generator=generator, stop_token=tokenizer.token_to_id(END_OF_TEXT))
+    out = model.generate(ids, tokens, generator=generator, stop_token=tokenizer.token_to_id(stop))
     return prompt + tokenizer.decode(out)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What one run of the training loop reads: rows to train on and to validate on, and how to sample."""
+
+    train: Rows
+    val: Rows
+    sample_prompt: str
+    sample_stop: str = END_OF_TEXT
 
 
 def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sample_prompt: str) -> dict[str, Any]:
     tok_folder = ctx.inputs["tokenizer"]
     tokenizer = load_tokenizer(tok_folder / "tokenizer.json")
+    args = model_args(model_config, tokenizer.get_vocab_size())
+    train_windows = TokenWindows(load_tokens(tok_folder, "train"), args.seq_len, ctx.seed)
+    val_windows = TokenWindows(load_tokens(tok_folder, "val"), args.seq_len, ctx.seed)
+    if train_windows.count < 1 or val_windows.count < 1:
+        raise AtomlabError(
+            f"model.seq_len: {args.seq_len} is longer than the data "
+            f"({len(train_windows.tokens)} train / {len(val_windows.tokens)} validation tokens); lower it or add data"
+        )
+    data = TrainingData(train_windows, val_windows, sample_prompt)
+    return fit(ctx, "pretrain", args, train, tokenizer, data)
+
+
+def fit(
+    ctx: StepContext,
+    label: str,
+    args: ModelArgs,
+    train: TrainConfig,
+    tokenizer: Any,
+    data: TrainingData,
+    init_weights: Path | None = None,
+) -> dict[str, Any]:
+    """The training loop, for pretraining and SFT alike: a model (fresh, or loaded from init_weights),
+    trained on data.train under train's schedule, with periodic validation, samples and checkpoints."""
     device = pick_device(train.device)
     world = setup(device.type)
     if device.type == "cuda":
@@ -167,9 +228,10 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
     if train.batch_size % world.size:
         raise AtomlabError(f"train.batch_size ({train.batch_size}) must be divisible by the {world.size} processes")
     torch.manual_seed(ctx.seed)
-    args = model_args(model_config, tokenizer.get_vocab_size())
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(ctx.seed))  # the same on every process
+    if init_weights is not None:
+        load_weights(model, init_weights, args.tie_embeddings)
     model.to(device)
     params = count_parameters(model)
     net = parallelize(
@@ -183,17 +245,11 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
     optimizer = build_optimizer(model, train, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-    train_windows = TokenWindows(load_tokens(tok_folder, "train"), args.seq_len, ctx.seed)
-    val_windows = TokenWindows(load_tokens(tok_folder, "val"), args.seq_len, ctx.seed)
-    if train_windows.count < 1 or val_windows.count < 1:
-        raise AtomlabError(
-            f"model.seq_len: {args.seq_len} is longer than the data "
-            f"({len(train_windows.tokens)} train / {len(val_windows.tokens)} validation tokens); lower it or add data"
-        )
+    train_windows, val_windows = data.train, data.val
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     flops_token = flops_per_token(args, params["matmul"])
     peak = device_peak_flops(device) * world.size  # MFU of the whole job
-    tokens_per_step = train.batch_size * train.grad_accum * args.seq_len
+    tokens_per_step = train.batch_size * train.grad_accum * train_windows.seq_len
     local_batch = train.batch_size // world.size
 
     start_step = 0
@@ -213,7 +269,7 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
             tensorboard=train.tensorboard,
             wandb=train.wandb,
             run_name=ctx.step.dirname,
-            config={"model": model_config.model_dump(), "train": train.model_dump()},
+            config={"model": args.to_dict(), "train": train.model_dump()},
         )
         write_json(
             ctx.folder / "config.json",
@@ -228,14 +284,14 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
         print(
             f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
             f"{flops_token / 1e6:.1f} MFLOP/token; {layout} on {device}, peak {peak / 1e9:.1f} GFLOP/s; "
-            f"{train_windows.count:,} training windows of {args.seq_len} tokens"
+            f"{train_windows.count:,} training rows of {train_windows.seq_len} tokens"
         )
 
     net.train()
     history: list[float] = []
     window_start, window_tokens = time.perf_counter(), 0
     tokens_per_second = mfu = 0.0
-    with progress_bar("pretrain", total=train.max_steps, completed=start_step, enabled=world.is_main) as bar:
+    with progress_bar(label, total=train.max_steps, completed=start_step, enabled=world.is_main) as bar:
         for step in range(start_step, train.max_steps):
             lr = learning_rate(step, train)
             for group in optimizer.param_groups:
@@ -295,7 +351,9 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
                     f"val bits/byte {record['val_bpb']:.3f}"
                 )
             if done % train.sample_every == 0 or done == train.max_steps:
-                record["sample"] = sample_text(model, tokenizer, sample_prompt, train.sample_tokens, ctx.seed + done)
+                record["sample"] = sample_text(
+                    model, tokenizer, data.sample_prompt, train.sample_tokens, ctx.seed + done, data.sample_stop
+                )
                 if world.is_main:
                     with open(ctx.folder / "samples.txt", "a", encoding="utf-8") as handle:
                         handle.write(f"--- step {done} ---\n{record['sample']}\n")

@@ -1,0 +1,71 @@
+"""Which environment tasks train a model and which judge it, disjoint by construction.
+
+Training tasks come from the even seed 2*s of the recipe's seed s, held-out tasks from the odd
+seed 2*s+1, so no seed is shared. Different seeds can still produce the same question (there
+are only so many 2-digit sums), so training also skips every task whose prompt hash is one of
+the held-out prompts, and the evaluate step checks the hashes the training steps recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from atomlab.envs import Environment, Task, load_environment
+from atomlab.errors import AtomlabError
+from atomlab.recipe import EvaluateConfig
+
+TRAINED_PROMPTS = "trained_prompts.txt"  # prompt hashes a training step trained on, one per line
+
+
+def training_seed(seed: int) -> int:
+    return 2 * seed
+
+
+def held_out_seed(seed: int) -> int:
+    return 2 * seed + 1
+
+
+def environments(names: list[str], field: str) -> list[Environment]:
+    try:
+        return [load_environment(name) for name in names]
+    except AtomlabError as exc:
+        raise AtomlabError(f"{field}: {exc}") from None
+
+
+def check_difficulty(env: Environment, difficulty: int, field: str) -> None:
+    if difficulty > env.levels:
+        raise AtomlabError(f"{field}: {env.id} has difficulty levels 1..{env.levels}, got {difficulty}")
+
+
+def held_out_tasks(evaluate: EvaluateConfig, seed: int) -> list[Task]:
+    """The evaluation tasks of a run: `evaluate.tasks` per environment, from the held-out seed."""
+    tasks = []
+    for env in environments(evaluate.environments, "evaluate.environments"):
+        difficulty = min(evaluate.difficulty, env.levels)
+        tasks += env.tasks(held_out_seed(seed), evaluate.tasks, difficulty)
+    return tasks
+
+
+def held_out_hashes(evaluate: EvaluateConfig, seed: int) -> set[str]:
+    return {task.prompt_hash for task in held_out_tasks(evaluate, seed)}
+
+
+def training_tasks(env: Environment, seed: int, difficulty: int, exclude: set[str], start: int = 0) -> Iterator[Task]:
+    """Training tasks of env in index order from `start`, skipping held-out questions."""
+    check_difficulty(env, difficulty, "difficulty")
+    index = start
+    while True:
+        task = env.task(training_seed(seed), index, difficulty)
+        index += 1
+        if task.prompt_hash not in exclude:
+            yield task
+
+
+def write_trained_prompts(folder: Path, hashes: set[str]) -> None:
+    (folder / TRAINED_PROMPTS).write_text("".join(f"{h}\n" for h in sorted(hashes)), encoding="utf-8")
+
+
+def read_trained_prompts(folder: Path) -> set[str]:
+    path = folder / TRAINED_PROMPTS
+    return set(path.read_text(encoding="utf-8").split()) if path.exists() else set()
