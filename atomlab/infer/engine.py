@@ -31,6 +31,7 @@ from pathlib import Path
 import tokenizers
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, Transformer, rope_tables
@@ -179,20 +180,25 @@ class _KVCache:
         self.visible = self.visible.index_select(0, rows)
 
 
-_ONEDNN_ROWS = 4  # from this many rows, oneDNN's packed matmul (where there is one) beats torch.mm
+# oneDNN's packed matmul (where there is one) beats torch.mm from this many rows and multiply-adds;
+# below, its fixed cost (about 13 us a call) is more than it saves
+_ONEDNN_ROWS = 4
+_ONEDNN_MACS = 2**21
 
 
 class _Matrix:
     """x @ weight.T for a weight (out, in), kept (in, out) for `torch.mm` (the default BLAS, best for a
-    row or two). On CPU in fp32 it is also packed for oneDNN, which is faster from a few rows up (1.3x
-    at 16) and gives a row the same numbers whatever the number of rows from there."""
+    row or two, or a small matrix). On CPU in fp32 it is also packed for oneDNN, used for products large
+    enough (1.3x faster at 16 rows of the tiny model), which gives a row the same numbers whatever the
+    number of rows."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.t = weight.t().contiguous()
         self.packed = _onednn_pack(weight)
+        self.onednn_rows = max(_ONEDNN_ROWS, -(-_ONEDNN_MACS // weight.numel()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] < _ONEDNN_ROWS:
+        if self.packed is None or x.shape[0] < self.onednn_rows:
             return torch.mm(x, self.t)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
@@ -315,9 +321,7 @@ class _Sampler:
         self.groups = []
         for top_k, rows in by_top_k.items():
             params = [sequences[i].params for i in rows]
-            uniforms = torch.zeros(len(rows), max(len(sequences[i].uniforms) for i in rows))
-            for row, i in enumerate(rows):
-                uniforms[row, : len(sequences[i].uniforms)] = sequences[i].uniforms
+            uniforms = pad_sequence([sequences[i].uniforms for i in rows], batch_first=True)
             self.groups.append(
                 _Group(
                     rows=None if len(rows) == self.rows else torch.tensor(rows, device=device),
