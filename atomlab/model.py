@@ -10,7 +10,7 @@ export is a one-to-one copy of tensors: `embed_tokens`, `layers.N.self_attn.{q,k
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,11 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelArgs:
+        """The architecture from a config.json (extra keys, such as parameter counts, are ignored)."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
 
 class RMSNorm(nn.Module):

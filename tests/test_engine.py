@@ -377,3 +377,26 @@ def test_chat_through_a_pipe(bundle, smoke):
 
     code, output = run_chat(bundle.parent / "missing", "")
     assert code == 2 and "error:" in output and "not a folder" in output
+
+
+def test_engine_follows_weight_updates_made_after_it_was_built(smoke):
+    """RL builds an engine on the policy it trains: the engine's fused weight copies must follow an
+    optimizer step, an in-place edit and load_state_dict, giving what a freshly built engine gives."""
+    engine = untrained_engine(smoke)
+    model = engine.model
+    prompt = smoke.encode(TEXT)
+    before = one(engine, prompt, max_tokens=12, temperature=0).token_ids
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.loss(torch.tensor([prompt[:-1]]), torch.tensor([prompt[1:]])).backward()
+    optimizer.step()
+    after_step = one(engine, prompt, max_tokens=12, temperature=0).token_ids
+    fresh = Engine(model, smoke.tokenizer, torch.device("cpu"))
+    assert after_step == one(fresh, prompt, max_tokens=12, temperature=0).token_ids
+    assert after_step != before  # the update changed what greedy decoding writes
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.weight.mul_(-1.0)
+    edited = one(engine, prompt, max_tokens=12, temperature=0).token_ids
+    assert (
+        edited
+        == one(Engine(model, smoke.tokenizer, torch.device("cpu")), prompt, max_tokens=12, temperature=0).token_ids
+    )

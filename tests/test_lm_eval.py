@@ -16,7 +16,7 @@ from atomlab.errors import AtomlabError
 from atomlab.evaluate.step import document_bits_per_byte
 from atomlab.infer.engine import Engine
 from atomlab.model import ModelArgs, Transformer
-from atomlab.tokenizer import END_OF_TEXT, token_byte_lengths
+from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, token_byte_lengths
 from tests.conftest import step_folder
 
 pytest.importorskip("lm_eval")
@@ -206,7 +206,13 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(lm):
     adapter = type(lm)(engine=Engine(model.eval(), smoke.tokenizer, torch.device("cpu")), batch_size=2)
     eot = smoke.tokenizer.token_to_id(END_OF_TEXT)
     prompts = ["ROMEO:", "Of Man's first disobedience, and the", "KING:\n"]
-    free = [smoke.decode(model.generate(smoke.encode(p), 16, temperature=0, stop_token=eot)) for p in prompts]
+    end = smoke.tokenizer.token_to_id(END_OF_TURN)
+
+    def greedy(prompt: str) -> str:  # plain decoding, ending where the engine ends: <|endoftext|> or <|end|>
+        ids = model.generate(smoke.encode(prompt), 16, temperature=0, stop_token=eot)
+        return smoke.decode(ids[: ids.index(end)] if end in ids else ids)
+
+    free = [greedy(p) for p in prompts]
     assert all(len(set(text)) > 4 for text in free), free
 
     stop = free[0][len(free[0]) // 2]  # a character in the middle of the first row's text

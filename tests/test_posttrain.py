@@ -179,7 +179,7 @@ def post_run(smoke_run, tmp_path_factory):
 
 def test_post_trained_run_evaluates_every_stage_and_releases_the_last(post_run):
     evaluation = json.loads((step_folder(post_run, "evaluate") / "eval.json").read_text())
-    assert list(evaluation["stages"]) == ["base", "sft", "rl"]
+    assert evaluation["stage_order"] == ["base", "sft", "rl"] and set(evaluation["stages"]) == {"base", "sft", "rl"}
     for stage in evaluation["stages"].values():
         result = stage["environments"]["arithmetic-v1"]
         assert result["tasks"] == 40 and len(result["correct"]) == 40 and 0 <= result["pass@1"] <= 1

@@ -144,4 +144,5 @@ def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: 
             comparisons[f"{after} - {before} ({env})"] = paired_difference(
                 scores[before]["environments"][env]["correct"], scores[after]["environments"][env]["correct"]
             )
-    return {"decontamination": decontamination, "stages": scores, "comparisons": comparisons}
+    # the stages in training order (eval.json sorts keys)
+    return {"decontamination": decontamination, "stage_order": names, "stages": scores, "comparisons": comparisons}

@@ -25,7 +25,7 @@ import functools
 import json
 from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tokenizers
@@ -35,9 +35,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, Transformer, rope_tables
-from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN
-
-CHAT_ROLES = ("system", "user", "assistant")
+from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, render_chat
 
 
 @dataclass
@@ -457,18 +455,8 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The chat template of atomlab.tokenizer, rendered and encoded as Hugging Face's apply_chat_template
-        would: "<|role|>\\ncontent<|end|>\\n" per message, then "<|assistant|>\\n"."""
-        parts = []
-        for number, message in enumerate(messages, 1):
-            role, content = message.get("role"), message.get("content")
-            if role not in CHAT_ROLES:
-                raise AtomlabError(f"chat message {number}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(content, str):
-                raise AtomlabError(f"chat message {number}: content must be text, got {type(content).__name__}")
-            parts.append(f"<|{role}|>\n{content}{END_OF_TURN}\n")
-        if add_generation_prompt:
-            parts.append("<|assistant|>\n")
-        return self.encode("".join(parts))
+        would: "<|role|>\ncontent<|end|>\n" per message, then "<|assistant|>\n"."""
+        return self.encode("".join(text for text, _ in render_chat(messages, add_generation_prompt)))
 
     # generation
 
@@ -656,7 +644,7 @@ def load_model(folder: Path) -> Transformer:
             raise AtomlabError(f"{folder}: no {name}; not a complete release bundle")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        args = ModelArgs(**{f.name: config[f.name] for f in fields(ModelArgs) if f.name in config})
+        args = ModelArgs.from_config(config)
         model = Transformer(args)
     except (ValueError, TypeError, KeyError, RuntimeError, ZeroDivisionError) as exc:
         raise AtomlabError(f"{folder / 'config.json'}: not a valid model config ({exc})") from None

@@ -111,11 +111,12 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_ratio: float,
     kl_coef: float,
+    tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate over the trained tokens (mean over all of them in the batch), plus
-    kl_coef x the k3 estimate of KL(policy || reference). Token log-probs are (rows, tokens),
-    advantages (rows, 1), mask (rows, tokens)."""
-    weight = mask.float() / mask.sum().clamp(min=1)
+    """PPO's clipped surrogate over the trained tokens (their mean; `tokens` is the count to divide by
+    when these rows are one micro-batch of a larger batch), plus kl_coef x the k3 estimate of
+    KL(policy || reference). Token log-probs are (rows, tokens), advantages (rows, 1), mask (rows, tokens)."""
+    weight = mask.float() / (mask.sum().clamp(min=1) if tokens is None else tokens)
     ratio = torch.exp(new - old)
     clipped = torch.clamp(ratio, 1 - clip_ratio, 1 + clip_ratio)
     terms = -torch.minimum(ratio * advantage, clipped * advantage)
@@ -125,10 +126,56 @@ def grpo_loss(
         kl = torch.exp(log_ratio) - log_ratio - 1
         terms = terms + kl_coef * kl
     stats = {
-        "kl": round(float((kl.detach() * weight).sum()), 6),
-        "clipped_fraction": round(float((((ratio - clipped).abs() > 1e-6).float() * weight).sum()), 4),
+        "kl": float((kl.detach() * weight).sum()),
+        "clipped_fraction": float((((ratio - clipped).abs() > 1e-6).float() * weight).sum()),
     }
     return (terms * weight).sum(), stats
+
+
+MICRO_BATCH = 32  # rollouts per forward/backward: bounds the update's memory whatever the batch
+
+
+def grpo_update(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantage: torch.Tensor,
+    config: Any,
+) -> tuple[float, float, dict[str, float]]:
+    """`config.updates_per_batch` optimizer steps on one batch of rollouts, each accumulating the
+    gradient over micro-batches; the loss is a mean over every trained token of the batch."""
+    chunks = [slice(first, first + MICRO_BATCH) for first in range(0, len(inputs), MICRO_BATCH)]
+    tokens = mask.sum().clamp(min=1)
+    reference_logprobs: list[torch.Tensor | None] = [None] * len(chunks)
+    if reference is not None:
+        with torch.no_grad():
+            reference_logprobs = [token_logprobs(reference, inputs[c], targets[c]) for c in chunks]
+    old: list[torch.Tensor | None] = [None] * len(chunks)  # log-probs before any update: the first pass's
+    for _ in range(config.updates_per_batch):
+        total, stats = 0.0, {"kl": 0.0, "clipped_fraction": 0.0}
+        for index, chunk in enumerate(chunks):
+            new = token_logprobs(policy, inputs[chunk], targets[chunk])
+            old[index] = new.detach() if old[index] is None else old[index]
+            loss, part = grpo_loss(
+                new,
+                old[index],
+                reference_logprobs[index],
+                advantage[chunk],
+                mask[chunk],
+                config.clip_ratio,
+                config.kl_coef,
+                tokens,
+            )
+            loss.backward()
+            total += float(loss.detach())
+            stats = {key: stats[key] + part[key] for key in stats}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip or float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm, {key: round(value, 6) for key, value in stats.items()}
 
 
 class Curriculum:
@@ -177,6 +224,8 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             tasks.append(next(streams[key]))
         return tasks
 
+    # one engine for the whole run: it follows the policy's weights as the optimizer changes them
+    engine = Engine(policy, tokenizer, device)
     metrics = MetricsLogger(ctx.folder, truncate_after=0, tensorboard=config.tensorboard, wandb=config.wandb)
     trained_prompts: set[str] = set()
     rollout_tokens = rollout_seconds = 0.0
@@ -192,7 +241,6 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
 
             began = time.perf_counter()
             policy.eval()
-            engine = Engine(policy, tokenizer, device)
             respond = engine_responder(engine, config.max_tokens, config.temperature, ctx.seed * 1_000_003 + step)
             rollouts: list[Rollout] = []
             with torch.no_grad():
@@ -226,22 +274,12 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             if keep.any():
                 inputs, targets, mask = inputs[keep].to(device), targets[keep].to(device), mask[keep].to(device)
                 advantage = torch.from_numpy(advantages.reshape(-1)[keep.numpy()]).float().to(device)[:, None]
-                with torch.no_grad():
-                    ref = token_logprobs(reference, inputs, targets) if reference is not None else None
-                old = None  # the log-probs before any update: the first pass's, detached
-                for _ in range(config.updates_per_batch):
-                    new = token_logprobs(policy, inputs, targets)
-                    old = new.detach() if old is None else old
-                    loss, stats = grpo_loss(new, old, ref, advantage, mask, config.clip_ratio, config.kl_coef)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip or float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not math.isfinite(float(loss)):
-                    raise AtomlabError(
-                        f"rl.lr: loss became {float(loss)} at step {step + 1}; lower rl.lr ({config.lr})"
-                    )
-                record.update(loss=round(float(loss), 6), grad_norm=round(float(grad_norm), 5), **stats)
+                loss, grad_norm, stats = grpo_update(
+                    policy, reference, optimizer, inputs, targets, mask, advantage, config
+                )
+                if not math.isfinite(loss):
+                    raise AtomlabError(f"rl.lr: loss became {loss} at step {step + 1}; lower rl.lr ({config.lr})")
+                record.update(loss=round(loss, 6), grad_norm=round(grad_norm, 5), **stats)
             if curriculum.record(record["accuracy"]):
                 bar.log(f"step {step + 1}: accuracy {record['accuracy']:.2f}, difficulty up to {curriculum.level}")
             metrics.log(record)

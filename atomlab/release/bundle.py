@@ -95,7 +95,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
                 env: {k: r[k] for k in ("pass@1", "pass@1_ci95", "pass@k", "samples", "tasks")}
                 for env, r in scores["environments"].items()
             }
-            for stage, scores in evaluated["stages"].items()
+            for stage, scores in ((name, evaluated["stages"][name]) for name in evaluated["stage_order"])
         }
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))

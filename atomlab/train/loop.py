@@ -46,8 +46,7 @@ def model_args(config: ModelConfig, vocab_size: int) -> ModelArgs:
 
 def model_args_from_folder(folder: Path) -> ModelArgs:
     """The architecture of the model a step folder holds (its config.json)."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return ModelArgs(**{f.name: config[f.name] for f in dataclasses.fields(ModelArgs) if f.name in config})
+    return ModelArgs.from_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
