@@ -23,11 +23,13 @@ import torch
 from atomlab.envs import load_environment
 from atomlab.envs.rollout import run_episodes
 from atomlab.infer.engine import Engine, load_model
-from atomlab.posttrain.rl import engine_responder, group_advantages, pack_rollouts, token_logprobs
+from atomlab.posttrain.rl import engine_responder, group_advantages, grpo_update, pack_rollouts
+from atomlab.recipe import RLConfig
 from atomlab.tokenizer import PAD, load_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "rl_speed.json"
 CONFIGS = ((16, 8), (32, 8), (64, 8))
+UPDATE = RLConfig()  # the rl step's defaults: clip 0.2, no KL, one update per batch
 
 
 def main() -> None:
@@ -62,14 +64,9 @@ def main() -> None:
             reward = np.array([r.reward for r in rollouts]).reshape(prompts, samples)
             advantages, _ = group_advantages(reward)
             model.train()
-            with torch.no_grad():
-                old = token_logprobs(model, inputs, targets)
-            new = token_logprobs(model, inputs, targets)
-            weight = torch.from_numpy(advantages.reshape(-1, 1)).float() * mask / mask.sum()
-            loss = -(torch.exp(new - old) * weight).sum()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            keep = torch.ones(len(inputs), dtype=torch.bool)
+            advantage = torch.from_numpy(advantages.reshape(-1, 1)).float()
+            grpo_update(model, None, optimizer, inputs[keep], targets[keep], mask[keep], advantage, UPDATE)
             done = time.perf_counter()
             if repeat:  # the first is a warm-up
                 rollout_rates.append(float(mask.sum()) / (rolled - began))
