@@ -62,7 +62,8 @@ def losses(work: Path) -> list[float]:
 def assert_close(a: list[float], b: list[float], tolerance: float = 1e-5) -> None:
     assert len(a) == len(b)
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
-    assert worst <= tolerance, f"largest relative difference {worst:.2e}"
+    diffs = [f"{abs(x - y) / abs(y):.1e}" for x, y in zip(a, b, strict=True)]
+    assert worst <= tolerance, f"largest relative difference {worst:.2e}: {diffs}"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,12 @@ def test_sharded_checkpoint_resumes_on_another_process_count(smoke_run, tmp_path
     assert list((checkpoint / "sharded").glob("*.distcp")) and (checkpoint / "model.safetensors").is_file()
     result = run(work, after, "train.max_steps=40", "train.parallel=fsdp", "--resume")
     assert f"saved by {before} process" in result.stdout
-    assert_close(losses(work), losses(reference))
+    resumed, uninterrupted = losses(work), losses(reference)
+    # up to the checkpoint (and at the step after it) the curves agree to float rounding; after it the
+    # two process counts sum gradients in different orders and the rounding grows over 20 more steps
+    # (to about 5e-5 here). Wrong data order or state after the resume would differ by 1e-3 and more.
+    assert_close(resumed[:21], uninterrupted[:21])
+    assert_close(resumed, uninterrupted, tolerance=2e-4)
 
 
 def test_launch_local_runs_the_whole_recipe_on_two_processes(smoke_run, tmp_path):

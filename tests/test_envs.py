@@ -83,7 +83,7 @@ def test_gold_reply_scores_one_at_every_level(env):
         verdict = env.verify(task, task.solution)
         assert verdict.reward == 1.0, (task.id, task.solution, verdict)
         if env.max_turns == 1:  # a one-turn gold reply is the gold answer in its tag
-            assert extract_answer(task.solution)[0] == task.answer, task.id
+            assert extract_answer(task.solution)[0] == task.answer.strip(), task.id
         assert json.dumps(task.data, default=str)  # `atomlab envs show --json` prints it
 
 

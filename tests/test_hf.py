@@ -18,7 +18,7 @@ from atomlab.release import hf
 from atomlab.release.bundle import verify_bundle
 from atomlab.release.hf import model_args_from_config, register
 from atomlab.steps import MANIFEST, list_files, write_json
-from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
+from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, MARKUP_TOKENS, PAD, SPECIAL_TOKENS
 from atomlab.train.checkpoint import load_weights
 from tests.conftest import step_folder
 
@@ -51,6 +51,10 @@ def load_atomlab(bundle: Path) -> Transformer:
     model = Transformer(args)
     load_weights(model, bundle / "model.safetensors", args.tie_embeddings)
     return model.eval()
+
+
+# the smoke tokenizer: 512 trained tokens, then the reply markup
+VOCAB = 512 + len(MARKUP_TOKENS)
 
 
 def random_tokens(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -96,7 +100,7 @@ def write_variant_bundle(folder: Path, args: ModelArgs, tokenizer_from: Path, se
 
 
 def variant_args(**changes) -> ModelArgs:
-    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160, seq_len=64)
+    base = dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160, seq_len=64)
     return ModelArgs(**{**base, **changes})
 
 
@@ -149,7 +153,7 @@ def test_exported_tokenizer_encodes_and_chats_like_atomlab(exports, smoke_bundle
 def save_transformers_checkpoint(folder: Path, kind: str, tokenizer_json: Path) -> Path:
     """A small randomly initialised transformers model and the atomlab tokenizer, saved as on the Hub."""
     common = dict(
-        vocab_size=512,
+        vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -192,7 +196,7 @@ def test_import_of_a_transformers_checkpoint_gives_the_same_logits(kind, hf_chec
     ours = load_atomlab(out)
     assert ours.args.qk_norm == (kind == "qwen3") and ours.args.tie_embeddings == (kind == "qwen3")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
-    assert max_logit_difference(hf_model, ours, random_tokens(512, 64, seed=3)) < TOLERANCE
+    assert max_logit_difference(hf_model, ours, random_tokens(VOCAB, 64, seed=3)) < TOLERANCE
     config = json.loads((out / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"]) == (0, 1)
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE

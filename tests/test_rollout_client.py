@@ -6,12 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,15 +19,9 @@ from atomlab.envs.builtin import Arithmetic
 from atomlab.envs.rollout import chat_completions_url, openai_responder, register, run_episodes
 from atomlab.envs.tools import Calculator, calculate, tool_result
 from atomlab.errors import AtomlabError
-from tests.conftest import step_folder
+from tests.conftest import free_port, serving, step_folder
 
 KEY = "rollout-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Scripted(BaseHTTPRequestHandler):
@@ -127,7 +117,7 @@ def test_rewards_and_concurrency_against_a_scripted_server():
     assert len(rollouts) == 16 and [r.task for r in rollouts[:2]] == [tasks[0], tasks[0]]
     assert [r.sample for r in rollouts[:2]] == [0, 1]
     assert all(r.reward == 1.0 and r.turns == 1 and not r.truncated for r in rollouts)
-    assert rollouts[0].transcript[-1] == {"role": "assistant", "content": tasks[0].solution}
+    assert rollouts[0].transcript[-1] == {"role": "assistant", "content": f"<answer>{tasks[0].answer}</answer>"}
     assert 2 <= state["max_in_flight"] <= 4  # requests overlap, and never more than asked
     assert elapsed < 16 * 0.2  # sequential would take 3.2 s
     bodies = state["bodies"]
@@ -267,31 +257,8 @@ def test_calculator_arithmetic():
 
 @pytest.fixture(scope="module")
 def atomlab_server(smoke_run):
-    bundle = step_folder(smoke_run, "release")
-    port = free_port()
-    command = [sys.executable, "-m", "atomlab.cli", "serve", str(bundle), "--port", str(port)]
-    process = subprocess.Popen(
-        command + ["--api-key", KEY, "--model-name", "smoke"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start: {process.stdout.read()}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(step_folder(smoke_run, "release"), "--api-key", KEY, "--model-name", "smoke") as url:
+        yield url
 
 
 def test_rollouts_against_atomlab_serve(atomlab_server):

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import step_folder
+from tests.conftest import serving, step_folder
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -21,49 +17,10 @@ httpx = pytest.importorskip("httpx")
 KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smoke_run):
-    bundle = step_folder(smoke_run, "release")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atomlab.cli",
-            "serve",
-            str(bundle),
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--model-name",
-            "smoke",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start: {process.stdout.read()}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(step_folder(smoke_run, "release"), "--api-key", KEY, "--model-name", "smoke") as url:
+        yield url
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 
 def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
     """Enough TOML for a recipe: scalars, lists of scalars and nested tables."""
-    scalars = [(k, v) for k, v in tree.items() if not isinstance(v, dict)]
+    # a None (an absent optional section, such as [sft]) is left out: TOML has no null
+    scalars = [(k, v) for k, v in tree.items() if not isinstance(v, dict) and v is not None]
     tables = [(k, v) for k, v in tree.items() if isinstance(v, dict)]
     lines = [f"{key} = {json.dumps(value)}" for key, value in scalars]
     for key, value in tables:
