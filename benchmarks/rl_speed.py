@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from atomlab.envs import load_environment
-from atomlab.envs.rollout import run_episodes
+from atomlab.envs.rollout import engine_responder, run_episodes
 from atomlab.infer.engine import Engine, load_model
-from atomlab.posttrain.rl import engine_responder, group_advantages, grpo_update, pack_rollouts
+from atomlab.posttrain.rl import group_advantages, grpo_update, pack_rollouts
 from atomlab.recipe import RLConfig
 from atomlab.tokenizer import PAD, load_tokenizer
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -33,10 +34,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atomlab.envs.base import Environment, Episode, Task
 from atomlab.errors import AtomlabError
+
+if TYPE_CHECKING:
+    from atomlab.infer.engine import Engine
 
 Conversation = list[dict[str, str]]
 Respond = Callable[[list[Conversation]], list[str]]
@@ -111,6 +115,54 @@ def run_episodes(
                 progress(rollout)
         active = still
     return [rollout for rollout in rollouts if rollout is not None]
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    respond: Respond,
+    samples: int = 1,
+    environments: dict[str, Environment] | None = None,
+) -> list[Rollout]:
+    """`run_episodes` over tasks of any number of environments (each environment's tasks rolled out
+    together), the rollouts back in task order, then sample order. `environments` maps ids to
+    instances already loaded; others are loaded from the registry."""
+    from atomlab.envs.registry import load_environment
+
+    by_environment: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_environment.setdefault(task.env, []).append(task)
+    found: dict[tuple[str, int], Rollout] = {}
+    for env_id, mine in by_environment.items():
+        env = (environments or {}).get(env_id) or load_environment(env_id)
+        for rollout in run_episodes(env, mine, respond, samples):
+            found[(rollout.task.id, rollout.sample)] = rollout
+    return [found[(task.id, sample)] for task in tasks for sample in range(samples)]
+
+
+def engine_responder(engine: Engine, max_tokens: int, temperature: float, seed: int, batch: int = 256) -> Respond:
+    """A `respond` of atomlab's generation engine: calls of up to `batch` conversations per turn.
+    Sampling seeds follow (seed, call, position), so the same rollout order gives the same replies."""
+    from atomlab.infer.engine import Request, SamplingParams
+
+    calls = itertools.count()
+
+    def respond(conversations: list[Conversation]) -> list[str]:
+        call = next(calls)
+        requests = [
+            Request(
+                engine.chat_prompt(conversation),
+                SamplingParams(
+                    max_tokens=max_tokens, temperature=temperature, seed=(seed * 1_000_003 + call * 10_007 + i) % 2**31
+                ),
+            )
+            for i, conversation in enumerate(conversations)
+        ]
+        replies = []
+        for first in range(0, len(requests), batch):
+            replies += [completion.text for completion in engine.generate(requests[first : first + batch])]
+        return replies
+
+    return respond
 
 
 def chat_completions_url(base_url: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from atomlab.envs import Task, load_environment
-from atomlab.envs.rollout import run_episodes
+from atomlab.envs.rollout import engine_responder, run_episodes
 from atomlab.infer.engine import Engine
 from atomlab.model import Transformer
 
@@ -56,16 +56,13 @@ def score_model(
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Greedy and sampled accuracy of one model on tasks (of one or more environments)."""
-    from atomlab.posttrain.rl import engine_responder
-
     engine = Engine(model, tokenizer, device or torch.device("cpu"))
     results: dict[str, Any] = {"environments": {}}
     for env_id in dict.fromkeys(task.env for task in tasks):
         env = load_environment(env_id)
         mine = [task for task in tasks if task.env == env_id]
-        position = {task.id: i for i, task in enumerate(mine)}
-        greedy = run_episodes(env, mine, engine_responder(engine, max_tokens, 0.0, seed), samples=1)
-        correct = [1.0 if r.reward >= 1.0 else 0.0 for r in sorted(greedy, key=lambda r: position[r.task.id])]
+        greedy = run_episodes(env, mine, engine_responder(engine, max_tokens, 0.0, seed), samples=1)  # in task order
+        correct = [1.0 if r.reward >= 1.0 else 0.0 for r in greedy]
         sampled = run_episodes(env, mine, engine_responder(engine, max_tokens, 1.0, seed + 1), samples=samples)
         hits: dict[str, int] = {task.id: 0 for task in mine}
         for rollout in sampled:
@@ -86,7 +83,7 @@ def score_model(
             "correct": correct,
             "examples": [
                 {"prompt": r.transcript[0]["content"], "reply": r.transcript[-1]["content"], "reward": r.reward}
-                for r in sorted(greedy, key=lambda r: position[r.task.id])[:3]
+                for r in greedy[:3]
             ],
         }
     return results

@@ -23,6 +23,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+
+
 def plot_training(metrics_log: list[dict[str, Any]], path: Path) -> None:
     """Training loss and validation bits per byte against tokens seen, as a PNG."""
     plt = _pyplot()
@@ -44,9 +50,7 @@ def plot_training(metrics_log: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="tokens (millions)", ylabel="bits per byte", title="Validation bits per byte (held-out documents)")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_throughput(metrics_log: list[dict[str, Any]], path: Path) -> None:
@@ -59,9 +63,7 @@ def plot_throughput(metrics_log: list[dict[str, Any]], path: Path) -> None:
     right.plot([r["step"] for r in steps], [100 * r["mfu"] for r in steps], color="C1", alpha=0.6)
     right.set_ylabel("MFU (%)", color="C1")
     left.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_documents(documents: list[dict[str, Any]], path: Path) -> None:
@@ -72,9 +74,7 @@ def plot_documents(documents: list[dict[str, Any]], path: Path) -> None:
     axis.set(xlabel="bits per byte", title="Held-out documents")
     axis.invert_yaxis()
     axis.grid(alpha=0.3, axis="x")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_accuracy(stages: dict[str, Any], path: Path) -> None:
@@ -98,9 +98,7 @@ def plot_accuracy(stages: dict[str, Any], path: Path) -> None:
         axis.set(ylim=(0, 1), ylabel="accuracy", title=f"{env}: {results[0]['tasks']} held-out tasks")
         axis.grid(alpha=0.3, axis="y")
         axis.legend(loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_rl(rl_log: list[dict[str, Any]], path: Path) -> None:
@@ -116,9 +114,7 @@ def plot_rl(rl_log: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="RL step", ylabel="tokens", title="Mean reply length")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def _environment_section(results: dict[str, Any]) -> list[str]:

@@ -15,10 +15,8 @@ are recomputed on the re-encoded transcript, which keeps the update independent 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from atomlab.envs import Task
-from atomlab.envs.rollout import Rollout, run_episodes
+from atomlab.envs.rollout import Rollout, engine_responder, run_tasks
 from atomlab.errors import AtomlabError
-from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
+from atomlab.infer.engine import Engine, load_model
 from atomlab.posttrain.tasks import (
     check_difficulty,
     environments,
@@ -43,32 +41,6 @@ from atomlab.tokenizer import encode_chat, load_tokenizer
 from atomlab.train.checkpoint import save_weights
 from atomlab.train.loop import build_optimizer, learning_rate, pick_device
 from atomlab.train.metrics import MetricsLogger
-
-
-def engine_responder(
-    engine: Engine, max_tokens: int, temperature: float, seed: int, batch: int = 256
-) -> Callable[[list[list[dict[str, str]]]], list[str]]:
-    """A `respond` function for run_episodes: engine calls of up to `batch` conversations per turn.
-    Sampling seeds follow (seed, call, position), so the same rollout order gives the same replies."""
-    calls = itertools.count()
-
-    def respond(conversations: list[list[dict[str, str]]]) -> list[str]:
-        call = next(calls)
-        requests = [
-            Request(
-                engine.chat_prompt(conversation),
-                SamplingParams(
-                    max_tokens=max_tokens, temperature=temperature, seed=(seed * 1_000_003 + call * 10_007 + i) % 2**31
-                ),
-            )
-            for i, conversation in enumerate(conversations)
-        ]
-        replies = []
-        for first in range(0, len(requests), batch):
-            replies += [completion.text for completion in engine.generate(requests[first : first + batch])]
-        return replies
-
-    return respond
 
 
 def group_advantages(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +179,7 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     optimizer = build_optimizer(policy, config, device)
     pad = tokenizer.token_to_id("<|pad|>")
     envs = environments(config.environments, "rl.environments")
+    loaded = {env.id: env for env in envs}
     for env in envs:
         check_difficulty(env, min(config.difficulty, env.levels), "rl.difficulty")
     held_out = held_out_hashes(recipe.evaluate, recipe.seed) if recipe.evaluate.environments else set()
@@ -237,22 +210,14 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
                 group["lr"] = lr
             tasks = next_tasks(config.batch_size)
             trained_prompts.update(task.prompt_hash for task in tasks)
-            env_of = {env.id: env for env in envs}
 
             began = time.perf_counter()
             policy.eval()
             respond = engine_responder(engine, config.max_tokens, config.temperature, ctx.seed * 1_000_003 + step)
-            rollouts: list[Rollout] = []
             with torch.no_grad():
-                for env_id in dict.fromkeys(task.env for task in tasks):
-                    mine = [task for task in tasks if task.env == env_id]
-                    rollouts += run_episodes(env_of[env_id], mine, respond, samples=config.group_size)
+                ordered = run_tasks(tasks, respond, config.group_size, loaded)
             policy.train()
             elapsed = time.perf_counter() - began
-            by_task = {task.id: [] for task in tasks}
-            for rollout in rollouts:
-                by_task[rollout.task.id].append(rollout)
-            ordered = [r for task in tasks for r in sorted(by_task[task.id], key=lambda r: r.sample)]
             rewards = np.array([r.reward for r in ordered], dtype=np.float64).reshape(len(tasks), config.group_size)
             advantages, useful = group_advantages(rewards)
 
