@@ -116,6 +116,15 @@ class TrainConfig(Section):
         return self
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters: train rank-`rank` updates of the `targets` linear layers, the rest frozen; merged into
+    the released weights, and saved in the PEFT format beside them."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: the training loop on chat examples, loss on assistant tokens only."""
 
@@ -129,6 +138,7 @@ class SFTConfig(TrainConfig):
     # tokens per packed row (0: the model's context). Short rows keep few conversations side by side,
     # which helps a small model: nothing masks attention between the conversations of a row.
     pack_length: int = Field(0, ge=0)
+    lora: LoRAConfig | None = None  # e.g. {rank = 16, alpha = 32, targets = ["q_proj", "v_proj"]}
     max_steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -153,6 +163,7 @@ class RLConfig(TrainConfig):
     clip_ratio: float = Field(0.2, gt=0, le=1)  # PPO-style clip of the probability ratio
     kl_coef: float = Field(0.0, ge=0)  # > 0: penalty on the KL divergence from the starting model
     updates_per_batch: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts
+    lora: LoRAConfig | None = None  # e.g. {rank = 16, alpha = 32, targets = ["q_proj", "v_proj"]}
     max_steps: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-5, gt=0, le=1)
@@ -169,6 +180,42 @@ class RLConfig(TrainConfig):
                 f"rl.max_difficulty ({self.max_difficulty}) must be at least rl.difficulty ({self.difficulty})"
             )
         return self
+
+
+class DPOConfig(TrainConfig):
+    """Direct Preference Optimization. `batch_size` is the number of preference pairs per step."""
+
+    # JSONL files of {"prompt": "..." or "messages": [...], "chosen": "...", "rejected": "..."}
+    data: list[str] = Field(default_factory=list)
+    # pairs made from the starting model's rollouts: a verified reply against a failed one of the same task
+    environments: list[str] = Field(default_factory=list)
+    tasks: int = Field(400, ge=1)  # training tasks rolled out per environment
+    samples: int = Field(4, ge=2)  # replies sampled per task
+    difficulty: int = Field(1, ge=1)
+    max_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0, le=2)
+    beta: float = Field(0.1, gt=0)  # strength of the pull towards the reference (the starting model)
+    lora: LoRAConfig | None = None  # e.g. {rank = 16, alpha = 32, targets = ["q_proj", "v_proj"]}
+    max_steps: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-5, gt=0, le=1)
+    warmup_steps: int = Field(4, ge=0)
+    min_lr_ratio: float = Field(1.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class InitConfig(Section):
+    """Start from an existing model instead of pretraining one: an atomlab bundle or a Hugging Face folder
+    (config.json, safetensors weights, tokenizer.json). The run then post-trains, evaluates and releases it."""
+
+    # a path (relative to the recipe's working folder) to the bundle or Hugging Face model folder
+    from_: str = Field(alias="from", min_length=1)
+    # the base model's name for the release's card (model tree); defaults to the folder's own record of it
+    base_model: str = ""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class EvaluateConfig(Section):
@@ -199,7 +246,10 @@ class Recipe(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # [init] from = "...": start from that model (no data, tokenizer or pretrain steps)
+    init: InitConfig | None = None
     sft: SFTConfig | None = None  # post-training steps run when their section is in the recipe
+    dpo: DPOConfig | None = None
     rl: RLConfig | None = None
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
@@ -207,7 +257,7 @@ class Recipe(Section):
     source: str = Field("", exclude=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 BUILTIN = ("tiny", "smoke")

@@ -3,6 +3,7 @@ engine, and the report card (Markdown and a self-contained HTML page, with PNG p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -14,7 +15,14 @@ from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
 from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
 from atomlab.model import Transformer
-from atomlab.posttrain.tasks import held_out_seed, held_out_tasks, read_trained_prompts, training_seed
+from atomlab.posttrain.init import INIT_RECORD
+from atomlab.posttrain.tasks import (
+    held_out_seed,
+    held_out_tasks,
+    read_trained_prompts,
+    tokenizer_file,
+    training_seed,
+)
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
@@ -41,13 +49,15 @@ def document_bits_per_byte(
 
 
 def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
-    tokenizer = load_tokenizer(tok / "tokenizer.json")
+    # the base model: the pretrained one, or the imported one a recipe with [init] starts from
+    train = ctx.inputs["pretrain"] if "pretrain" in ctx.inputs else ctx.inputs["init"]
+    tokenizer = load_tokenizer(tokenizer_file(ctx))
     model = load_model(train)
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    with open(data / "val.jsonl", encoding="utf-8") as handle:
+    held_out_text = ctx.inputs["prepare-data"] / "val.jsonl" if "prepare-data" in ctx.inputs else None
+    with open(held_out_text, encoding="utf-8") if held_out_text else contextlib.nullcontext([]) as handle:
         for line in handle:
             doc = json.loads(line)
             ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
@@ -82,12 +92,13 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     ]
 
     results = {
-        "held_out_bits_per_byte": total_bits / max(1, total_bytes),
+        "held_out_bits_per_byte": total_bits / total_bytes if total_bytes else None,
         "held_out_bytes": total_bytes,
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
-    headline = {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    bits = results["held_out_bits_per_byte"]
+    headline = {"held_out_bits_per_byte": None if bits is None else round(bits, 4), "documents": len(documents)}
     if recipe.evaluate.environments:
         results.update(environment_results(ctx, recipe, tokenizer, model))
         headline["accuracy"] = {
@@ -95,16 +106,20 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             for stage, scores in results["stages"].items()
         }
     write_json(ctx.folder / "eval.json", results)
-    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    summary = json.loads((train / "train_summary.json").read_text())
     rl_log = None
     if "rl" in ctx.inputs:
         rl_log = [json.loads(line) for line in (ctx.inputs["rl"] / "metrics.jsonl").read_text().splitlines() if line]
+    if "init" in ctx.inputs:
+        base_model = json.loads((ctx.inputs["init"] / INIT_RECORD).read_text(encoding="utf-8"))["base_model"]
+        write_report_card(ctx.folder, recipe, [], {}, results, rl_log, base_model=base_model)
+        return headline
+    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    summary = json.loads((train / "train_summary.json").read_text())
     write_report_card(ctx.folder, recipe, log, summary, results, rl_log)
     return headline
 
 
-POST_TRAINING = ("sft", "rl")
+POST_TRAINING = ("sft", "dpo", "rl")  # the trained stages evaluated beside the base model, in graph order
 
 
 def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: Transformer) -> dict[str, Any]:
