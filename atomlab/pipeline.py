@@ -62,7 +62,7 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
             collective=True,
         )
         trained = [pretrain_step]
-    vocabulary = [tokenizer] if tokenizer is not None else []  # an imported model brings its own tokenizer
+    vocabulary = tokenizer or trained[0]  # the tokenizer step's, or the imported model's own
 
     def post_training(name: str, run: Callable[[StepContext], Any], data: list[str] | None = None) -> Step:
         """A post-training step on the model of the step before it; its hash covers its section, the seed,
@@ -70,7 +70,8 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         config = {name: getattr(recipe, name).model_dump(), "seed": recipe.seed, **held_out}
         if data is not None:
             config["data_content"] = files_fingerprint(data, base)
-        return Step(name, config, [*vocabulary, trained[-1]], run, resumable=True, collective=True)
+        inputs = [trained[-1]] if trained[-1] is vocabulary else [vocabulary, trained[-1]]
+        return Step(name, config, inputs, run, resumable=True, collective=True)
 
     if recipe.sft is not None:
         from atomlab.posttrain.sft import sft

@@ -268,6 +268,7 @@ POSTTRAIN = [
     "dpo.batch_size=4",
     "dpo.warmup_steps=1",
     "dpo.eval_every=2",
+    'dpo.lora={rank = 4, alpha = 8, targets = ["q_proj", "v_proj"]}',
     "rl.max_steps=2",
     "rl.batch_size=2",
     "rl.group_size=2",
@@ -309,6 +310,14 @@ def test_posttrain_recipe_starts_from_an_imported_model(smoke_run, tmp_path):
     assert [r["step"] for r in dpo_log] == [1, 2, 3, 4]
     assert all({"reward_margin", "reward_accuracy", "loss"} <= set(r) for r in dpo_log)
     assert "val_reward_accuracy" in dpo_log[-1]
+    # DPO trained LoRA adapters only: merged, its weights differ from SFT's in the adapted matrices alone
+    from safetensors.torch import load_file
+
+    before, after = (load_file(step_folder(tmp_path, s) / "model.safetensors") for s in ("sft", "dpo"))
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
+    adapter = json.loads((step_folder(tmp_path, "dpo") / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and adapter["lora_alpha"] == 8
     # the bundle's tokenizer is the imported model's, byte for byte
     assert (bundle / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
     assert atomlab("verify", str(bundle), cwd=tmp_path).returncode == 0

@@ -187,6 +187,7 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "",
         f"Post-trained from `{record['base_model']}` ({record['kind']}) with atomlab {__version__}: "
         f"{' -> '.join(stages) or 'no post-training'}. The base model's own card states its training data and terms.",
+        "",
     ]
     for stage, envs in metrics.get("environment_accuracy", {}).items():
         for env, r in envs.items():
