@@ -167,6 +167,9 @@ class GRPO(Objective):
             raise AtomlabError(
                 f"rl.batch_size ({self.config.batch_size}) tasks must be divisible by the {world.size} processes"
             )
+        if world.distributed and self.config.parallel == "fsdp":
+            # the engine keeps its own copies of whole matrices, which an FSDP-sharded model does not have
+            raise AtomlabError('rl.parallel: GRPO rollouts need whole weights on each process; use "ddp"')
         # one engine for the whole run: it follows the policy's weights as the optimizer changes them
         self.engine = Engine(model, tokenizer, device)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.config.kl_coef > 0 else None
