@@ -383,7 +383,9 @@ def fit(
 
     net.train()
     history: list[float] = []
-    window_start, window_tokens, total_tokens = time.perf_counter(), 0, 0
+    window_start, window_tokens = time.perf_counter(), 0
+    # tokens trained on so far (logged cumulatively; a resumed run continues from its log)
+    total_tokens = metrics.records[-1].get("tokens", 0) if metrics is not None and metrics.records else 0
     tokens_per_second = mfu = 0.0
     with progress_bar(label, total=train.max_steps, completed=start_step, enabled=world.is_main) as bar:
         for step in range(start_step, train.max_steps):
@@ -416,7 +418,7 @@ def fit(
                 "loss": round(total_loss, 7),
                 "lr": lr,
                 "grad_norm": round(grad_norm, 6),
-                "tokens": done * step_tokens if isinstance(data, TrainingData) else step_tokens,
+                "tokens": total_tokens,
                 "tokens_per_s": round(tokens_per_second, 1),
                 "mfu": round(mfu, 4),
                 **record,
@@ -457,9 +459,7 @@ def fit(
         "parameters": params,
         "flops_per_token": flops_token,
         "steps": train.max_steps,
-        "tokens": sum(r.get("tokens", 0) for r in metrics.records)
-        if not isinstance(data, TrainingData)
-        else train.max_steps * train.batch_size * train.grad_accum * data.train.seq_len,
+        "tokens": total_tokens,
         "final_train_loss": round(float(np.mean(history[-10:])), 4) if history else None,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),
