@@ -350,3 +350,24 @@ def test_lora_adapter_loads_in_peft_and_merges_to_the_same_model(smoke_run, tmp_
     base = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert (loaded(ids).logits - adapted).abs().max() < 1e-4
+
+
+def test_dpo_pairs_from_rollouts_put_a_verified_reply_against_a_failed_one(smoke_run, plugin, monkeypatch):
+    from atomlab.posttrain.dpo import rollout_pairs
+    from atomlab.recipe import validate_recipe
+    from atomlab.train.distributed import SINGLE_PROCESS
+
+    monkeypatch.syspath_prepend(str(plugin))  # entry points are found on sys.path
+    bundle = step_folder(smoke_run, "release")
+    tokenizer = load_tokenizer(bundle / "tokenizer.json")
+    engine = Engine(load_model(bundle), tokenizer, torch.device("cpu"))
+    recipe = validate_recipe({"dpo": {"environments": ["parity"], "tasks": 12, "samples": 4, "max_tokens": 6}})
+    pairs, prompts, info = rollout_pairs(recipe, engine, SINGLE_PROCESS, set())
+    assert len(prompts) == 12 and 0 < len(pairs) <= 12 and info["sources"][0]["pairs"] == len(pairs)
+    for (chosen, chosen_mask), (rejected, rejected_mask) in pairs:
+        reply = [t for t, m in zip(chosen, chosen_mask, strict=True) if m]
+        other = [t for t, m in zip(rejected, rejected_mask, strict=True) if m]
+        # parity's verdict: the chosen reply's text has an even length, the rejected one's an odd length
+        assert len(engine.decode(reply)) % 2 == 0 and len(engine.decode(other)) % 2 == 1
+        prompt = chosen[: chosen_mask.index(True)]
+        assert rejected[: rejected_mask.index(True)] == prompt  # the same task
