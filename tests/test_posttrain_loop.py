@@ -227,28 +227,12 @@ def test_pairs_file_errors_name_the_line(tmp_path, line, message):
 
 
 def tiny_llama(folder: Path, tokenizer_json: Path) -> Path:
-    """A random-weight Llama built by transformers from a shrunk configuration, saved as Hugging Face saves it,
-    with an atomlab tokenizer (its chat and special tokens) as its tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
-    vocab = json.loads(tokenizer_json.read_text())
-    size = max(t["id"] for t in vocab["added_tokens"]) + 1
-    size = max(size, len(vocab["model"]["vocab"]))
-    config = transformers.LlamaConfig(
-        vocab_size=size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
-    return folder
+    """A random-weight Llama built by transformers from a shrunk configuration (saved as on the Hub, with the
+    smoke run's atomlab tokenizer: its chat and special tokens)."""
+    pytest.importorskip("transformers")
+    from tests.test_hf import save_transformers_checkpoint
+
+    return save_transformers_checkpoint(folder, "llama", tokenizer_json)
 
 
 POSTTRAIN = [
