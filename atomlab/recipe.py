@@ -260,7 +260,7 @@ class Recipe(Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
-BUILTIN = ("tiny", "smoke")
+BUILTIN = ("tiny", "smoke", "posttrain")
 
 
 def recipe_path(name_or_path: str) -> Path:
