@@ -20,11 +20,13 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
 
     base = base or Path.cwd()
     data_config = {
-        "data": recipe.data.model_dump(),
+        # how many workers, and where, decide the speed of prepare-data but never its bytes
+        "data": recipe.data.model_dump(exclude=set(recipe.data.RUNTIME)),
         "seed": recipe.seed,
         "source_content": source_fingerprint(recipe.data, base),
     }
-    prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base))
+    # resumable: a rerun with --resume reuses the finished tasks of an interrupted prepare-data
+    prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base), resumable=True)
     tokenizer = Step(
         "tokenizer",
         {"tokenizer": recipe.tokenizer.model_dump()},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,18 +21,74 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The settings `data.preset = "web"` stands for (FineWeb-style curation of web text); any of them
+# set in the recipe wins. The default preset, "books", is the field defaults: long documents where
+# editions of one work are the near duplicates to catch (word 3-grams, Jaccard >= 0.2).
+WEB_PRESET: dict[str, Any] = {
+    "minhash_ngram": 5,
+    "minhash_permutations": 112,
+    "minhash_bands": 14,  # 14 bands x 8 rows: pairs above ~0.75 Jaccard become candidates
+    "near_dup_threshold": 0.75,
+    "c4_lines": True,
+    "gopher_rules": True,
+    "languages": ["en"],
+    "mask_pii": True,
+    "decontaminate_environments": True,
+}
+
+
 class DataConfig(Section):
-    # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a
-    # path to a .txt / .jsonl (a `text` field) / .parquet file or a folder of them.
+    # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a path,
+    # folder, glob or fsspec URL (s3://, gs://, hf://) of .txt / .jsonl[.gz|.zst] (a `text` field) /
+    # .parquet files.
     sources: list[str] = Field(default_factory=lambda: ["embedded:shakespeare-milton"], min_length=1)
     text_field: str = "text"
     license: str = "unspecified"  # licence recorded for user sources without a `license` field
+    preset: Literal["books", "web"] = "books"  # a named set of the curation settings below (see WEB_PRESET)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     min_doc_chars: int = Field(200, ge=1)
     max_symbol_fraction: float = Field(0.3, gt=0, le=1)  # drop documents mostly not letters/space
     min_mean_line_chars: float = Field(5.0, ge=0)
-    near_dup_threshold: float = Field(0.2, gt=0, le=1)  # estimated Jaccard of word 3-grams
+    near_dup_threshold: float = Field(0.2, gt=0, le=1)  # estimated Jaccard of word n-grams
     minhash_permutations: int = Field(128, ge=16, le=1024)
+    minhash_ngram: int = Field(3, ge=1, le=32)  # words per shingle
+    minhash_bands: int = Field(0, ge=0)  # LSH bands (must divide the permutations); 0: chosen from the threshold
+    c4_lines: bool = False  # C4 line rules: drop lines without end punctuation, short lines, boilerplate
+    gopher_rules: bool = False  # Gopher quality and repetition rules (word counts, symbols, repeated n-grams)
+    languages: list[str] = Field(default_factory=list)  # keep only these languages (py3langid); [] keeps all
+    min_language_score: float = Field(0.65, ge=0, le=1)  # language id confidence needed to keep a document
+    mask_pii: bool = False  # replace e-mail and IP addresses by placeholders
+    decontaminate_environments: bool = False  # drop documents sharing an n-gram with held-out environment tasks
+    decontaminate: list[str] = Field(default_factory=list)  # text/JSONL files of evaluation data to keep out
+    decontaminate_ngram: int = Field(13, ge=1, le=64)  # words per n-gram of the decontamination check
+    on_error: Literal["error", "skip"] = "error"  # damaged input: stop naming the file, or skip it into provenance
+    executor: Literal["local", "ray"] = "local"  # where stage tasks run: processes here, or a Ray cluster
+    workers: int = Field(1, ge=1, le=4096)  # tasks at a time; the output is the same for any number
+    ray_address: str = ""  # "" starts a one-node Ray for the step; "auto" or host:port joins a cluster
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("preset") == "web":
+            values = {**WEB_PRESET, **values}
+        return values
+
+    @model_validator(mode="after")
+    def _bands(self) -> DataConfig:
+        if self.minhash_bands and self.minhash_permutations % self.minhash_bands:
+            raise ValueError(
+                f"data.minhash_bands ({self.minhash_bands}) must divide data.minhash_permutations "
+                f"({self.minhash_permutations})"
+            )
+        for code in self.languages:
+            if not (2 <= len(code) <= 3 and code.isalpha() and code.islower()):
+                raise ValueError(f"data.languages: {code!r} is not an ISO 639-1 code such as 'en'")
+        if self.ray_address and self.executor != "ray":
+            raise ValueError('data.ray_address is set but data.executor is not "ray"; set data.executor = "ray"')
+        return self
+
+    # settings that decide how the step runs, not what it writes: left out of the step's hash
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"executor", "workers", "ray_address"})
 
 
 class TokenizerConfig(Section):
