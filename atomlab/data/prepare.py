@@ -62,7 +62,7 @@ def plan(files: list[InputFile]) -> tuple[list, int]:
     """Map tasks and the number of dedup partitions: decided by the input alone, never by the workers.
     At least 16 tasks when the input allows, so small corpora still spread over the workers."""
     total = sum(max(0, f.size) for f in files)
-    tasks = plan_pieces(files, min(TASK_BYTES, max(64 << 10, total // 16)))
+    tasks = plan_pieces(files, min(TASK_BYTES, max(1 << 10, total // 16)))
     partitions = min(256, max(4, math.ceil(total / PARTITION_BYTES)))
     return tasks, partitions
 
