@@ -26,7 +26,19 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         "source_content": source_fingerprint(recipe.data, base),
     }
     # resumable: a rerun with --resume reuses the finished tasks of an interrupted prepare-data
-    prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base), resumable=True)
+    if recipe.data.decontaminate_environments:  # held-out tasks are kept out of the training text
+        data_config["evaluate_environments"] = recipe.evaluate.model_dump(
+            include={"environments", "tasks", "difficulty"}
+        )
+    if recipe.data.decontaminate:
+        data_config["decontaminate_content"] = file_hashes(recipe.data.decontaminate, base)
+    prepare = Step(
+        "prepare-data",
+        data_config,
+        [],
+        lambda ctx: prepare_data(ctx, recipe.data, base, recipe.evaluate),
+        resumable=True,
+    )
     tokenizer = Step(
         "tokenizer",
         {"tokenizer": recipe.tokenizer.model_dump()},
@@ -92,15 +104,20 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     return [prepare, tokenizer, *trained, evaluate, release_step]
 
 
-def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:
-    """Content hashes of the user's SFT files, so editing one reruns the step."""
+def file_hashes(files: list[str], base: Path) -> dict[str, str]:
+    """Content hashes of small files a step reads (SFT data, evaluation data), so editing one reruns it."""
     from atomlab.steps import sha256_file
 
     found = {}
-    for name in recipe.sft.data if recipe.sft else []:
+    for name in files:
         path = Path(name) if Path(name).is_absolute() else base / name
         found[name] = sha256_file(path) if path.is_file() else "missing"
     return found
+
+
+def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:
+    """Content hashes of the user's SFT files, so editing one reruns the step."""
+    return file_hashes(recipe.sft.data if recipe.sft else [], base)
 
 
 def select(steps: list[Step], until: str | None) -> list[Step]:

@@ -147,3 +147,20 @@ def test_recipe_validates_data_settings():
         validate_recipe({"data": {"workers": 0}})
     with pytest.raises(AtomlabError, match="ray_address is set but data.executor"):
         validate_recipe({"data": {"ray_address": "auto"}})
+
+
+def test_identity_from_listings_never_reads_the_data(tmp_path):
+    from atomlab.data.prepare import source_fingerprint
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as handle:
+        handle.truncate(40 << 30)  # 40 GB, sparse: hashing it would take minutes
+    import time
+
+    started = time.perf_counter()
+    first = source_fingerprint(DataConfig(sources=["huge.txt"]), tmp_path)
+    assert time.perf_counter() - started < 2
+    assert source_fingerprint(DataConfig(sources=["huge.txt"]), tmp_path) == first
+    with open(huge, "r+b") as handle:
+        handle.truncate(41 << 30)  # an edit changes the identity, so prepare-data reruns
+    assert source_fingerprint(DataConfig(sources=["huge.txt"]), tmp_path) != first

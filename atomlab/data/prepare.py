@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from atomlab.data.executor import run_tasks
+from atomlab.data.filters import EvaluationText, contamination_table, evaluation_texts
 from atomlab.data.sources import InputFile, list_inputs, plan_pieces, stat_identity
 from atomlab.data.stages import (
     LISTED,
@@ -43,7 +44,7 @@ from atomlab.data.stages import (
     write_task,
 )
 from atomlab.errors import AtomlabError
-from atomlab.recipe import DataConfig, TokenizerConfig
+from atomlab.recipe import DataConfig, EvaluateConfig, TokenizerConfig
 from atomlab.steps import StepContext, write_atomic, write_json
 from atomlab.tokenizer import encode_documents, token_byte_lengths, train_tokenizer
 
@@ -67,7 +68,9 @@ def plan(files: list[InputFile]) -> tuple[list, int]:
     return tasks, partitions
 
 
-def prepare_data(ctx: StepContext, data: DataConfig, base: Path) -> dict[str, Any]:
+def prepare_data(
+    ctx: StepContext, data: DataConfig, base: Path, evaluate: EvaluateConfig | None = None
+) -> dict[str, Any]:
     files = list_inputs(data.sources, base, data.on_error)
     tasks, partitions = plan(files)
     work = ctx.folder / "work"
@@ -83,7 +86,7 @@ def prepare_data(ctx: StepContext, data: DataConfig, base: Path) -> dict[str, An
         ngram=data.minhash_ngram,
         bands=data.minhash_bands,
         threshold=data.near_dup_threshold,
-        curation=curation_settings(data, base),
+        curation=curation_settings(data, base, work, evaluate, ctx.seed),
     )
     run = partial(run_tasks, executor=data.executor, workers=data.workers, ray_address=data.ray_address or None)
     mapped = run(map_task, [(settings, i, pieces) for i, pieces in enumerate(tasks)], description="data: map")
@@ -136,12 +139,33 @@ def prepare_data(ctx: StepContext, data: DataConfig, base: Path) -> dict[str, An
     }
 
 
-def curation_settings(data: DataConfig, base: Path) -> dict[str, Any]:
-    return {
-        "min_doc_chars": data.min_doc_chars,
-        "max_symbol_fraction": data.max_symbol_fraction,
-        "min_mean_line_chars": data.min_mean_line_chars,
+def curation_settings(
+    data: DataConfig, base: Path, work: Path, evaluate: EvaluateConfig | None, seed: int
+) -> dict[str, Any]:
+    """The map stage's filters; evaluation data to keep out is turned into an n-gram table in `work`."""
+    settings: dict[str, Any] = {
+        name: getattr(data, name)
+        for name in (
+            "min_doc_chars",
+            "max_symbol_fraction",
+            "min_mean_line_chars",
+            "c4_lines",
+            "gopher_rules",
+            "languages",
+            "min_language_score",
+            "mask_pii",
+        )
     }
+    texts = evaluation_texts(data.decontaminate, base)
+    if data.decontaminate_environments and evaluate is not None and evaluate.environments:
+        from atomlab.posttrain.tasks import held_out_tasks
+
+        for task in held_out_tasks(evaluate, seed):  # the questions (and answers) the run is judged on
+            question = " ".join(m["content"] for m in task.messages if m["role"] == "user")
+            texts.append(EvaluationText(task.id, f"{question} {task.answer}"))
+    if texts:
+        settings["decontaminate"] = contamination_table(texts, data.decontaminate_ngram, work / "decontaminate.json")
+    return settings
 
 
 def _val_threshold(run: Any, settings: Settings, keyed: list[dict[str, Any]], n_val: int) -> int:

@@ -296,7 +296,7 @@ def _decompressed(file: InputFile, raw: IO[bytes]) -> IO[bytes]:
         try:
             import zstandard
         except ImportError:
-            raise AtomlabError(f"{file.name}: reading .zst needs zstandard: pip install zstandard") from None
+            raise AtomlabError(f"{file.name}: reading .zst needs zstandard: pip install 'atomlab[zstd]'") from None
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
     return raw
 
