@@ -118,47 +118,24 @@ def map_task(job: tuple[Settings, int, list[Piece]]) -> dict[str, Any]:
     folder = _task_dir(settings, "map", index)
     if (folder / "summary.json").exists():
         return {**json.loads((folder / "summary.json").read_text()), "reused": True}
-    hasher = MinHasher(settings.permutations, settings.seed, settings.ngram)
-    curation = Curation(**settings.curation)
-    exact: list[list[tuple[int, int, int]]] = [[] for _ in range(settings.partitions)]
-    bands: list[list[np.ndarray]] = [[] for _ in range(settings.partitions)]
-    lengths: list[int] = []
     summary: dict[str, Any] = {"read": 0, "read_bytes": 0, "skipped": Counter(), "skipped_examples": {}}
-    with finishing(folder) as tmp, open(tmp / "records.jsonl", "w", encoding="utf-8") as records:
-        with open(tmp / "docs.jsonl", "w", encoding="utf-8") as docs, open(tmp / "signatures.u32", "wb") as sigs:
-            with open(tmp / "ids.txt", "w", encoding="utf-8") as ids:
-                for piece in pieces:
-                    for item in read_piece(piece, settings.text_field, settings.license, settings.on_error):
-                        if isinstance(item, Skipped):
-                            row = {"id": item.id, "origin": item.origin, "reason": item.reason, "skipped": True}
-                            _write_line(records, row)
-                            kind = item.reason.split(" (")[0]
-                            summary["skipped"][kind] += 1
-                            summary["skipped_examples"].setdefault(kind, item.id)
-                            continue
-                        summary["read"] += 1
-                        summary["read_bytes"] += len(item.text.encode("utf-8"))
-                        _map_document(
-                            item,
-                            hasher,
-                            curation,
-                            settings,
-                            len(lengths) | (index << 32),
-                            records,
-                            docs,
-                            sigs,
-                            ids,
-                            exact,
-                            bands,
-                            lengths,
-                        )
-                        _test_hook_exit(settings, index, len(lengths))
-        _save(tmp / "lengths.npy", np.asarray(lengths, dtype=np.int64))
-        for p in range(settings.partitions):
-            np.array(exact[p], dtype=EXACT).tofile(tmp / f"exact-{p:04d}.bin")
-            band_records = np.concatenate(bands[p]) if bands[p] else np.empty(0, BAND)
-            band_records.tofile(tmp / f"bands-{p:04d}.bin")
-        summary["documents"] = len(lengths)
+    with finishing(folder) as tmp:
+        writer = MapWriter(settings, index, tmp)
+        for piece in pieces:
+            for item in read_piece(piece, settings.text_field, settings.license, settings.on_error):
+                if isinstance(item, Skipped):
+                    _write_line(
+                        writer.records, {"id": item.id, "origin": item.origin, "reason": item.reason, "skipped": True}
+                    )
+                    kind = item.reason.split(" (")[0]
+                    summary["skipped"][kind] += 1
+                    summary["skipped_examples"].setdefault(kind, item.id)
+                    continue
+                summary["read"] += 1
+                summary["read_bytes"] += len(item.text.encode("utf-8"))
+                writer.add(item)
+                _test_hook_exit(settings, index, writer.count)
+        summary["documents"] = writer.close()
         summary["skipped"] = dict(summary["skipped"])
         (tmp / "summary.json").write_text(json.dumps(summary, sort_keys=True))
     return {**summary, "reused": False}
@@ -168,40 +145,71 @@ def _write_line(handle: IO[str], row: dict[str, Any]) -> None:
     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _map_document(
-    doc: Document,
-    hasher: MinHasher,
-    curation: Curation,
-    settings: Settings,
-    number: int,
-    records: IO[str],
-    docs: IO[str],
-    sigs: IO[bytes],
-    ids: IO[str],
-    exact: list[list[tuple[int, int, int]]],
-    bands: list[list[np.ndarray]],
-    lengths: list[int],
-) -> None:
-    meta = {k: getattr(doc, k) for k in META}
-    text, problem = curation.apply(normalize(doc.text))
-    if problem:
-        _write_line(records, {**meta, "reason": problem})
-        return
-    _write_line(records, {**meta, "n": len(lengths)})
-    _write_line(docs, {**meta, "text": text})
-    ids.write(doc.id.replace("\n", " ") + "\n")
-    lengths.append(len(text))
-    digest = bytes.fromhex(content_hash(text))
-    h1, h2 = int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big")
-    exact[h1 % settings.partitions].append((h1, h2, number))
-    signature = hasher.signature(text)
-    sigs.write(signature.astype(np.uint32).tobytes())
-    keys = band_keys(signature, settings.rows)
-    partition = _hash_partition(keys, settings.partitions)
-    records_here = np.empty(len(keys), BAND)
-    records_here["key"], records_here["doc"] = keys, number
-    for p in np.unique(partition):
-        bands[int(p)].append(records_here[partition == p])
+class MapWriter:
+    """A map task's outputs, written as documents arrive. Hash and band records are spilled to their
+    partition files every `batch` documents, so memory stays flat however big the task's file is."""
+
+    def __init__(self, settings: Settings, task: int, folder: Path, batch: int = 4096) -> None:
+        self.settings, self.task, self.folder, self.batch = settings, task, folder, batch
+        self.hasher = MinHasher(settings.permutations, settings.seed, settings.ngram)
+        self.curation = Curation(**settings.curation)
+        self.records = open(folder / "records.jsonl", "w", encoding="utf-8")
+        self.docs = open(folder / "docs.jsonl", "w", encoding="utf-8")
+        self.ids = open(folder / "ids.txt", "w", encoding="utf-8")
+        self.signatures = open(folder / "signatures.u32", "wb")
+        self.lengths = open(folder / "lengths.i64", "wb")
+        self.count = 0
+        self.hashes: list[tuple[int, int, int]] = []
+        self.keys: list[np.ndarray] = []
+        for p in range(settings.partitions):  # every partition file exists, empty or not
+            (folder / f"exact-{p:04d}.bin").touch()
+            (folder / f"bands-{p:04d}.bin").touch()
+
+    def add(self, doc: Document) -> None:
+        meta = {k: getattr(doc, k) for k in META}
+        text, problem = self.curation.apply(normalize(doc.text))
+        if problem:
+            _write_line(self.records, {**meta, "reason": problem})
+            return
+        _write_line(self.records, {**meta, "n": self.count})
+        _write_line(self.docs, {**meta, "text": text})
+        self.ids.write(doc.id.replace("\n", " ") + "\n")
+        self.lengths.write(np.int64(len(text)).tobytes())
+        digest = bytes.fromhex(content_hash(text))
+        self.hashes.append((int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big"), self.number))
+        signature = self.hasher.signature(text)
+        self.signatures.write(signature.astype(np.uint32).tobytes())
+        self.keys.append(band_keys(signature, self.settings.rows))
+        self.count += 1
+        if len(self.hashes) >= self.batch:
+            self._spill()
+
+    @property
+    def number(self) -> int:
+        return self.task << 32 | self.count
+
+    def _spill(self) -> None:
+        partitions = self.settings.partitions
+        hashes = np.array(self.hashes, dtype=EXACT)
+        bands = np.empty(sum(len(k) for k in self.keys), BAND)
+        if len(bands):
+            bands["key"] = np.concatenate(self.keys)
+            bands["doc"] = np.repeat(hashes["doc"], [len(k) for k in self.keys])
+        for records, name, key in ((hashes, "exact", "h1"), (bands, "bands", "key")):
+            partition = _hash_partition(records[key], partitions)
+            order = np.argsort(partition, kind="stable")
+            bounds = np.searchsorted(partition[order], np.arange(partitions + 1))
+            for p in range(partitions):
+                if bounds[p + 1] > bounds[p]:
+                    with open(self.folder / f"{name}-{p:04d}.bin", "ab") as handle:
+                        records[order[bounds[p] : bounds[p + 1]]].tofile(handle)
+        self.hashes, self.keys = [], []
+
+    def close(self) -> int:
+        self._spill()
+        for handle in (self.records, self.docs, self.ids, self.signatures, self.lengths):
+            handle.close()
+        return self.count
 
 
 class MapOutputs:
@@ -239,7 +247,7 @@ class MapOutputs:
         for task in np.unique(tasks):
             task = int(task)
             if task not in self._lengths:
-                self._lengths[task] = np.load(self._folder(task) / "lengths.npy")
+                self._lengths[task] = np.fromfile(self._folder(task) / "lengths.i64", dtype=np.int64)
             where = tasks == task
             out[where] = self._lengths[task][np.asarray(docs)[where] & 0xFFFFFFFF]
         return out
