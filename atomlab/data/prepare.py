@@ -20,9 +20,9 @@ import json
 import math
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,22 @@ def prepare_data(
         threshold=data.near_dup_threshold,
         curation=curation_settings(data, base, work, evaluate, ctx.seed),
     )
-    run = partial(run_tasks, executor=data.executor, workers=data.workers, ray_address=data.ray_address or None)
-    mapped = run(map_task, [(settings, i, pieces) for i, pieces in enumerate(tasks)], description="data: map")
+    seconds: dict[str, float] = {}  # wall time per stage (in the step's summary, for benchmarks)
+
+    def run(function: Any, jobs: list, description: str) -> list:
+        started = time.perf_counter()
+        results = run_tasks(
+            function,
+            jobs,
+            executor=data.executor,
+            workers=data.workers,
+            ray_address=data.ray_address or None,
+            description=f"data: {description}",
+        )
+        seconds[description] = round(seconds.get(description, 0) + time.perf_counter() - started, 3)
+        return results
+
+    mapped = run(map_task, [(settings, i, pieces) for i, pieces in enumerate(tasks)], "map")
     reused = sum(m["reused"] for m in mapped)
     if reused:
         print(f"prepare-data: reused {reused} of {len(mapped)} finished map tasks")
@@ -111,11 +125,13 @@ def prepare_data(
             f"data.sources: no readable documents in {', '.join(data.sources)} "
             f"({sum(skipped.values())} files skipped: empty, binary or not UTF-8)"
         )
-    run(exact_task, [(settings, p, len(tasks)) for p in range(partitions)], description="data: exact dedup")
-    run(lsh_task, [(settings, p, len(tasks)) for p in range(partitions)], description="data: near-dup pairs")
+    run(exact_task, [(settings, p, len(tasks)) for p in range(partitions)], "exact dedup")
+    run(lsh_task, [(settings, p, len(tasks)) for p in range(partitions)], "near-dup pairs")
+    started = time.perf_counter()
     components(settings)
-    run(resolve_task, [(settings, p) for p in range(partitions)], description="data: near-dup components")
-    keyed = run(keys_task, [(settings, t) for t in range(len(tasks))], description="data: split keys")
+    seconds["components"] = round(time.perf_counter() - started, 3)
+    run(resolve_task, [(settings, p) for p in range(partitions)], "near-dup components")
+    keyed = run(keys_task, [(settings, t) for t in range(len(tasks))], "split keys")
     kept = sum(k["kept"] for k in keyed)
     if kept < 2:
         raise AtomlabError(
@@ -123,7 +139,7 @@ def prepare_data(
             "(one to train on, one to validate): add data or relax data.min_doc_chars / data.near_dup_threshold"
         )
     threshold = _val_threshold(run, settings, keyed, min(kept - 1, max(1, round(data.val_fraction * kept))))
-    written = run(write_task, [(settings, t, threshold) for t in range(len(tasks))], description="data: shards")
+    written = run(write_task, [(settings, t, threshold) for t in range(len(tasks))], "shards")
     splits, provenance = _place_shards(ctx.folder, work, written)
     stats = _stats(stages, written, splits)
     stats["provenance"] = provenance
@@ -135,7 +151,10 @@ def prepare_data(
         "documents": {n: s["documents"] for n, s in splits.items()},
         "bytes": {n: s["bytes"] for n, s in splits.items()},
         "tasks": len(tasks),
+        "partitions": partitions,
         "reused_tasks": reused,
+        "read_bytes": stages[0]["bytes"],
+        "seconds": seconds,
     }
 
 
@@ -173,7 +192,7 @@ def _val_threshold(run: Any, settings: Settings, keyed: list[dict[str, Any]], n_
     cumulative = np.cumsum(np.sum([k["histogram"] for k in keyed], axis=0))
     bin_index = int(np.searchsorted(cumulative, n_val))
     below = int(cumulative[bin_index - 1]) if bin_index else 0
-    parts = run(select_task, [(settings, t, bin_index) for t in range(len(keyed))], description="data: split")
+    parts = run(select_task, [(settings, t, bin_index) for t in range(len(keyed))], "split")
     candidates = np.sort(np.concatenate(parts))
     return int(candidates[n_val - below - 1])
 

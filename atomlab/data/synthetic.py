@@ -105,40 +105,40 @@ def documents(
 def write_corpus(
     folder: Path, files: int, docs_per_file: int, seed: int, compress: str = "", **options: Any
 ) -> list[dict[str, Any]]:
-    """Write `files` JSONL files (".zst" or ".gz" when `compress` says so); returns the planted pairs as
-    {"original": id, "copy": id, "kind", "jaccard"} with ids as prepare-data names them (`name:line`)."""
+    """Write `files` JSONL files (".zst" or ".gz" when `compress` says so), streaming; returns the planted
+    pairs as {"original": id, "copy": id, "kind", "jaccard"} with ids as prepare-data names them."""
     folder.mkdir(parents=True, exist_ok=True)
     ids: dict[int, str] = {}
     planted = []
     stream = documents(files * docs_per_file, seed, **options)
     for number in range(files):
         name = f"part-{number:04d}.jsonl" + (f".{compress}" if compress else "")
-        lines = []
-        for line, row in enumerate(stream, 1):
-            ids[row["index"]] = f"{folder.name}/{name}:{line}"
-            if "planted" in row:
-                planted.append(
-                    {
-                        "original": ids[row["planted"]["of"]],
-                        "copy": ids[row["index"]],
-                        "kind": row["planted"]["kind"],
-                        "jaccard": row["planted"]["jaccard"],
-                    }
-                )
-            lines.append(json.dumps({"text": row["text"], "license": row["license"]}) + "\n")
-            if line == docs_per_file:
-                break
-        _write(folder / name, "".join(lines).encode("utf-8"), compress)
+        with _writer(folder / name, compress) as handle:
+            for line, row in enumerate(stream, 1):
+                ids[row["index"]] = f"{folder.name}/{name}:{line}"
+                if "planted" in row:
+                    of = row["planted"]
+                    planted.append(
+                        {
+                            "original": ids[of["of"]],
+                            "copy": ids[row["index"]],
+                            "kind": of["kind"],
+                            "jaccard": of["jaccard"],
+                        }
+                    )
+                handle.write((json.dumps({"text": row["text"], "license": row["license"]}) + "\n").encode("utf-8"))
+                if line == docs_per_file:
+                    break
     return planted
 
 
-def _write(path: Path, data: bytes, compress: str) -> None:
+def _writer(path: Path, compress: str) -> Any:
     if compress == "zst":
         import zstandard
 
-        data = zstandard.ZstdCompressor(level=3).compress(data)
-    elif compress == "gz":
+        return zstandard.ZstdCompressor(level=3).stream_writer(open(path, "wb"), closefd=True)
+    if compress == "gz":
         import gzip
 
-        data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
+        return gzip.GzipFile(path, "wb", mtime=0)
+    return open(path, "wb")
