@@ -54,6 +54,8 @@ def test_gopher_rules():
     assert gopher_quality(" ".join(["#tag the of"] * 30)) == "gopher: symbol/word ratio above 0.1"
     spam = "\n".join(["Buy the best shoes of the year now."] * 10 + [PROSE])
     assert gopher_repetition(spam) == "gopher: duplicate lines"
+    repeated = PROSE + " " + "fresh bread and warm milk are sold at the corner shop every single morning " * 5
+    assert gopher_repetition(repeated) == "gopher: duplicated 5-grams"
 
 
 def test_pii_masking():

@@ -21,7 +21,6 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from atomlab.data.clean import quality_problem
 from atomlab.errors import AtomlabError
 
 _WORD = re.compile(r"\w+")
+_LETTER = re.compile(r"[^\W\d_]")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _END_PUNCTUATION = (".", "!", "?", '"', "'", "\u201d", "\u2019")
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
@@ -83,7 +83,7 @@ def gopher_quality(text: str) -> str | None:
         return "gopher: mostly bullet lines"
     if sum(line.rstrip().endswith(("...", "\u2026")) for line in lines) > 0.3 * len(lines):
         return "gopher: many lines end in an ellipsis"
-    if sum(any(c.isalpha() for c in w) for w in words) < 0.8 * len(words):
+    if sum(map(bool, map(_LETTER.search, words))) < 0.8 * len(words):
         return "gopher: under 80% of words have a letter"
     if len(_STOP_WORDS & {w.lower() for w in stripped}) < 2:
         return "gopher: fewer than 2 stop words"
@@ -103,6 +103,14 @@ def _duplicate_fraction(items: list[str]) -> tuple[float, float]:
     return count / max(1, len(items)), chars / total
 
 
+def _gram_ids(word_ids: np.ndarray, n: int) -> np.ndarray:
+    """An id per word n-gram (position i covers words i..i+n-1), equal for equal n-grams."""
+    grams = np.zeros(len(word_ids) - n + 1, dtype=np.uint64)
+    for k in range(n):  # polynomial hashing, wrapping: collisions are as rare as 64-bit ones
+        grams = grams * np.uint64(1_000_003) + word_ids[k : len(word_ids) - n + 1 + k]
+    return grams
+
+
 def gopher_repetition(text: str) -> str | None:
     lines = [line for line in text.split("\n") if line.strip()]
     paragraphs = [p for p in re.split(r"\n{2,}", text) if p.strip()]
@@ -111,21 +119,27 @@ def gopher_repetition(text: str) -> str | None:
         if by_count > 0.3 or by_chars > 0.2:
             return f"gopher: duplicate {name}s"
     words = _WORD.findall(text.lower())
-    total = sum(map(len, words)) or 1
-    for n, limit in TOP_NGRAM_LIMITS.items():
-        grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
-        if grams:
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and sum(map(len, gram)) * count / total > limit:
+    vocabulary: dict[str, int] = {}
+    word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary) + 1) for w in words), np.uint64, len(words))
+    chars = np.fromiter(map(len, words), np.int64, len(words))
+    total = int(chars.sum()) or 1
+    prefix = np.concatenate([[0], np.cumsum(chars)])
+    for n, limit in {**TOP_NGRAM_LIMITS, **DUPLICATE_NGRAM_LIMITS}.items():
+        if len(words) < n:
+            continue
+        _, inverse, counts = np.unique(_gram_ids(word_ids, n), return_inverse=True, return_counts=True)
+        if n in TOP_NGRAM_LIMITS:
+            top = int(np.argmax(counts))
+            first = int(np.flatnonzero(inverse == top)[0])
+            if counts[top] > 1 and (prefix[first + n] - prefix[first]) * counts[top] / total > limit:
                 return f"gopher: top {n}-gram too frequent"
-    for n, limit in DUPLICATE_NGRAM_LIMITS.items():
-        grams = list(zip(*(words[i:] for i in range(n)), strict=False))
-        counts = Counter(grams)
-        covered = np.zeros(len(words), dtype=bool)
-        for start, gram in enumerate(grams):
-            if counts[gram] > 1:
-                covered[start : start + n] = True
-        if sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total > limit:
+            continue
+        starts = np.flatnonzero(counts[inverse] > 1)  # every word inside a repeated n-gram is covered
+        edges = np.zeros(len(words) + 1, dtype=np.int64)
+        np.add.at(edges, starts, 1)
+        np.add.at(edges, starts + n, -1)
+        covered = np.cumsum(edges[:-1]) > 0
+        if chars[covered].sum() / total > limit:
             return f"gopher: duplicated {n}-grams"
     return None
 
