@@ -112,7 +112,7 @@ def run_one(base: Path, out: Path, executor: str, workers: int) -> dict:
     done.set()
     sampler.join()
     if child.returncode != 0:
-        raise SystemExit(f"{executor} x {workers} failed ({child.returncode}):\n{stderr[-3000:]}")
+        return {"error": (stderr.strip().splitlines() or ["?"])[-1][:500], "returncode": child.returncode}
     result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
     result["wall_seconds"] = time.perf_counter() - started
     result["peak_rss_bytes"] = peak
@@ -120,22 +120,34 @@ def run_one(base: Path, out: Path, executor: str, workers: int) -> dict:
 
 
 def duplicate_quality(out: Path, planted: list[dict], threshold: float) -> dict:
-    """Recall: planted pairs (near ones at or above the threshold) of which one was dropped as a duplicate
-    (of the other or of another copy); precision: dropped duplicates that are part of a planted pair."""
+    """Of the planted pairs whose two documents both passed the filters: exact and near pairs at or above
+    the threshold are found when either document was dropped as a duplicate (the copy of anything in its
+    family, or the original of the copy); pairs below it are wrongly merged when one names the other.
+    Precision: the share of documents dropped as duplicates that belong to a planted pair."""
     from atomlab.data.prepare import read_provenance
 
-    dropped = {r["id"]: r["reason"] for r in read_provenance(out) if r["reason"] and "duplicate of" in r["reason"]}
+    reasons = {r["id"]: r["reason"] or "" for r in read_provenance(out)}
+    filtered = {i for i, reason in reasons.items() if reason and "duplicate of" not in reason}
+    dropped = {i: reason for i, reason in reasons.items() if "duplicate of" in reason}
     in_pairs = {i for p in planted for i in (p["original"], p["copy"])}
+    eligible = [p for p in planted if p["original"] not in filtered and p["copy"] not in filtered]
+
+    def names(a: str, b: str) -> bool:
+        return dropped.get(a, "").split(" (Jaccard")[0].endswith(f" of {b}")
+
     report = {}
     for kind, pairs in (
-        ("exact", [p for p in planted if p["kind"] == "exact"]),
-        ("near >= threshold", [p for p in planted if p["kind"] == "near" and p["jaccard"] >= threshold]),
-        ("near < threshold", [p for p in planted if p["kind"] == "near" and p["jaccard"] < threshold]),
+        ("exact", [p for p in eligible if p["kind"] == "exact"]),
+        ("near >= threshold", [p for p in eligible if p["kind"] == "near" and p["jaccard"] >= threshold]),
     ):
-        found = sum(p["copy"] in dropped or p["original"] in dropped for p in pairs)
-        report[kind] = {"pairs": len(pairs), "found": found, "share_found": round(found / max(1, len(pairs)), 4)}
+        found = sum(p["copy"] in dropped or names(p["original"], p["copy"]) for p in pairs)
+        report[kind] = {"pairs": len(pairs), "found": found, "recall": round(found / max(1, len(pairs)), 4)}
+    below = [p for p in eligible if p["kind"] == "near" and p["jaccard"] < threshold]
+    merged = sum(names(p["copy"], p["original"]) or names(p["original"], p["copy"]) for p in below)
+    report["near < threshold"] = {"pairs": len(below), "merged": merged}
     report["precision"] = round(sum(i in in_pairs for i in dropped) / max(1, len(dropped)), 4)
     report["dropped_as_duplicates"] = len(dropped)
+    report["pairs_with_a_filtered_document"] = len(planted) - len(eligible)
     return report
 
 
@@ -143,8 +155,8 @@ def table(result: dict) -> str:
     lines = [
         f"Corpus: {result['corpus']['uncompressed_mb']:,.0f} MB of text in {result['corpus']['files']} `.jsonl.zst` "
         f"files ({result['corpus']['compressed_mb']:,.0f} MB compressed), {result['corpus']['documents']:,} documents; "
-        f"CPU: {result['cpu']} ({result['cores']} cores). MB/s per core = uncompressed input MB / stage wall "
-        "seconds / workers.",
+        f"CPU: {result['cpu']} ({result['cores']} cores; load average {result['load_average']:.1f} at the end of the "
+        "run). MB/s per core = uncompressed input MB / stage wall seconds / workers.",
         "",
         "| stage | " + " | ".join(f"{e} x {w}" for e, w in CONFIGS if f"{e}-{w}" in result["runs"]) + " |",
         "|---|" + "---|" * len(result["runs"]),
@@ -163,12 +175,14 @@ def table(result: dict) -> str:
         "| outputs identical to local x 1 | " + " | ".join("yes" if r["identical"] else "NO" for r in runs) + " |"
     )
     quality = result["duplicates"]
+    lines += [f"\n{name} did not run: {error}" for name, error in result["failed"].items()]
     lines += [
         "",
-        f"Planted duplicates (threshold {result['threshold']}): exact {quality['exact']['found']}/"
-        f"{quality['exact']['pairs']} found; near at or above the threshold {quality['near >= threshold']['found']}/"
-        f"{quality['near >= threshold']['pairs']}; near below it (should stay) "
-        f"{quality['near < threshold']['found']}/{quality['near < threshold']['pairs']} dropped; precision "
+        f"Planted duplicates (threshold {result['threshold']}; pairs whose documents both passed the filters): "
+        f"exact {quality['exact']['found']}/{quality['exact']['pairs']} found; near at or above the threshold "
+        f"{quality['near >= threshold']['found']}/{quality['near >= threshold']['pairs']} "
+        f"(recall {quality['near >= threshold']['recall']:.3f}); near below it, wrongly merged "
+        f"{quality['near < threshold']['merged']}/{quality['near < threshold']['pairs']}; precision "
         f"{quality['precision']:.4f} of {quality['dropped_as_duplicates']:,} dropped as duplicates.",
     ]
     return "\n".join(lines)
@@ -207,6 +221,7 @@ def main() -> None:
         flush=True,
     )
     runs: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     reference = None
     for executor, workers in CONFIGS:
         if executor == "ray" and args.no_ray:
@@ -214,6 +229,10 @@ def main() -> None:
         out = base / f"out-{executor}-{workers}"
         shutil.rmtree(out, ignore_errors=True)
         result = run_one(base, out, executor, workers)
+        if "error" in result:  # e.g. Ray failing to start on an overloaded machine: record it, go on
+            print(f"{executor} x {workers} failed: {result['error']}", flush=True)
+            failed[f"{executor}-{workers}"] = result["error"]
+            continue
         summary = result["summary"]
         mb = summary["read_bytes"] / 1e6
         run = {
@@ -243,6 +262,7 @@ def main() -> None:
         "command": f"benchmarks/data_scale.py --size {args.size}",
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],  # other work on the machine slows every figure
         "corpus": {
             "uncompressed_mb": round(first["read_bytes"] / 1e6, 1),
             "compressed_mb": round(corpus["compressed_bytes"] / 1e6, 1),
@@ -253,6 +273,7 @@ def main() -> None:
         "threshold": threshold,
         "settings": SETTINGS,
         "runs": runs,
+        "failed": failed,
         "duplicates": duplicate_quality(base / "out-local-1", corpus["planted"], threshold),
         "datatrove": "not installed: its MinHash stage was not run for a ratio",
     }

@@ -78,6 +78,7 @@ def test_planted_duplicates_are_found(corpus):
     assert len(kept) == len(set(kept)) and {d["origin"] for d in read_split(out, "val")} == {"web"}
 
 
+@pytest.mark.slow
 def test_killed_task_resumes_to_the_same_bytes(corpus, monkeypatch):
     base, _ = corpus
     reference = prepared(base, "reference-run", sources=["web"], val_fraction=0.1, **WEB)  # as recipes/smoke.toml

@@ -293,10 +293,11 @@ def data_card(stats: dict[str, Any], data: DataConfig, tokens: dict[str, Any] | 
         lines.append(f"| {stage['stage']} | {stage['documents']} | {stage['bytes']:,} | {dropped} |")
     lines += [
         "",
-        f"Settings: Unicode NFC, minimum {data.min_doc_chars} characters, at most "
+        f"Settings (preset {data.preset!r}): Unicode NFC, minimum {data.min_doc_chars} characters, at most "
         f"{data.max_symbol_fraction:.0%} symbols, mean line length at least {data.min_mean_line_chars}, "
-        f"exact dedup by sha256, near-duplicates by MinHash ({data.minhash_permutations} permutations, "
-        f"word 3-grams, Jaccard >= {data.near_dup_threshold}).",
+        + "".join(f"{rule}, " for rule in _curation_rules(data))
+        + f"exact dedup by sha256, near-duplicates by MinHash ({data.minhash_permutations} permutations, "
+        f"word {data.minhash_ngram}-grams, Jaccard >= {data.near_dup_threshold}).",
     ]
     lines += ["", "## Splits", "", "| split | documents | bytes | tokens |", "|---|---|---|---|"]
     for name, split in stats["splits"].items():
@@ -312,6 +313,21 @@ def data_card(stats: dict[str, Any], data: DataConfig, tokens: dict[str, Any] | 
     listed = f"`{stats['provenance'][0]}`" if len(stats.get("provenance", [])) == 1 else "the `provenance-*` shards"
     lines += ["", f"Every input document, with its source, licence and sha256, is listed in {listed}.", ""]
     return "\n".join(lines)
+
+
+def _curation_rules(data: DataConfig) -> list[str]:
+    rules = []
+    if data.languages:
+        rules.append(f"language {'/'.join(data.languages)} (py3langid, score >= {data.min_language_score})")
+    if data.gopher_rules:
+        rules.append("Gopher quality and repetition rules")
+    if data.c4_lines:
+        rules.append("C4 line rules")
+    if data.decontaminate_environments or data.decontaminate:
+        rules.append(f"decontamination ({data.decontaminate_ngram}-word n-grams of evaluation data)")
+    if data.mask_pii:
+        rules.append("e-mail and IP addresses masked")
+    return rules
 
 
 def read_split(folder: Path, name: str) -> Iterator[dict[str, Any]]:

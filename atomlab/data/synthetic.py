@@ -86,7 +86,11 @@ def documents(
             surviving = 2 * target / (1 + target)  # share of shingles kept for that Jaccard
             replace = 1 - surviving ** (1 / ngram)  # share of words to replace for it
             original = recent[of][1].split(" ")
-            changed = [w if rng.random() >= replace else f"z{int(rng.integers(1 << 30))}" for w in original]
+            # a replaced word keeps its punctuation and line breaks, so line rules treat both alike
+            changed = [
+                w if rng.random() >= replace else _WORD.sub(f"z{int(rng.integers(1 << 30))}", w, count=1)
+                for w in original
+            ]
             text = " ".join(changed)
             row.update(
                 text=text,
