@@ -8,7 +8,8 @@ export is a one-to-one copy of tensors: `embed_tokens`, `layers.N.self_attn.{q,k
 
 The open families differ from atomlab's own model in a few switches, all off by default: an explicit
 head size (Qwen3-0.6B, Mistral Nemo), q/k/v biases (Qwen2/2.5), RoPE scaling (`linear`, Llama 3.1's
-`llama3`, `yarn`), a sliding attention window (Mistral 7B v0.1), and OLMo 2's layout: the norms on the
+`llama3`, `yarn`), a sliding attention window (Mistral 7B v0.1), layers without RoPE (SmolLM3), and
+OLMo 2's layout: the norms on the
 outputs of attention and MLP (`post_attention_layernorm`, `post_feedforward_layernorm`) instead of on
 their inputs, and QK-norm over the whole projection rather than per head.
 """
@@ -16,7 +17,7 @@ their inputs, and QK-norm over the whole projection rather than per head.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ class ModelArgs:
     norm_placement: str = "pre"  # "pre": norms on the inputs of attention and MLP; "post": on their outputs
     rope_scaling: dict | None = None  # {"type": "linear" | "llama3" | "yarn", "factor": ..., ...}, see rope_frequencies
     sliding_window: int = 0  # 0: attend to the whole context; W: to the last W positions, itself included
+    nope_layers: list[int] = field(default_factory=list)  # layers without RoPE (SmolLM3: every fourth)
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -120,9 +122,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, rope: bool = True) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.rope = rope  # False: no position information at all in this layer (NoPE)
         self.sliding_window = args.sliding_window
         q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.q_proj = nn.Linear(args.d_model, q_width, bias=args.qkv_bias)
@@ -150,6 +153,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and not self.norm_projection:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if not self.rope:
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -182,12 +187,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, index: int = 0) -> None:
         super().__init__()
         self.post_norms = args.norm_placement == "post"
         if not self.post_norms:
             self.input_layernorm = RMSNorm(args.d_model, args.norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, rope=index not in args.nope_layers)
         # pre: the MLP's input norm (Hugging Face's name for it); post: the norm on attention's output
         self.post_attention_layernorm = RMSNorm(args.d_model, args.norm_eps)
         self.mlp = MLP(args)
@@ -207,7 +212,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, index) for index in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps)
         self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
         if args.tie_embeddings:

@@ -83,6 +83,7 @@ FAMILY_DEFAULTS: dict[str, Any] = {
     "norm_placement": "pre",
     "rope_scaling": None,
     "sliding_window": 0,
+    "nope_layers": [],
 }
 
 
@@ -105,6 +106,7 @@ class ModelConfig(Section):
     norm_placement: Literal["pre", "post"] = "pre"  # norms on sublayer inputs, or on their outputs (OLMo 2)
     rope_scaling: dict[str, Any] | None = None  # {type = "linear" | "llama3" | "yarn", factor = ..., ...}
     sliding_window: int = Field(0, ge=0)  # 0: attend to the whole context; W: to the last W positions
+    nope_layers: list[int] = Field(default_factory=list)  # indices of layers without RoPE (SmolLM3)
 
     @field_validator("rope_scaling")
     @classmethod
@@ -129,6 +131,9 @@ class ModelConfig(Section):
             raise ValueError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
         if self.head_size % 2:
             raise ValueError(f"model head size ({self.head_size}) must be even for RoPE")
+        outside = [index for index in self.nope_layers if not 0 <= index < self.n_layers]
+        if outside:
+            raise ValueError(f"model.nope_layers: layer {outside[0]} is not one of 0..{self.n_layers - 1}")
         return self
 
     @model_serializer(mode="wrap")

@@ -51,8 +51,19 @@ def test_atomlab_recipes_dump_as_before_and_switches_only_when_set():
         ({"rope_scaling": {**LLAMA3, "low_freq_factor": 4.0}}, r"needs high_freq_factor > low_freq_factor"),
         ({"norm_placement": "sandwich"}, r"model.norm_placement input should be 'pre' or 'post'"),
         ({"sliding_window": -1}, r"model.sliding_window input should be greater than or equal to 0"),
+        ({"n_layers": 4, "nope_layers": [3, 4]}, r"model.nope_layers: layer 4 is not one of 0..3"),
     ],
-    ids=["heads", "odd-head", "llama3-missing", "foreign-key", "dynamic", "llama3-order", "placement", "window"],
+    ids=[
+        "heads",
+        "odd-head",
+        "llama3-missing",
+        "foreign-key",
+        "dynamic",
+        "llama3-order",
+        "placement",
+        "window",
+        "nope",
+    ],
 )
 def test_switches_are_validated_in_one_line(model, message):
     with pytest.raises(AtomlabError, match=message) as raised:
@@ -67,6 +78,7 @@ FAMILY_SHAPES = {
     "olmo2": dict(qk_norm=True, qk_norm_scope="projection", norm_placement="post", tie_embeddings=False),
     "mistral": dict(qk_norm=False, head_dim=24, sliding_window=8, tie_embeddings=False),
     "yarn": dict(qk_norm=True, rope_scaling=YARN),
+    "smollm3": dict(qk_norm=False, nope_layers=[1]),
 }
 
 
@@ -82,6 +94,20 @@ def test_planner_counts_parameters_as_the_model_has_them(name):
     assert {key: counted[key] for key in ("total", "embedding", "non_embedding", "matmul")} == count_parameters(
         Transformer(args)
     )
+
+
+def test_a_layer_without_rope_sees_no_positions():
+    """Attention without RoPE is blind to order: one such layer gives the last position the same logits for any
+    order of the tokens before it; the same weights with RoPE do not."""
+    torch.manual_seed(0)
+    model = Transformer(family_args("smollm3", n_layers=1, nope_layers=[0])).eval()
+    tokens = torch.randint(0, 300, (1, 12))
+    shuffled = torch.cat([tokens[:, :-1].flip(1), tokens[:, -1:]], dim=1)
+    with_rope = Transformer(family_args("smollm3", n_layers=1, nope_layers=[])).eval()
+    with_rope.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(tokens)[0, -1], model(shuffled)[0, -1], atol=1e-5)
+        assert not torch.allclose(with_rope(tokens)[0, -1], with_rope(shuffled)[0, -1], atol=1e-3)
 
 
 def test_sliding_window_hides_keys_beyond_it():
@@ -120,7 +146,7 @@ def test_engine_decodes_explicit_head_size_and_scaled_rope_as_the_model(name):
     assert got.token_ids == ids[len(prompt) :] and len(set(got.token_ids)) > 5
 
 
-@pytest.mark.parametrize("name", ["qwen2.5", "olmo2", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2.5", "olmo2", "mistral", "smollm3"])
 def test_engine_refuses_what_its_forward_does_not_compute(name):
     with pytest.raises(AtomlabError, match=r"the generation engine does not support") as raised:
         Engine(Transformer(family_args(name)), byte_tokenizer(), torch.device("cpu"))

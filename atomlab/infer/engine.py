@@ -282,6 +282,7 @@ def _refuse_unsupported_layout(args: ModelArgs) -> None:
             ("QK-norm over the whole projection (model.qk_norm_scope)", args.qk_norm and args.qk_norm_scope != "head"),
             ("norms on the sublayer outputs (model.norm_placement)", args.norm_placement != "pre"),
             ("a sliding attention window (model.sliding_window)", 0 < args.sliding_window < args.seq_len),
+            ("layers without RoPE (model.nope_layers)", bool(args.nope_layers)),
         )
         if present
     ]
