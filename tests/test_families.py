@@ -15,6 +15,9 @@ from atomlab.model import ModelArgs, Transformer, count_parameters
 from atomlab.plan import parameter_counts
 from atomlab.recipe import ModelConfig, validate_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
+
+
 LLAMA3 = {
     "type": "llama3",
     "factor": 8.0,
