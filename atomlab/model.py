@@ -9,9 +9,9 @@ export is a one-to-one copy of tensors: `embed_tokens`, `layers.N.self_attn.{q,k
 The open families differ from atomlab's own model in a few switches, all off by default: an explicit
 head size (Qwen3-0.6B, Mistral Nemo), q/k/v biases (Qwen2/2.5), RoPE scaling (`linear`, Llama 3.1's
 `llama3`, `yarn`), a sliding attention window (Mistral 7B v0.1), layers without RoPE (SmolLM3), and
-OLMo 2's layout: the norms on the
-outputs of attention and MLP (`post_attention_layernorm`, `post_feedforward_layernorm`) instead of on
-their inputs, and QK-norm over the whole projection rather than per head.
+OLMo 2's layout: the norms on the outputs of attention and MLP (`post_attention_layernorm`,
+`post_feedforward_layernorm`) instead of on their inputs, and QK-norm over the whole projection
+rather than per head.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
         if scaling.get("truncate", True):
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
-        ramp = ((torch.arange(dim // 2).float() - low) / ((high + 0.001 if low == high else high) - low)).clamp(0, 1)
+        span = (high - low) or 0.001  # as transformers: a ramp of almost no width where the two meet
+        ramp = ((torch.arange(dim // 2).float() - low) / span).clamp(0, 1)
         attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
         return inv_freq / factor * ramp + inv_freq * (1 - ramp), attention_factor
     raise ValueError(f"RoPE scaling type {kind!r} is not one of linear, llama3, yarn")
