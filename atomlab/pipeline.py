@@ -36,11 +36,25 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         trained = [init_step]
     else:
         data_config = {
-            "data": recipe.data.model_dump(),
+            # how many workers, and where, decide the speed of prepare-data but never its bytes
+            "data": recipe.data.model_dump(exclude=set(recipe.data.RUNTIME)),
             "seed": recipe.seed,
             "source_content": source_fingerprint(recipe.data, base),
         }
-        prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base))
+        # resumable: a rerun with --resume reuses the finished tasks of an interrupted prepare-data
+        if recipe.data.decontaminate_environments:  # held-out tasks are kept out of the training text
+            data_config["evaluate_environments"] = recipe.evaluate.model_dump(
+                include={"environments", "tasks", "difficulty"}
+            )
+        if recipe.data.decontaminate:
+            data_config["decontaminate_content"] = file_hashes(recipe.data.decontaminate, base)
+        prepare = Step(
+            "prepare-data",
+            data_config,
+            [],
+            lambda ctx: prepare_data(ctx, recipe.data, base, recipe.evaluate),
+            resumable=True,
+        )
         tokenizer = Step(
             "tokenizer",
             {"tokenizer": recipe.tokenizer.model_dump()},
@@ -69,7 +83,7 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         the held-out questions and the content of its data files."""
         config = {name: getattr(recipe, name).model_dump(), "seed": recipe.seed, **held_out}
         if data is not None:
-            config["data_content"] = files_fingerprint(data, base)
+            config["data_content"] = file_hashes(data, base)
         inputs = [trained[-1]] if trained[-1] is vocabulary else [vocabulary, trained[-1]]
         return Step(name, config, inputs, run, resumable=True, collective=True)
 
@@ -101,12 +115,12 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     return [*sources, *trained, evaluate, release_step]
 
 
-def files_fingerprint(names: list[str], base: Path) -> dict[str, str]:
-    """Content hashes of a step's user files (SFT conversations, DPO pairs), so editing one reruns the step."""
+def file_hashes(files: list[str], base: Path) -> dict[str, str]:
+    """Content hashes of small files a step reads (SFT data, evaluation data), so editing one reruns it."""
     from atomlab.steps import sha256_file
 
     found = {}
-    for name in names:
+    for name in files:
         path = Path(name) if Path(name).is_absolute() else base / name
         found[name] = sha256_file(path) if path.is_file() else "missing"
     return found

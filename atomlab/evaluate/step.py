@@ -3,13 +3,13 @@ engine, and the report card (Markdown and a self-contained HTML page, with PNG p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from typing import Any
 
 import torch
 
+from atomlab.data.prepare import read_split
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
@@ -56,22 +56,21 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    held_out_text = ctx.inputs["prepare-data"] / "val.jsonl" if "prepare-data" in ctx.inputs else None
-    with open(held_out_text, encoding="utf-8") if held_out_text else contextlib.nullcontext([]) as handle:
-        for line in handle:
-            doc = json.loads(line)
-            ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
-            nats, count = document_bits_per_byte(model, ids, byte_lengths)
-            documents.append(
-                {
-                    "id": doc["id"],
-                    "title": doc.get("title", ""),
-                    "tokens": len(ids),
-                    "bytes": count,
-                    "bits_per_byte": nats / math.log(2) / max(1, count),
-                    "nats": nats,
-                }
-            )
+    # held-out documents: the prepare-data step's validation split (none when the run starts from a model)
+    held_out = read_split(ctx.inputs["prepare-data"], "val") if "prepare-data" in ctx.inputs else []
+    for doc in held_out:
+        ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
+        nats, count = document_bits_per_byte(model, ids, byte_lengths)
+        documents.append(
+            {
+                "id": doc["id"],
+                "title": doc.get("title", ""),
+                "tokens": len(ids),
+                "bytes": count,
+                "bits_per_byte": nats / math.log(2) / max(1, count),
+                "nats": nats,
+            }
+        )
     total_bits = sum(d["nats"] for d in documents) / math.log(2)
     total_bytes = sum(d["bytes"] for d in documents)
 

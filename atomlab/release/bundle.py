@@ -74,7 +74,8 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     for name in ("metrics.jsonl", "samples.txt"):
         if (train / name).exists():
             shutil.copyfile(train / name, out / ("train_log.jsonl" if name == "metrics.jsonl" else name))
-    shutil.copyfile(data / "provenance.jsonl", out / "provenance.jsonl")
+    for shard in sorted(data.glob("provenance-*")):  # every input document: kept, or why it was dropped
+        shutil.copyfile(shard, out / shard.name)
     if (train / "checkpoints").is_dir():
         shutil.copytree(train / "checkpoints", out / "checkpoints")
 
