@@ -103,7 +103,11 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
-    headline = {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    headline = {
+        "held_out_bits_per_byte": round(by_stage["base"], 4),
+        "held_out_bits_per_byte_by_stage": {stage: round(value, 4) for stage, value in by_stage.items()},
+        "documents": len(documents),
+    }
     if recipe.evaluate.environments:
         results.update(environment_results(ctx, recipe, tokenizer, model))
         headline["accuracy"] = {

@@ -164,9 +164,10 @@ def grade(found: list[Component], source: str, reader: str) -> Grade:
         )
 
     report, paper = graded[TECHNICAL_REPORT], graded[RESEARCH_PAPER]
-    # a research paper stands in for an absent technical report (the MOT counts the paper in Classes II and III)
-    paper_stands_in = report.status != "included" and paper.status != "missing"
-    if paper_stands_in and report.status == "missing":
+    # a research paper stands in for a technical report that does not count: the MOT counts the paper in
+    # Classes II and III, and Class I then needs one component fewer
+    paper_stands_in = report.status != "included" and paper.status == "included"
+    if paper_stands_in:
         report.fix = ""
 
     requirements_met, counts = {}, {}
@@ -175,11 +176,9 @@ def grade(found: list[Component], source: str, reader: str) -> Grade:
         total += sum(1 for s in COMPONENTS if s.mof_class == mof_class and s.required)
         cumulative = [s for s in COMPONENTS if s.mof_class >= mof_class and s.required]
         included = sum(1 for s in cumulative if graded[s.name].status == "included")
-        if mof_class > 1 and paper_stands_in and paper.status == "included":
+        if mof_class > 1 and paper_stands_in:
             included += 1
-        needed = total
-        if mof_class == 1 and report.status != "included" and paper.status == "included":
-            needed -= 1
+        needed = total - (mof_class == 1 and paper_stands_in)
         counts[mof_class] = (included, total)
         requirements_met[mof_class] = min(100.0, 100.0 * included / needed)
     progress = {}
