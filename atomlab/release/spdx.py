@@ -49,18 +49,17 @@ OPEN_DATA = frozenset(
 CC0-1.0 CC-BY-1.0 CC-BY-2.0 CC-BY-2.5 CC-BY-2.5-AU CC-BY-3.0 CC-BY-3.0-AT CC-BY-3.0-AU CC-BY-3.0-DE CC-BY-3.0-IGO
 CC-BY-3.0-NL CC-BY-3.0-US CC-BY-4.0 CC-BY-SA-1.0 CC-BY-SA-2.0 CC-BY-SA-2.0-UK CC-BY-SA-2.1-JP CC-BY-SA-2.5
 CC-BY-SA-3.0 CC-BY-SA-3.0-AT CC-BY-SA-4.0 CDLA-Permissive-1.0 CDLA-Permissive-2.0 CDLA-Sharing-1.0 ODC-By-1.0
-ODbL-1.0 OGL-Canada-2.0 OGL-UK-2.0 OGL-UK-3.0 GFDL-1.3
+ODbL-1.0 PDDL-1.0 OGL-Canada-2.0 OGL-UK-2.0 OGL-UK-3.0 GFDL-1.3
 """.split()
 )
 OPEN_ANY_KIND = frozenset({"OpenMDW-1.0"})  # written for models: code, data and documents alike
 
 # What each open licence fits (MOF 1.0): data and documents take open content licences; code takes
 # free software licences. Apache-2.0 is also accepted for documents by the MOF tool.
-FIT_FOR_DATA = OPEN_DATA | {"PDDL-1.0", "CC-PDDC", "C-UDA-1.0"}
-FIT_FOR_DOCUMENTS = (
-    {lic for lic in OPEN_DATA if lic.startswith(("CC", "GFDL"))} | {"CC-PDDC", "FreeBSD-DOC", "Apache-2.0"}
-)
-KINDS = ("code", "data", "document")
+FIT_FOR_DATA = OPEN_DATA
+FIT_FOR_DOCUMENTS = {lic for lic in OPEN_DATA | FREE_SOFTWARE if lic.startswith(("CC-BY", "CC0", "GFDL"))} | {
+    "Apache-2.0"
+}
 
 _LOWER = {lic.lower(): lic for lic in FREE_SOFTWARE | OPEN_DATA | OPEN_ANY_KIND | FIT_FOR_DATA | FIT_FOR_DOCUMENTS}
 _TOKEN = re.compile(r"\s*(\(|\)|[A-Za-z0-9.+:-]+)")
