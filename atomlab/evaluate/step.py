@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -48,16 +49,11 @@ def document_bits_per_byte(
     return nats, count
 
 
-def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    # the base model: the pretrained one, or the imported one a recipe with [init] starts from
-    train = ctx.inputs["pretrain"] if "pretrain" in ctx.inputs else ctx.inputs["init"]
-    tokenizer = load_tokenizer(tokenizer_file(ctx))
-    model = load_model(train)
+def held_out_documents(model: Transformer, tokenizer: Any, held_out: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nats and bytes of each whole held-out document under one model."""
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    # held-out documents: the prepare-data step's validation split (none when the run starts from a model)
-    held_out = read_split(ctx.inputs["prepare-data"], "val") if "prepare-data" in ctx.inputs else []
     for doc in held_out:
         ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
         nats, count = document_bits_per_byte(model, ids, byte_lengths)
@@ -71,8 +67,31 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
                 "nats": nats,
             }
         )
-    total_bits = sum(d["nats"] for d in documents) / math.log(2)
+    return documents
+
+
+def _bits_per_byte(documents: list[dict[str, Any]]) -> float | None:
+    total = sum(d["bytes"] for d in documents)
+    return sum(d["nats"] for d in documents) / math.log(2) / total if total else None
+
+
+def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
+    # the base model: the pretrained one, or the imported one a recipe with [init] starts from
+    train = ctx.inputs["pretrain"] if "pretrain" in ctx.inputs else ctx.inputs["init"]
+    tokenizer = load_tokenizer(tokenizer_file(ctx))
+    model = load_model(train)
+
+    def held_out() -> Iterable[dict[str, Any]]:
+        """The prepare-data step's validation split, streamed (none when the run starts from a model)."""
+        return read_split(ctx.inputs["prepare-data"], "val") if "prepare-data" in ctx.inputs else []
+
+    documents = held_out_documents(model, tokenizer, held_out())
     total_bytes = sum(d["bytes"] for d in documents)
+    # every model of the run on the same held-out documents, so the released one has its own figure
+    by_stage = {"base": _bits_per_byte(documents)}
+    for stage in POST_TRAINING:
+        if stage in ctx.inputs and documents:
+            by_stage[stage] = _bits_per_byte(held_out_documents(load_model(ctx.inputs[stage]), tokenizer, held_out()))
 
     engine = Engine(model, tokenizer, torch.device("cpu"))
     settings = recipe.evaluate
@@ -91,13 +110,17 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     ]
 
     results = {
-        "held_out_bits_per_byte": total_bits / total_bytes if total_bytes else None,
+        "held_out_bits_per_byte": by_stage["base"],
+        "held_out_bits_per_byte_by_stage": by_stage,
         "held_out_bytes": total_bytes,
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
-    bits = results["held_out_bits_per_byte"]
-    headline = {"held_out_bits_per_byte": None if bits is None else round(bits, 4), "documents": len(documents)}
+    headline = {
+        "held_out_bits_per_byte": None if by_stage["base"] is None else round(by_stage["base"], 4),
+        "held_out_bits_per_byte_by_stage": {k: None if v is None else round(v, 4) for k, v in by_stage.items()},
+        "documents": len(documents),
+    }
     if recipe.evaluate.environments:
         results.update(environment_results(ctx, recipe, tokenizer, model))
         headline["accuracy"] = {

@@ -15,9 +15,11 @@ from typing import Any
 from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
+from atomlab.evaluate.step import POST_TRAINING
 from atomlab.recipe import Recipe
-from atomlab.release.cards import model_card, openness
-from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
+from atomlab.release.cards import STAGES, environment_figures, model_card, released_metrics
+from atomlab.release.openness import grade, read_bundle
+from atomlab.steps import MANIFEST, StepContext, code_version, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 
 
@@ -32,8 +34,6 @@ def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
         lines += ["", f"[{name}]", to_toml(value, f"{name}.").strip("\n")]
     return "\n".join(lines) + "\n"
 
-
-POST_TRAINING = ("sft", "dpo", "rl")
 
 
 def released_stage(ctx: StepContext) -> Path:
@@ -52,13 +52,7 @@ def copy_stage_logs(ctx: StepContext, out: Path) -> None:
 
 
 def environment_accuracy(evaluated: dict[str, Any]) -> dict[str, Any]:
-    return {
-        stage: {
-            env: {k: r[k] for k in ("pass@1", "pass@1_ci95", "pass@k", "samples", "tasks")}
-            for env, r in evaluated["stages"][stage]["environments"].items()
-        }
-        for stage in evaluated["stage_order"]
-    }
+    return {stage: environment_figures(evaluated["stages"][stage]) for stage in evaluated["stage_order"]}
 
 
 def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
@@ -68,6 +62,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     evaluation = ctx.inputs["evaluate"]
     out = ctx.folder
     final = released_stage(ctx)
+    stages_run = [stage for stage in STAGES if stage in ctx.inputs]
     shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
     copy_stage_logs(ctx, out)
     shutil.copyfile(tok / "tokenizer.json", out / "tokenizer.json")
@@ -106,20 +101,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         },
     )
     evaluated = json.loads((evaluation / "eval.json").read_text())
-    metrics = {
-        "val_loss": summary["val_loss"],
-        "val_bits_per_byte": summary["val_bpb"],
-        "final_train_loss": summary["final_train_loss"],
-        "train_tokens": summary["tokens"],
-        "steps": summary["steps"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "mfu": summary["mfu"],
-        "parameters": summary["parameters"],
-        "held_out_bits_per_byte": evaluated["held_out_bits_per_byte"],
-        "released_stage": final.name.rsplit("-", 1)[0],
-    }
-    if "stages" in evaluated:
-        metrics["environment_accuracy"] = environment_accuracy(evaluated)
+    metrics = released_metrics(recipe, stages_run, summary, evaluated)
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
     write_json(out / "data_stats.json", stats)
@@ -129,10 +111,19 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
-    grade = openness(out, stats)
-    write_json(out / "openness.json", grade)
-    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))
-    return {"bundle": str(out), "val_bpb": summary["val_bpb"], "openness": grade["class"]}
+    # the card is a graded component, so grade with it in place, then write it with the grade
+    # the manifest is written after this step returns: grade with the code version it will record
+    write_atomic(out / "MODEL_CARD.md", "")
+    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
+    write_json(out / "openness.json", graded.to_dict())
+    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded,
+                                                   stages_run))
+    return {
+        "bundle": str(out),
+        "released_stage": metrics["released_stage"],
+        "held_out_bits_per_byte": metrics["held_out_bits_per_byte"],
+        "openness": graded.label,
+    }
 
 
 def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
