@@ -13,7 +13,8 @@ STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "sft", "rl", "evaluate", 
 
 def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     """The steps in dependency order. Each step's hash covers exactly the settings it reads."""
-    from atomlab.data.prepare import prepare_data, source_fingerprint, tokenize
+    from atomlab.data.prepare import prepare_data, source_fingerprint
+    from atomlab.data.tokens import tokenize
     from atomlab.evaluate.step import evaluate_step
     from atomlab.release.bundle import release
     from atomlab.train.loop import pretrain
@@ -27,21 +28,22 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base))
     tokenizer = Step(
         "tokenizer",
-        {"tokenizer": recipe.tokenizer.model_dump()},
+        {"tokenizer": recipe.tokenizer.model_dump(), "seed": recipe.seed},  # the seed picks the BPE sample
         [prepare],
-        lambda ctx: tokenize(ctx, recipe.tokenizer),
+        lambda ctx: tokenize(ctx, recipe.tokenizer, recipe.data),
     )
     train_config = {
         "model": recipe.model.model_dump(),
         "train": recipe.train.model_dump(),
         "seed": recipe.seed,
         "sample_prompt": recipe.release.sample_prompt,
+        "data_mix": [entry.model_dump() for entry in recipe.data.mix],
     }
     pretrain_step = Step(
         "pretrain",
         train_config,
         [tokenizer],
-        lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt),
+        lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt, recipe.data.mix),
         resumable=True,
         collective=True,
     )

@@ -1,11 +1,8 @@
-"""The prepare-data and tokenizer steps.
+"""The prepare-data step (the tokenizer step that reads its output is atomlab/data/tokens.py).
 
 prepare-data: read sources -> normalise -> quality filters -> exact dedup -> near-dup removal ->
 held-out validation split by document. Writes the cleaned documents, a provenance record for
 every input document (kept or why dropped) and a data card.
-
-tokenizer: train byte-level BPE on the training split, then encode both splits into token
-shards (`train.bin`, `val.bin`, flat little-endian arrays read with numpy memmap).
 """
 
 from __future__ import annotations
@@ -16,14 +13,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from atomlab.data.clean import MinHasher, content_hash, near_duplicates, normalize, quality_problem
 from atomlab.data.sources import ReadReport, read_sources, resolve_source
 from atomlab.errors import AtomlabError
-from atomlab.recipe import DataConfig, TokenizerConfig
+from atomlab.recipe import DataConfig
 from atomlab.steps import StepContext, sha256_file, write_atomic, write_json
-from atomlab.tokenizer import encode_documents, token_byte_lengths, train_tokenizer
 
 
 def source_fingerprint(data: DataConfig, base: Path) -> dict[str, str]:
@@ -68,6 +62,7 @@ def prepare_data(ctx: StepContext, data: DataConfig, base: Path) -> dict[str, An
         }
         text = normalize(doc.text)
         problem = quality_problem(text, data.min_doc_chars, data.max_symbol_fraction, data.min_mean_line_chars)
+        problem = "excluded by takedown" if doc.id in data.exclude else problem
         if problem is None and (original := seen.get(content_hash(text))):
             problem = f"exact duplicate of {original}"
         if problem:
@@ -192,27 +187,3 @@ def data_card(stats: dict[str, Any], data: DataConfig, tokens: dict[str, Any] | 
         lines += ["", "## Dropped documents", ""] + [f"- `{d['id']}`: {d['reason']}" for d in stats["dropped"]]
     lines += ["", "Every input document, with its source, licence and sha256, is listed in `provenance.jsonl`.", ""]
     return "\n".join(lines)
-
-
-def _read_split(folder: Path, name: str) -> list[str]:
-    with open(folder / f"{name}.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle]
-
-
-def tokenize(ctx: StepContext, config: TokenizerConfig) -> dict[str, Any]:
-    data_folder = ctx.inputs["prepare-data"]
-    train_texts = _read_split(data_folder, "train")
-    tokenizer = train_tokenizer(train_texts, config.vocab_size, config.min_frequency)
-    tokenizer.save(str(ctx.folder / "tokenizer.json"))
-    summary: dict[str, Any] = {"vocab_size": tokenizer.get_vocab_size(), "tokens": {}, "bytes_per_token": {}}
-    byte_lengths = token_byte_lengths(tokenizer)
-    for name, texts in (("train", train_texts), ("val", _read_split(data_folder, "val"))):
-        tokens = encode_documents(tokenizer, texts)
-        write_atomic(ctx.folder / f"{name}.bin", tokens.tobytes())
-        summary["tokens"][name] = int(tokens.size)
-        summary["bytes_per_token"][name] = round(
-            float(byte_lengths[tokens.astype(np.int64)].sum()) / max(1, tokens.size), 3
-        )
-    summary["dtype"] = "uint16" if tokenizer.get_vocab_size() <= 65536 else "uint32"
-    write_json(ctx.folder / "shards.json", summary)
-    return summary

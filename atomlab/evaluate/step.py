@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from atomlab.data.loader import held_out_documents
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
@@ -17,7 +18,7 @@ from atomlab.model import Transformer
 from atomlab.posttrain.tasks import held_out_seed, held_out_tasks, read_trained_prompts, training_seed
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
+from atomlab.tokenizer import load_tokenizer, token_byte_lengths
 
 
 @torch.no_grad()
@@ -41,27 +42,23 @@ def document_bits_per_byte(
 
 
 def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
+    tok, train = ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
     tokenizer = load_tokenizer(tok / "tokenizer.json")
     model = load_model(train)
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
-    eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    with open(data / "val.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
-            nats, count = document_bits_per_byte(model, ids, byte_lengths)
-            documents.append(
-                {
-                    "id": doc["id"],
-                    "title": doc.get("title", ""),
-                    "tokens": len(ids),
-                    "bytes": count,
-                    "bits_per_byte": nats / math.log(2) / max(1, count),
-                    "nats": nats,
-                }
-            )
+    for doc, ids in held_out_documents(tok):  # the tokens the tokenizer step wrote, each with its <|endoftext|>
+        nats, count = document_bits_per_byte(model, ids, byte_lengths)
+        documents.append(
+            {
+                "id": doc["id"],
+                "title": doc.get("title", ""),
+                "tokens": len(ids),
+                "bytes": count,
+                "bits_per_byte": nats / math.log(2) / max(1, count),
+                "nats": nats,
+            }
+        )
     total_bits = sum(d["nats"] for d in documents) / math.log(2)
     total_bytes = sum(d["bytes"] for d in documents)
 

@@ -1,0 +1,127 @@
+"""Encoding speed of the tokenizer step: MB/s per core with HF tokenizers, at 1 and 2 workers.
+
+    python benchmarks/encode_speed.py            # 32 MB of the embedded corpus in 8 shards, 3 repeats
+    python benchmarks/encode_speed.py --mb 256 --shards 16
+
+The corpus is the embedded Shakespeare and Milton texts, repeated to the size asked and cut into
+JSONL shards as prepare-data writes them; the tokenizer is the default recipe's (byte-level BPE,
+2,048 tokens, trained on the corpus). Each worker is one core: TOKENIZERS_PARALLELISM=false keeps
+HF tokenizers to one thread per process. Figures:
+- one thread in process: `encode_plain` alone over the corpus (the tokenizer's own speed);
+- 1 and 2 workers: the tokenizer step's encoding as it runs (`encode_splits`: one task per shard
+  through the data executor, token files, indexes and document lists written), wall time from
+  submission to the last shard, process start included.
+Medians over the repeats, taking turns. Writes benchmarks/results/encode_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; set before tokenizers loads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atomlab.data.sources import read_embedded  # noqa: E402
+from atomlab.data.tokens import encode_splits  # noqa: E402
+from atomlab.tokenizer import encode_plain, load_tokenizer, train_tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "encode_speed.json"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def write_corpus(folder: Path, megabytes: float, shards: int) -> tuple[dict[str, list[Path]], list[str], int]:
+    texts = [doc.text for doc in read_embedded("shakespeare-milton")]
+    target = int(megabytes * 1e6)
+    files = [open(folder / f"train-{n:05d}.jsonl", "w", encoding="utf-8") for n in range(shards)]
+    written = number = 0
+    while written < target:
+        text = texts[number % len(texts)]
+        record = {"id": f"bench/{number}", "text": text, "origin": "bench", "license": "CC-BY-2.5"}
+        files[number % shards].write(json.dumps(record) + "\n")
+        written += len(text.encode("utf-8"))
+        number += 1
+    for handle in files:
+        handle.close()
+    (folder / "val-00000.jsonl").write_text(json.dumps({"id": "bench/val", "text": texts[0], "origin": "bench"}) + "\n")
+    paths = {"train": [Path(h.name) for h in files], "val": [folder / "val-00000.jsonl"]}
+    return paths, texts, written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=32, help="corpus size in MB of text")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shards, texts, corpus_bytes = write_corpus(root, args.mb, args.shards)
+        tokenizer = train_tokenizer(texts, 2048, 2)
+        tokenizer_path = root / "tokenizer.json"
+        tokenizer.save(str(tokenizer_path))
+        tokenizer = load_tokenizer(tokenizer_path)
+        one_pass = [json.loads(line)["text"] for line in shards["train"][0].open(encoding="utf-8")]
+        one_pass_bytes = sum(len(t.encode("utf-8")) for t in one_pass)
+        timings: dict[str, list[float]] = {"thread": [], "1 worker": [], "2 workers": []}
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            encode_plain(tokenizer, one_pass)
+            timings["thread"].append(time.perf_counter() - started)
+            for workers in (1, 2):
+                out = root / f"out-{workers}"
+                out.mkdir(exist_ok=True)
+                data = argparse.Namespace(sources=["bench"], executor="local", workers=workers, ray_address=None)
+                started = time.perf_counter()
+                encode_splits(out, tokenizer_path, shards, ["bench"], data)
+                timings[f"{workers} worker{'s' * (workers > 1)}"].append(time.perf_counter() - started)
+        rows = {
+            "one thread in process": (one_pass_bytes, statistics.median(timings["thread"]), 1),
+            "encode_splits, 1 worker": (corpus_bytes, statistics.median(timings["1 worker"]), 1),
+            "encode_splits, 2 workers": (corpus_bytes, statistics.median(timings["2 workers"]), 2),
+        }
+    results = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "corpus_mb": round(corpus_bytes / 1e6, 1),
+        "shards": args.shards,
+        "repeats": args.repeats,
+        "rows": {
+            name: {
+                "seconds": round(s, 3),
+                "mb_per_s": round(b / 1e6 / s, 2),
+                "mb_per_s_per_core": round(b / 1e6 / s / c, 2),
+            }
+            for name, (b, s, c) in rows.items()
+        },
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['cpu']}, {results['cores']} cores; {results['corpus_mb']} MB in {args.shards} shards")
+    print(f"{'':<28} {'seconds':>8} {'MB/s':>7} {'MB/s per core':>14}")
+    for name, row in results["rows"].items():
+        print(f"{name:<28} {row['seconds']:>8.2f} {row['mb_per_s']:>7.2f} {row['mb_per_s_per_core']:>14.2f}")
+    ratio = (
+        results["rows"]["encode_splits, 2 workers"]["mb_per_s"] / results["rows"]["encode_splits, 1 worker"]["mb_per_s"]
+    )
+    print(f"2 workers vs 1: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
