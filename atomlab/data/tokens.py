@@ -36,7 +36,7 @@ from atomlab.tokenizer import (
 )
 
 SPLITS = ("train", "val")
-BATCH_BYTES = 4 << 20  # text encoded per encode_batch call: large enough to keep the Rust side busy
+BATCH_CHARACTERS = 4 << 20  # text per encode_batch call: large enough to keep the Rust side busy
 
 
 def input_shards(data_folder: Path) -> dict[str, list[Path]]:
@@ -150,7 +150,7 @@ def encode_shard(task: dict[str, Any]) -> dict[str, Any]:
     for doc in read_documents(Path(task["input"])):
         batch.append(doc)
         batch_bytes += len(doc["text"])
-        if batch_bytes >= BATCH_BYTES:
+        if batch_bytes >= BATCH_CHARACTERS:
             flush(batch)
             batch, batch_bytes = [], 0
     if batch:
