@@ -70,8 +70,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 
 def encode_plain(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of ordinary text (documents, not chat): no special tokens added."""
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Token ids of ordinary text (documents, not chat): no special tokens added. encode_batch_fast gives
+    the same ids without character offsets, at twice the speed."""
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

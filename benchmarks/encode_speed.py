@@ -11,7 +11,10 @@ HF tokenizers to one thread per process. Figures:
 - 1 and 2 workers: the tokenizer step's encoding as it runs (`encode_splits`: one task per shard
   through the data executor, token files, indexes and document lists written), wall time from
   submission to the last shard, process start included.
-Medians over the repeats, taking turns. Writes benchmarks/results/encode_speed.json.
+MB/s per core is the text encoded per CPU-second (user + system time of this process and its
+workers), which a shared, loaded machine does not distort the way it distorts wall time; wall-clock
+MB/s is shown beside it. Medians over the repeats, taking turns. Writes
+benchmarks/results/encode_speed.json.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +48,12 @@ def cpu_model() -> str:
         return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def write_corpus(folder: Path, megabytes: float, shards: int) -> tuple[dict[str, list[Path]], list[str], int]:
@@ -79,22 +89,25 @@ def main() -> None:
         tokenizer = load_tokenizer(tokenizer_path)
         one_pass = [json.loads(line)["text"] for line in shards["train"][0].open(encoding="utf-8")]
         one_pass_bytes = sum(len(t.encode("utf-8")) for t in one_pass)
-        timings: dict[str, list[float]] = {"thread": [], "1 worker": [], "2 workers": []}
+        timings: dict[str, list[tuple[float, float]]] = {"thread": [], "1 worker": [], "2 workers": []}
+
+        def timed(name: str, action) -> None:
+            wall, cpu = time.perf_counter(), cpu_seconds()
+            action()
+            timings[name].append((time.perf_counter() - wall, cpu_seconds() - cpu))
+
         for _ in range(args.repeats):
-            started = time.perf_counter()
-            encode_plain(tokenizer, one_pass)
-            timings["thread"].append(time.perf_counter() - started)
+            timed("thread", lambda: encode_plain(tokenizer, one_pass))
             for workers in (1, 2):
                 out = root / f"out-{workers}"
                 out.mkdir(exist_ok=True)
                 data = argparse.Namespace(sources=["bench"], executor="local", workers=workers, ray_address=None)
-                started = time.perf_counter()
-                encode_splits(out, tokenizer_path, shards, ["bench"], data)
-                timings[f"{workers} worker{'s' * (workers > 1)}"].append(time.perf_counter() - started)
+                name = f"{workers} worker{'s' * (workers > 1)}"
+                timed(name, lambda out=out, data=data: encode_splits(out, tokenizer_path, shards, ["bench"], data))
         rows = {
-            "one thread in process": (one_pass_bytes, statistics.median(timings["thread"]), 1),
-            "encode_splits, 1 worker": (corpus_bytes, statistics.median(timings["1 worker"]), 1),
-            "encode_splits, 2 workers": (corpus_bytes, statistics.median(timings["2 workers"]), 2),
+            "one thread in process": (one_pass_bytes, timings["thread"]),
+            "encode_splits, 1 worker": (corpus_bytes, timings["1 worker"]),
+            "encode_splits, 2 workers": (corpus_bytes, timings["2 workers"]),
         }
     results = {
         "cpu": cpu_model(),
@@ -102,25 +115,27 @@ def main() -> None:
         "corpus_mb": round(corpus_bytes / 1e6, 1),
         "shards": args.shards,
         "repeats": args.repeats,
+        "load_average": os.getloadavg()[0],
         "rows": {
             name: {
-                "seconds": round(s, 3),
-                "mb_per_s": round(b / 1e6 / s, 2),
-                "mb_per_s_per_core": round(b / 1e6 / s / c, 2),
+                "seconds": round(statistics.median(w for w, _ in runs), 3),
+                "cpu_seconds": round(statistics.median(c for _, c in runs), 3),
+                "mb_per_s": round(size / 1e6 / statistics.median(w for w, _ in runs), 2),
+                "mb_per_s_per_core": round(size / 1e6 / statistics.median(c for _, c in runs), 2),
             }
-            for name, (b, s, c) in rows.items()
+            for name, (size, runs) in rows.items()
         },
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{results['cpu']}, {results['cores']} cores; {results['corpus_mb']} MB in {args.shards} shards")
-    print(f"{'':<28} {'seconds':>8} {'MB/s':>7} {'MB/s per core':>14}")
+    print(f"{results['cpu']}, {results['cores']} cores, load {results['load_average']:.1f}; ", end="")
+    print(f"{results['corpus_mb']} MB in {args.shards} shards")
+    print(f"{'':<28} {'wall s':>7} {'CPU s':>7} {'MB/s':>7} {'MB/s per core':>14}")
     for name, row in results["rows"].items():
-        print(f"{name:<28} {row['seconds']:>8.2f} {row['mb_per_s']:>7.2f} {row['mb_per_s_per_core']:>14.2f}")
-    ratio = (
-        results["rows"]["encode_splits, 2 workers"]["mb_per_s"] / results["rows"]["encode_splits, 1 worker"]["mb_per_s"]
-    )
-    print(f"2 workers vs 1: {ratio:.2f}x")
+        print(
+            f"{name:<28} {row['seconds']:>7.2f} {row['cpu_seconds']:>7.2f} {row['mb_per_s']:>7.2f} "
+            f"{row['mb_per_s_per_core']:>14.2f}"
+        )
 
 
 if __name__ == "__main__":

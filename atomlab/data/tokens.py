@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from atomlab.data.executor import run_tasks
 from atomlab.data.loader import shard_files
 from atomlab.errors import AtomlabError
 from atomlab.recipe import DataConfig, TokenizerConfig
@@ -189,26 +190,14 @@ def encode_shard(task: dict[str, Any]) -> dict[str, Any]:
 
 def run_encoding(tasks: list[dict[str, Any]], data: DataConfig | None) -> list[dict[str, Any]]:
     """The encoding tasks through the data executor (local processes or Ray), results in task order."""
-    executor = getattr(data, "executor", "local")
-    workers = getattr(data, "workers", 1)
-    ray_address = getattr(data, "ray_address", None)
-    try:
-        from atomlab.data.executor import run_tasks
-    except ImportError:  # until the shared data executor is merged: the same contract, local only
-        run_tasks = _local_run_tasks
     return run_tasks(
-        encode_shard, tasks, executor=executor, workers=workers, ray_address=ray_address, description="encode"
+        encode_shard,
+        tasks,
+        executor=getattr(data, "executor", "local"),
+        workers=getattr(data, "workers", 1),
+        ray_address=getattr(data, "ray_address", None),
+        description="encode",
     )
-
-
-def _local_run_tasks(function: Callable, tasks: list, *, workers: int = 1, **_: Any) -> list:
-    if workers <= 1 or len(tasks) <= 1:
-        return [function(task) for task in tasks]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(function, tasks))
 
 
 def encode_splits(
