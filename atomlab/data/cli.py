@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from atomlab.data.loader import LOADER_RECORD, TokenShards, WindowLoader, load_loader, shard_files
+from atomlab.data.loader import LOADER_RECORD, TokenShards, WindowLoader, load_loader
+from atomlab.data.tokens import shard_files
 from atomlab.errors import AtomlabError
 from atomlab.steps import write_atomic
 

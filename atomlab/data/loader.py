@@ -27,15 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomlab.data.tokens import shard_files
 from atomlab.errors import AtomlabError
 from atomlab.train.loop import Rows
 
 MASK64 = (1 << 64) - 1
-
-
-def shard_files(folder: Path, name: str) -> tuple[Path, Path, Path]:
-    """The token file, the document-offset index and the document list of one shard."""
-    return folder / f"{name}.bin", folder / f"{name}.idx.npy", folder / f"{name}.docs.jsonl"
 
 
 @functools.lru_cache(maxsize=4096)

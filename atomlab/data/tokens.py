@@ -18,15 +18,13 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from atomlab.data.executor import run_tasks
-from atomlab.data.loader import shard_files
 from atomlab.errors import AtomlabError
 from atomlab.recipe import DataConfig, TokenizerConfig
-from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import (
     END_OF_TEXT,
     encode_plain,
@@ -36,8 +34,16 @@ from atomlab.tokenizer import (
     train_tokenizer,
 )
 
+if TYPE_CHECKING:  # the encoding workers import this module: keep torch (atomlab.steps imports it) out
+    from atomlab.steps import StepContext
+
 SPLITS = ("train", "val")
 BATCH_CHARACTERS = 4 << 20  # text per encode_batch call: large enough to keep the Rust side busy
+
+
+def shard_files(folder: Path, name: str) -> tuple[Path, Path, Path]:
+    """The token file, the document-offset index and the document list of one shard."""
+    return folder / f"{name}.bin", folder / f"{name}.idx.npy", folder / f"{name}.docs.jsonl"
 
 
 def input_shards(data_folder: Path) -> dict[str, list[Path]]:
@@ -240,6 +246,8 @@ def encode_splits(
 
 
 def tokenize(ctx: StepContext, config: TokenizerConfig, data: DataConfig | None = None) -> dict[str, Any]:
+    from atomlab.steps import write_json
+
     data_folder = ctx.inputs["prepare-data"]
     shards = input_shards(data_folder)
     sources = data.sources if data is not None else []
