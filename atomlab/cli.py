@@ -51,7 +51,10 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
         print(f"done: {last} -> {done[last]}")
         if last == "release":
             metrics = json.loads((done[last] / "metrics.json").read_text())
-            print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+            if "val_bits_per_byte" in metrics:
+                print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+            else:  # a run that started from an existing model ([init])
+                print(f"post-trained from {metrics['base_model']}; bundle: {done[last]}")
     if world.distributed:
         # Everything is written and the process group is gone; skip interpreter teardown, where gloo's
         # threads sometimes abort the process ("terminate called without an active exception").

@@ -218,6 +218,7 @@ def test_mix_must_name_a_source():
 def test_explain_and_takedown_trace_a_step_to_its_documents_and_back(smoke_run, tmp_path):
     from atomlab.data.cli import batch_documents, step_samples
     from atomlab.data.loader import load_loader
+    from atomlab.data.prepare import read_provenance
     from tests.conftest import atomlab, step_folder
     from tests.test_data import prepare
 
@@ -258,7 +259,7 @@ def test_explain_and_takedown_trace_a_step_to_its_documents_and_back(smoke_run, 
     recipe = load_recipe(str(rebuilt))
     assert recipe.data.exclude == [doc] and recipe.name == "smoke"
     out, _ = prepare(tmp_path, exclude=recipe.data.exclude)
-    reasons = {r["id"]: r.get("reason") for r in map(json.loads, (out / "provenance.jsonl").open())}
+    reasons = {r["id"]: r.get("reason") for r in read_provenance(out)}
     assert reasons[doc] == "excluded by takedown"
 
 

@@ -15,7 +15,14 @@ from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
 from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
 from atomlab.model import Transformer
-from atomlab.posttrain.tasks import held_out_seed, held_out_tasks, read_trained_prompts, training_seed
+from atomlab.posttrain.init import INIT_RECORD
+from atomlab.posttrain.tasks import (
+    held_out_seed,
+    held_out_tasks,
+    read_trained_prompts,
+    tokenizer_file,
+    training_seed,
+)
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import load_tokenizer, token_byte_lengths
@@ -42,12 +49,16 @@ def document_bits_per_byte(
 
 
 def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    tok, train = ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
-    tokenizer = load_tokenizer(tok / "tokenizer.json")
+    # the base model: the pretrained one, or the imported one a recipe with [init] starts from
+    train = ctx.inputs["pretrain"] if "pretrain" in ctx.inputs else ctx.inputs["init"]
+    tokenizer = load_tokenizer(tokenizer_file(ctx))
     model = load_model(train)
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     documents = []
-    for doc, ids in held_out_documents(tok):  # the tokens the tokenizer step wrote, each with its <|endoftext|>
+    # held-out documents: the tokenizer step's validation shards, each document's tokens with its
+    # <|endoftext|> (none when the run starts from a model)
+    held_out = held_out_documents(ctx.inputs["tokenizer"]) if "tokenizer" in ctx.inputs else []
+    for doc, ids in held_out:
         nats, count = document_bits_per_byte(model, ids, byte_lengths)
         documents.append(
             {
@@ -79,12 +90,13 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     ]
 
     results = {
-        "held_out_bits_per_byte": total_bits / max(1, total_bytes),
+        "held_out_bits_per_byte": total_bits / total_bytes if total_bytes else None,
         "held_out_bytes": total_bytes,
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
-    headline = {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    bits = results["held_out_bits_per_byte"]
+    headline = {"held_out_bits_per_byte": None if bits is None else round(bits, 4), "documents": len(documents)}
     if recipe.evaluate.environments:
         results.update(environment_results(ctx, recipe, tokenizer, model))
         headline["accuracy"] = {
@@ -92,16 +104,20 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             for stage, scores in results["stages"].items()
         }
     write_json(ctx.folder / "eval.json", results)
-    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    summary = json.loads((train / "train_summary.json").read_text())
     rl_log = None
     if "rl" in ctx.inputs:
         rl_log = [json.loads(line) for line in (ctx.inputs["rl"] / "metrics.jsonl").read_text().splitlines() if line]
+    if "init" in ctx.inputs:
+        base_model = json.loads((ctx.inputs["init"] / INIT_RECORD).read_text(encoding="utf-8"))["base_model"]
+        write_report_card(ctx.folder, recipe, [], {}, results, rl_log, base_model=base_model)
+        return headline
+    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    summary = json.loads((train / "train_summary.json").read_text())
     write_report_card(ctx.folder, recipe, log, summary, results, rl_log)
     return headline
 
 
-POST_TRAINING = ("sft", "rl")
+POST_TRAINING = ("sft", "dpo", "rl")  # the trained stages evaluated beside the base model, in graph order
 
 
 def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: Transformer) -> dict[str, Any]:
