@@ -69,6 +69,17 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+def encode_plain(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ordinary text (documents, not chat): no special tokens added. encode_batch_fast gives
+    the same ids without character offsets, at twice the speed."""
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id of a vocabulary."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
 def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:
     """Documents as one token stream, each followed by <|endoftext|>."""
     eot = tokenizer.token_to_id(END_OF_TEXT)
