@@ -91,7 +91,8 @@ def serve_and_load(options: argparse.Namespace, batching: str) -> dict:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "atomlab.cli", "serve", str(options.bundle), "--port", str(port)]
     command += ["--max-batch", str(options.max_batch), "--batching", batching]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(options.server_threads)}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for _ in range(600):
             try:
@@ -131,6 +132,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=64, help="the servers' --max-batch")
     parser.add_argument("--batching", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
+    # on a busy shared machine 2 threads decoded a batch of 50 ten times slower than 1 (a thread waits on a
+    # descheduled sibling at every op): the servers get 1 by default, both alike
+    parser.add_argument("--server-threads", type=int, default=1, help="the servers' torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args()
     report: dict = {
@@ -139,6 +143,7 @@ def main() -> None:
         "seconds": options.seconds,
         "max_tokens": options.max_tokens,
         "max_batch": options.max_batch,
+        "server_threads": options.server_threads,
         "servers": [serve_and_load(options, batching) for batching in options.batching],
     }
     by_batching = {server["batching"]: server for server in report["servers"]}
