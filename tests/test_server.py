@@ -321,7 +321,8 @@ def test_logprobs_in_the_chat_and_completions_shapes(long_url, long_bundle):
     engine = Engine.from_bundle(long_bundle, device="cpu")
     expected = engine.generate([Request(engine.encode("ROMEO:"), SamplingParams(8, temperature=0, logprobs=2))])[0]
     assert reported.token_logprobs == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
-    assert [len(top) for top in reported.top_logprobs] == [2] * 8 and len(reported.tokens) == 8
+    # {text: logprob}: two tokens of one text (two partial UTF-8 bytes, shown as U+FFFD) share a key, as in OpenAI's
+    assert all(1 <= len(top) <= 2 for top in reported.top_logprobs) and len(reported.tokens) == 8
     assert reported.text_offset[0] == 0 and reported.text_offset[1] == len(reported.tokens[0])
     streamed = []
     for chunk in client.completions.create(
