@@ -12,6 +12,9 @@ head size (Qwen3-0.6B, Mistral Nemo), q/k/v biases (Qwen2/2.5), RoPE scaling (`l
 OLMo 2's layout: the norms on the outputs of attention and MLP (`post_attention_layernorm`,
 `post_feedforward_layernorm`) instead of on their inputs, and QK-norm over the whole projection
 rather than per head.
+
+The same forward serves training and generation: given a `KVCache`, it continues each row of the cache,
+so the generation engine (atomlab.infer.engine) runs these modules, called whole, and nothing else.
 """
 
 from __future__ import annotations
@@ -158,11 +161,18 @@ class Attention(nn.Module):
             return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if self.sliding_window and length > self.sliding_window:
+        if cache is not None:  # the cache's mask holds the sliding window, if any
+            keys, values = cache.update(k, v)
+            out = F.scaled_dot_product_attention(
+                q.to(keys.dtype), keys, values, attn_mask=cache.mask, is_causal=cache.causal, enable_gqa=gqa
+            )
+        elif self.sliding_window and length > self.sliding_window:
             # a query sees the keys at most sliding_window - 1 positions back (Mistral's window)
             positions = torch.arange(length, device=x.device)
             back = positions.view(-1, 1) - positions.view(1, -1)
@@ -200,11 +210,13 @@ class Block(nn.Module):
         if self.post_norms:
             self.post_feedforward_layernorm = RMSNorm(args.d_model, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         if self.post_norms:  # OLMo 2: each sublayer's output is normalised before it joins the residual stream
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin))
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -235,51 +247,134 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(param, 0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, length, vocab) for token ids (batch, length)."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, length, vocab) for token ids (batch, length). With a KV cache, the tokens continue
+        each row of the cache (which keeps their keys and values) and only the last position's logits are
+        computed: (batch, 1, vocab)."""
         length = tokens.shape[1]
-        if length > self.rope_cos.shape[0]:
-            cos, sin = rope_tables(self.args, length, tokens.device)
+        if cache is None:
+            positions = None
+            end = length
         else:
-            cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+            positions = cache.begin(length)
+            end = cache.max_position + 1
+        if end > self.rope_cos.shape[0]:
+            cos, sin = rope_tables(self.args, end, tokens.device)
+        else:
+            cos, sin = self.rope_cos, self.rope_sin
+        if positions is None:
+            cos, sin = cos[:length], sin[:length]
+        else:  # each row at its own positions: (batch, 1, length, head_dim), broadcast over the heads
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layer(index))
+        if cache is not None:
+            cache.advance(length)
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         logits = self(tokens)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: list[int],
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 50,
-        generator: torch.Generator | None = None,
-        stop_token: int | None = None,
-    ) -> list[int]:
-        """Plain sampling for training-time samples; the serving engine lives in atomlab.infer."""
-        device = self.embed_tokens.weight.device
-        tokens = torch.tensor([prompt], device=device)
-        for _ in range(max_new_tokens):
-            logits = self(tokens[:, -self.args.seq_len :])[0, -1].float()
-            if temperature <= 0:
-                next_token = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, dim=-1).cpu()
-                next_token = int(torch.multinomial(probs, 1, generator=generator))
-            if next_token == stop_token:
-                break
-            tokens = torch.cat([tokens, torch.tensor([[next_token]], device=device)], dim=1)
-        return tokens[0, len(prompt) :].tolist()
+
+class LayerCache:
+    """One layer's view of a KVCache during one forward call."""
+
+    def __init__(self, cache: KVCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values (batch, kv_heads, length, head_dim) at each row's next slots; return
+        the keys and values of every slot up to the newest."""
+        cache = self.cache
+        keys, values = cache.keys[self.index], cache.values[self.index]
+        slots = cache.write_slots.expand(-1, k.shape[1], -1, k.shape[3])
+        keys.scatter_(2, slots, k.to(keys.dtype))
+        values.scatter_(2, slots, v.to(values.dtype))
+        return keys.narrow(2, 0, cache.end), values.narrow(2, 0, cache.end)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The attention mask of this call (batch, 1, length, slots), None when every slot is seen or causal."""
+        return self.cache.mask
+
+    @property
+    def causal(self) -> bool:
+        return self.cache.causal
+
+
+class KVCache:
+    """Keys and values of the rows being decoded, per layer (rows, kv_heads, slots, head_dim), for
+    `Transformer.forward(tokens, cache)`. Each row has its own length (slots written) and start (its first
+    slot: those before are left padding, never attended to), so rows of different lengths share one batch
+    and each keeps the positions and attention it would have alone. A forward call writes its tokens at
+    each row's next slots, attends over the row's own slots (causally) and advances every row's length.
+
+    `rows(first, count)` is a view of some rows sharing the storage (a forward on it touches only them), so
+    a decoding batch can grow and shrink without copying what it keeps."""
+
+    def __init__(
+        self, args: ModelArgs, rows: int, slots: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
+        shape = (rows, args.n_kv_heads, slots, args.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.start = torch.zeros(rows, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.window = args.sliding_window if 0 < args.sliding_window < args.seq_len else 0
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def rows(self, first: int, count: int) -> KVCache:
+        view = KVCache.__new__(KVCache)
+        view.keys = [k.narrow(0, first, count) for k in self.keys]
+        view.values = [v.narrow(0, first, count) for v in self.values]
+        view.start, view.lengths = self.start.narrow(0, first, count), self.lengths.narrow(0, first, count)
+        view.window = self.window
+        return view
+
+    def copy_row(self, source: int, target: int) -> None:
+        for tensors in (self.keys, self.values):
+            for tensor in tensors:
+                tensor[target] = tensor[source]
+        self.start[target], self.lengths[target] = self.start[source], self.lengths[source]
+
+    def begin(self, length: int) -> torch.Tensor:
+        """Prepare a forward call of `length` tokens per row; their positions (rows, length)."""
+        device = self.lengths.device
+        slots = self.lengths.unsqueeze(1) + torch.arange(length, device=device)  # (rows, length)
+        self.end = int(slots.max()) + 1
+        if self.end > self.slots:
+            raise ValueError(f"KV cache: {self.end} slots needed, {self.slots} allocated")
+        self.write_slots = slots.view(slots.shape[0], 1, length, 1)
+        # rows without padding and of one length (one row; RL's samples of one prompt) need no mask: a step
+        # sees every slot, a first call is causal; otherwise a query sees its row's slots from the row's
+        # start to itself, and a padding query (before the start) itself only, so that its softmax is
+        # defined (its output is never used)
+        aligned = not bool(self.start.any()) and bool((self.lengths == self.lengths[0]).all())
+        self.mask, self.causal = None, False
+        if aligned and (length == 1 or self.end == length) and not (self.window and self.end > self.window):
+            self.causal = length > 1
+        else:
+            keys = torch.arange(self.end, device=device).view(1, 1, -1)
+            query = slots.unsqueeze(2)
+            seen = (keys >= self.start.view(-1, 1, 1)) & (keys <= query)
+            if self.window:  # a row's slots are its positions, shifted: the window counts slots back
+                seen &= query - keys < self.window
+            self.mask = (seen | (keys == query)).unsqueeze(1)
+        positions = (slots - self.start.unsqueeze(1)).clamp(min=0)
+        self.max_position = int(positions.max())
+        return positions
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
+
+    def advance(self, length: int) -> None:
+        self.lengths += length
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:

@@ -398,3 +398,106 @@ def test_engine_follows_weight_updates_made_after_it_was_built(smoke):
     assert edited != before
     fresh = Engine(model, smoke.tokenizer, torch.device("cpu"))
     assert edited == one(fresh, prompt, max_tokens=12, temperature=0).token_ids
+
+
+# one forward: the model's own, with a KV cache; continuous batching
+
+
+@pytest.mark.parametrize("model", ["smoke", "untrained", "untrained_gqa", "scripted"])
+def test_cached_forward_logits_equal_the_plain_forward(model, request):
+    """Prefill of left-padded prompts then decode steps through Transformer.forward(tokens, cache): each row's
+    logits are those of the plain forward over its whole sequence (every architecture option: GQA or not,
+    QK-norm or not, SwiGLU or ReLU^2, tied or not)."""
+    from atomlab.model import KVCache
+
+    engine = request.getfixturevalue(model)
+    model = engine.model
+    prompts = [engine.encode(text)[:12] for text in PROMPTS]
+    longest = max(map(len, prompts))
+    cache = KVCache(model.args, len(prompts), longest + 8, torch.float32)
+    cache.start.copy_(torch.tensor([longest - len(p) for p in prompts]))
+    rows = [p + [5 + i for i in range(8)] for p in prompts]  # the tokens the steps feed
+    with torch.no_grad():
+        logits = model(torch.tensor([[0] * (longest - len(p)) + p for p in prompts]), cache)[:, -1]
+        for step in range(8):
+            for row, sequence in enumerate(rows):
+                expected = model(torch.tensor([sequence[: len(prompts[row]) + step]]))[0, -1]
+                assert torch.allclose(logits[row], expected, atol=1e-5, rtol=1e-5), (row, step)
+            logits = model(torch.tensor([[5 + step]] * len(prompts)), cache)[:, -1]
+    assert cache.lengths.tolist() == [longest + 8] * len(prompts)
+
+
+def test_sequences_joining_a_running_batch_decode_as_alone(untrained_gqa):
+    from atomlab.infer.engine import Batch
+
+    engine = untrained_gqa
+    prompts = [engine.encode(text) for text in PROMPTS]
+    params = [
+        SamplingParams(temperature=0, max_tokens=30),
+        SamplingParams(max_tokens=12, seed=1),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=30, seed=2),
+        SamplingParams(temperature=1.2, max_tokens=25, seed=3, stop=["e"]),
+    ]
+    alone = [one(engine, prompt, **vars(sp)).token_ids for prompt, sp in zip(prompts, params, strict=True)]
+    batch = Batch(engine)
+    generations = [engine.start(Request(prompt, sp)) for prompt, sp in zip(prompts, params, strict=True)]
+    batch.join(generations[:2])
+    for _ in range(5):
+        batch.step()
+    batch.join(generations[2:3])  # at a different step, with a longer prompt than those running
+    for _ in range(3):
+        batch.step()
+    batch.join(generations[3:])
+    assert len(batch.live) == 4
+    while batch.live:
+        batch.step()
+    assert [g.completion().token_ids for g in generations] == alone
+    # a sequence cancelled mid-way leaves at the next step; the others go on unchanged
+    batch = Batch(engine)
+    generations = [engine.start(Request(prompt, sp)) for prompt, sp in zip(prompts, params, strict=True)]
+    batch.join(generations)
+    batch.step()
+    generations[0].cancel()
+    batch.step()
+    assert generations[0] not in batch.live and generations[0].completion().finish_reason == "cancelled"
+    while batch.live:
+        batch.step()
+    assert [g.completion().token_ids for g in generations[1:]] == alone[1:]
+
+
+def test_one_failing_sequence_fails_alone(untrained):
+    prompts = [untrained.encode(text) for text in PROMPTS[:3]]
+    params = SamplingParams(max_tokens=20, seed=4)
+    alone = [one(untrained, prompt, **vars(params)) for prompt in prompts]
+
+    def explode(piece: str) -> None:
+        raise RuntimeError("the client's callback broke")
+
+    requests = [Request(prompts[0], params), Request(prompts[1], params, on_text=explode), Request(prompts[2], params)]
+    from atomlab.infer.engine import Batch
+
+    batch = Batch(untrained)
+    generations = [untrained.start(request) for request in requests]
+    batch.join(generations)
+    while batch.live:
+        batch.step()
+    assert generations[1].finish_reason == "error" and "callback broke" in str(generations[1].error)
+    assert [generations[0].completion(), generations[2].completion()] == [alone[0], alone[2]]
+    with pytest.raises(RuntimeError, match="callback broke"):
+        untrained.generate(requests)
+
+
+def test_logprobs_are_the_model_distribution(untrained):
+    prompt = untrained.encode(PROMPTS[1])
+    out = one(untrained, prompt, max_tokens=10, temperature=1.3, top_k=30, seed=2, logprobs=4)
+    assert len(out.logprobs) == len(out.token_ids) == 10
+    for i, entry in enumerate(out.logprobs):
+        expected = full_logits(untrained, prompt + out.token_ids[:i]).log_softmax(-1)
+        assert entry.token_id == out.token_ids[i]
+        assert entry.logprob == pytest.approx(float(expected[entry.token_id]), abs=1e-5)
+        values, ids = expected.topk(4)
+        assert [t for t, _ in entry.top] == ids.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert one(untrained, prompt, max_tokens=3).logprobs is None
+    with pytest.raises(AtomlabError, match="logprobs"):
+        one(untrained, prompt, max_tokens=3, logprobs=21)

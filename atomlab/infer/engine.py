@@ -1,22 +1,22 @@
-"""The generation engine: one batched sampler with a KV cache, used by chat, the server, evaluation and RL.
+"""The generation engine: batched sampling with a KV cache, used by chat, the server, evaluation and RL.
 
-A batch holds prompts of different lengths, left-padded to the longest. Every row keeps its own
-RoPE positions (slot minus its padding) and an attention mask that hides the padding, so a row
-gives the same tokens in any batch as alone. Keys and values live in a cache preallocated per
-layer for the whole batch; after the prompt (prefill) each step feeds one token per row. A row
-that finishes is removed from the batch (its cache rows dropped), so it costs nothing more.
+The engine runs the model's own forward (`Transformer.forward(tokens, cache)`, its blocks called whole)
+with an `atomlab.model.KVCache`, in which every row keeps its own length and positions: a row gives the
+same tokens in any batch as alone. A `Batch` is the set of sequences being decoded: sequences join it
+between steps (their prompts are prefilled together, left-padded to the longest, into free rows of the
+cache) and leave it when they finish or are cancelled (the last row moves into the freed one), so the
+server batches continuously and `Engine.generate` is one batch that only shrinks. On CPU in fp32 the
+model's nn.Linear layers run, while the engine calls the model, on copies of their weights packed for
+oneDNN (a fast path derived from the modules, not a second forward).
 
-The cached forward is written here from the model's weights, so that atomlab/model.py keeps a single
-training path. The engine keeps its own copies of the matrices, remade whenever a parameter changes:
-the projections that read the same input side by side (q, k and v in one matrix, gate and up in
-another), laid out (in, out) for `torch.mm` and, on CPU, also packed for oneDNN, used from a few rows
-up (a batch, a prompt). Outside attention, prefill works on the prompt tokens only, not the padding.
 Sampling is temperature, then top-k, then top-p, as an inverse-CDF draw over the tokens sorted from the
-most likely, with one `torch.Generator` per request that draws one uniform per token: a request's
-tokens depend only on its seed and its own logits. Only the top-k (or, with top-k off, the 64 most
-likely tokens) are sorted, unless the draw lands beyond them. Text is decoded incrementally, never
-split inside a UTF-8 character, and text that could be the start of a stop string is held back until
-it cannot.
+most likely, with one `torch.Generator` per request that draws one uniform per token: a request's tokens
+depend only on its seed and its own logits. Only the top-k (or, with top-k off, the 64 most likely tokens)
+are sorted, unless the draw lands beyond them. Log-probabilities, when asked for, are those of the model's
+distribution (the logits before temperature, top-k and top-p), as vLLM reports them. Text is decoded
+incrementally, never split inside a UTF-8 character, and text that could be the start of a stop string is
+held back until it cannot. One sequence that fails (its callback raises, its prompt cannot be prefilled)
+ends alone with finish_reason "error"; the others go on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Generator, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from atomlab.errors import AtomlabError
-from atomlab.model import ModelArgs, Transformer, rope_tables
+from atomlab.model import KVCache, ModelArgs, Transformer
 from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, render_chat
+
+MAX_LOGPROBS = 20  # the most likely tokens reported beside each sampled one, at most (OpenAI's limit)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before them, text excludes them
     stop_token_ids: list[int] = field(default_factory=list)  # plus the model's eos (<|endoftext|>) and <|end|>
     seed: int | None = None  # per-request seed: same seed + same prompt -> same output, whatever else is in the batch
+    logprobs: int | None = None  # None: none; k: each sampled token's log-probability and the k most likely
 
 
 @dataclass
@@ -58,15 +61,24 @@ class Request:
 
 
 @dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float  # natural log of the model's probability of the token (before temperature, top-k, top-p)
+    top: list[tuple[int, float]]  # the most likely tokens and their log-probabilities, most likely first
+
+
+@dataclass
 class Completion:
     text: str  # the decoded completion, ending before a stop string or stop token
     token_ids: list[int]  # every sampled token, including the stop token or the tokens of a stop string
-    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens or the end of the context)
+    finish_reason: str  # "stop" (stop token or string), "length" (max_tokens or the end of the context),
+    # "cancelled" (Generation.cancel) or "error" (Generation.error says why)
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
-class _Sequence:
+class Generation:
     """One request being decoded: its tokens, its random generator, its text and what was streamed."""
 
     def __init__(self, request: Request, budget: int, stop_token_ids: set[int], tokenizer: tokenizers.Tokenizer):
@@ -90,10 +102,20 @@ class _Sequence:
         self.prefix_offset = 0
         self.read_offset = 0
         self.finish_reason: str | None = None if budget > 0 else "length"
+        self.logprobs: list[TokenLogprob] | None = None if self.params.logprobs is None else []
+        self.error: Exception | None = None  # why it ended, when finish_reason is "error"
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """End it now (the client went away): the batch drops it at its next step."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def fail(self, error: Exception) -> None:
+        self.error, self.finish_reason = error, "error"
 
     def add_token(self, token: int) -> None:
         self.token_ids.append(token)
@@ -117,6 +139,7 @@ class _Sequence:
             finish_reason=self.finish_reason or "length",
             prompt_tokens=len(self.request.prompt),
             completion_tokens=len(self.token_ids),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
 
     def _decode_new_text(self, ids: list[int], final: bool) -> None:
@@ -160,151 +183,6 @@ class _Sequence:
                 self.request.on_text(piece)
 
 
-@dataclass
-class _KVCache:
-    """Keys and values of a batch being decoded: (batch, kv_heads, capacity, head_dim) per layer."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    padding: torch.Tensor  # (batch,) left-padding slots of each row
-    visible: torch.Tensor  # (batch, 1, 1, capacity): the slots that are not padding, a decode step's attention mask
-    length: int  # slots written so far (the same for every row)
-
-    @torch.inference_mode()
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.padding = self.padding.index_select(0, rows)
-        self.visible = self.visible.index_select(0, rows)
-
-
-# oneDNN's packed matmul (where there is one) beats torch.mm from this many rows and multiply-adds;
-# below, its fixed cost (about 13 us a call) is more than it saves
-_ONEDNN_ROWS = 4
-_ONEDNN_MACS = 2**21
-
-
-class _Matrix:
-    """x @ weight.T for a weight (out, in), kept (in, out) for `torch.mm` (the default BLAS, best for a
-    row or two, or a small matrix). On CPU in fp32 it is also packed for oneDNN, used for products large
-    enough (1.3x faster at 16 rows of the tiny model), which gives a row the same numbers whatever the
-    number of rows."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.t = weight.t().contiguous()
-        self.packed = _onednn_pack(weight)
-        self.onednn_rows = max(_ONEDNN_ROWS, -(-_ONEDNN_MACS // weight.numel()))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] < self.onednn_rows:
-            return torch.mm(x, self.t)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _onednn_works():
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # a layout for 16 rows, right for any number
-
-
-@functools.cache
-def _onednn_works() -> bool:
-    """Whether this torch build has oneDNN's packed linear and it computes F.linear (checked once)."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    try:
-        with torch.inference_mode():
-            weight, x = torch.randn(24, 40), torch.randn(3, 40)
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            return torch.allclose(out, F.linear(x, weight), rtol=1e-4, atol=1e-5)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
-@dataclass
-class _Layer:
-    """One block's weights as the cached forward uses them, the projections that read the same input
-    side by side, so that each is one matrix multiply."""
-
-    attention_norm: torch.Tensor
-    qkv: _Matrix  # q_proj, k_proj, v_proj
-    qk_norm: torch.Tensor | None  # (heads + kv_heads, head_dim): q_norm's weight per query head, k_norm's per kv head
-    o: _Matrix
-    mlp_norm: torch.Tensor
-    gate_up: _Matrix  # gate_proj then up_proj (SwiGLU), or up_proj alone (ReLU^2)
-    down: _Matrix
-
-
-@dataclass
-class _Weights:
-    layers: list[_Layer]
-    lm_head: _Matrix
-
-
-def _decode_weights(model: Transformer) -> _Weights:
-    def fused(*linears: torch.nn.Linear) -> _Matrix:
-        return _Matrix(torch.cat([linear.weight for linear in linears]))
-
-    layers = []
-    for block in model.layers:
-        attention, mlp = block.self_attn, block.mlp
-        qk_norm = None
-        if attention.q_norm is not None:
-            qk_norm = torch.cat(
-                [
-                    attention.q_norm.weight.expand(attention.n_heads, -1),
-                    attention.k_norm.weight.expand(attention.n_kv_heads, -1),
-                ]
-            )
-        gate_up = (mlp.gate_proj, mlp.up_proj) if mlp.gate_proj is not None else (mlp.up_proj,)
-        layers.append(
-            _Layer(
-                attention_norm=block.input_layernorm.weight.detach(),
-                qkv=fused(attention.q_proj, attention.k_proj, attention.v_proj),
-                qk_norm=qk_norm,
-                o=fused(attention.o_proj),
-                mlp_norm=block.post_attention_layernorm.weight.detach(),
-                gate_up=fused(*gate_up),
-                down=fused(mlp.down_proj),
-            )
-        )
-    return _Weights(layers, _Matrix(model.lm_head.weight.detach()))
-
-
-def _refuse_unsupported_layout(args: ModelArgs) -> None:
-    """The cached forward above knows atomlab's own layout, an explicit head size and RoPE scaling; for the
-    rest of what imported families bring it would compute wrong logits, so it says so instead."""
-    unsupported = [
-        name
-        for name, present in (
-            ("q/k/v biases (model.qkv_bias)", args.qkv_bias),
-            ("QK-norm over the whole projection (model.qk_norm_scope)", args.qk_norm and args.qk_norm_scope != "head"),
-            ("norms on the sublayer outputs (model.norm_placement)", args.norm_placement != "pre"),
-            ("a sliding attention window (model.sliding_window)", 0 < args.sliding_window < args.seq_len),
-            ("layers without RoPE (model.nope_layers)", bool(args.nope_layers)),
-        )
-        if present
-    ]
-    if unsupported:
-        raise AtomlabError(f"the generation engine does not support {', '.join(unsupported)} yet")
-
-
-def _weights_version(model: Transformer) -> list | None:
-    """What changes when a parameter is replaced or written in place (its version counter); None when that
-    cannot be told (parameters made under inference mode have no version counter). Walks the modules
-    itself: half the time of model.parameters(), which is paid at every generate call."""
-    version, modules = [], [model]
-    try:
-        while modules:
-            module = modules.pop()
-            version += [(p.data_ptr(), p.dtype, p._version) for p in module._parameters.values() if p is not None]
-            modules += [child for child in module._modules.values() if child is not None]
-    except RuntimeError:
-        return None
-    return version
-
-
 # With top-k off, the most likely tokens are taken sorted and the draw is made among them whenever it
 # lands there (it almost always does): the whole vocabulary is sorted only for the other draws.
 _HEAD = 64
@@ -319,14 +197,15 @@ class _Group:
     temperature: torch.Tensor  # (rows, 1)
     top_p: torch.Tensor | None  # (rows, 1); None when every row keeps all (top_p 1)
     uniforms: torch.Tensor  # (rows, draws): each row's uniforms, one per step
+    steps: torch.Tensor  # (rows, 1): the step each row was at when the sampler was made
 
 
 class _Sampler:
     """The next token of each live row: argmax where temperature is 0, otherwise a draw after
     temperature, top-k and top-p, using the row's own uniform for this step (so its draws do not
-    depend on the batch). Made once for a set of live rows."""
+    depend on the batch). Made once for a set of live rows, which may be at different steps."""
 
-    def __init__(self, sequences: list[_Sequence], vocab: int, device: torch.device) -> None:
+    def __init__(self, sequences: list[Generation], vocab: int, device: torch.device) -> None:
         sampled = [i for i, sequence in enumerate(sequences) if sequence.uniforms is not None]
         self.rows = len(sequences)
         self.greedy = len(sampled) < len(sequences)
@@ -347,18 +226,19 @@ class _Sampler:
                     if all(p.top_p >= 1 for p in params)
                     else torch.tensor([[p.top_p] for p in params], device=device),
                     uniforms=uniforms.to(device),
+                    steps=torch.tensor([[len(sequences[i].token_ids)] for i in rows], device=device),
                 )
             )
 
-    @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """Token ids (rows,) from logits (rows, vocab), for the step-th token of every row."""
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, advanced: int) -> torch.Tensor:
+        """Token ids (rows,) from logits (rows, vocab), `advanced` steps after the sampler was made."""
         if not self.groups:
             return logits.argmax(dim=-1)
         tokens = logits.argmax(dim=-1) if self.greedy else None
         for group in self.groups:
             scaled = (logits if group.rows is None else logits.index_select(0, group.rows)) / group.temperature
-            drawn = _draw(scaled, group.top_k, group.top_p, group.uniforms[:, step : step + 1])
+            drawn = _draw(scaled, group.top_k, group.top_p, group.uniforms.gather(1, group.steps + advanced))
             if group.rows is None:
                 return drawn
             if tokens is None:
@@ -412,17 +292,220 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor | None) -> tuple[torch.Tenso
     return probs.masked_fill(cut, 0.0).cumsum(dim=-1), cut
 
 
+# oneDNN's packed matmul (where there is one) beats F.linear from this many rows and multiply-adds;
+# below, its fixed cost (about 13 us a call) is more than it saves
+_ONEDNN_ROWS = 4
+_ONEDNN_MACS = 2**21
+
+
+class _PackedLinears:
+    """An optional fast path on CPU in fp32, derived from the model's modules whatever the architecture:
+    every nn.Linear gets a copy of its weight packed for oneDNN, which its forward uses while the engine
+    runs the model, for products large enough (1.3x MKL at 16 rows of the tiny model); smaller ones call
+    F.linear as always. The copies are remade when a parameter is replaced or changed in place (RL trains
+    the model between generate calls). Off where parameters are not plain tensors (FSDP's DTensors)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.forwards: dict[torch.nn.Linear, Callable] = {}
+        self.version: list | None = None
+        weights = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
+        self.usable = (
+            _onednn_works()
+            and bool(weights)
+            and all(
+                type(w) is torch.nn.Parameter and w.device.type == "cpu" and w.dtype == torch.float32 for w in weights
+            )
+        )
+
+    def refresh(self) -> None:
+        if not self.usable:
+            return
+        version = _weights_version(self.model)
+        if version is None or version != self.version:
+            linears = [module for module in self.model.modules() if isinstance(module, torch.nn.Linear)]
+            self.forwards, self.version = {linear: _packed_forward(linear) for linear in linears}, version
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        for linear, forward in self.forwards.items():
+            linear.forward = forward  # an instance attribute: nn.Module.__call__ runs it, hooks and all
+        try:
+            yield
+        finally:
+            for linear in self.forwards:
+                del linear.forward
+
+
+def _packed_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # a layout for 16 rows, right for any number
+    enough_rows = max(_ONEDNN_ROWS, -(-_ONEDNN_MACS // weight.numel()))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] < enough_rows:
+            return F.linear(x, weight, bias)
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    return forward
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    """Whether this torch build has oneDNN's packed linear and it computes F.linear (checked once)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    try:
+        with torch.no_grad():
+            weight, x = torch.randn(24, 40), torch.randn(3, 40)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            return torch.allclose(out, F.linear(x, weight), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _weights_version(model: torch.nn.Module) -> list | None:
+    """What changes when a parameter is replaced or written in place (its version counter); None when that
+    cannot be told (parameters made under inference mode have no version counter)."""
+    try:
+        return [(p.data_ptr(), p.dtype, p._version) for p in model.parameters()]
+    except RuntimeError:
+        return None
+
+
+class Batch:
+    """The sequences being decoded together, as rows of one KV cache. `join` prefills new sequences and
+    adds them (between steps, so a running batch takes new requests: continuous batching); `step` feeds
+    every live row its last token and samples the next; finished, cancelled and failed rows leave at once.
+    Not thread-safe: one thread drives a batch."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.live: list[Generation] = []  # row i of the cache is live[i]
+        self.cache: KVCache | None = None
+        self.next_tokens = torch.zeros(0, dtype=torch.long, device=engine.device)  # (live,): fed at the next step
+        self._sampler: _Sampler | None = None
+        self._advanced = 0  # steps since the sampler was made
+        engine._packed.refresh()
+
+    def join(self, generations: list[Generation]) -> None:
+        """Prefill the generations' prompts and sample their first tokens; they then decode with the rest.
+        A prefill that fails is retried one generation at a time, so only the one at fault fails."""
+        generations = [generation for generation in generations if not generation.finished]
+        if not generations:
+            return
+        try:
+            logits = self._prefill(generations)
+        except Exception as exc:
+            if len(generations) == 1:
+                generations[0].fail(exc)
+            else:
+                for generation in generations:
+                    self.join([generation])
+            return
+        tokens = _Sampler(generations, self.engine.args.vocab_size, self.engine.device).sample(logits, 0)
+        _add_tokens(generations, logits, tokens)
+        self.live += generations
+        self.next_tokens = torch.cat([self.next_tokens, tokens])
+        self._sampler = None
+        self._drop_finished()
+
+    def step(self) -> None:
+        """One token for every live row."""
+        self._drop_finished()  # cancelled since the last step
+        if not self.live:
+            return
+        logits = self.engine._forward(self.next_tokens.unsqueeze(1), self.cache.rows(0, len(self.live)))
+        if self._sampler is None:
+            self._sampler, self._advanced = _Sampler(self.live, self.engine.args.vocab_size, self.engine.device), 0
+        tokens = self._sampler.sample(logits, self._advanced)
+        self._advanced += 1
+        _add_tokens(self.live, logits, tokens)
+        self.next_tokens = tokens
+        self._drop_finished()
+
+    def _prefill(self, generations: list[Generation]) -> torch.Tensor:
+        prompts = [generation.request.prompt for generation in generations]
+        longest = max(len(prompt) for prompt in prompts)
+        first, count = len(self.live), len(generations)
+        # the last sampled token is never fed back, so a row needs one slot less than its budget
+        self._reserve(first + count, longest + max(generation.budget for generation in generations) - 1)
+        rows = self.cache.rows(first, count)
+        rows.start.copy_(torch.tensor([longest - len(prompt) for prompt in prompts]))
+        rows.lengths.zero_()
+        pad_id = 0  # any id: padded slots are masked out of every real row's attention
+        tokens = torch.tensor([[pad_id] * (longest - len(prompt)) + prompt for prompt in prompts])
+        return self.engine._forward(tokens.to(self.engine.device), rows)
+
+    def _reserve(self, rows: int, slots: int) -> None:
+        """A cache with at least this many rows and slots, keeping the live rows (rows grow by doubling)."""
+        old = self.cache
+        if old is not None and rows <= old.keys[0].shape[0] and slots <= old.slots:
+            return
+        engine = self.engine
+        if old is not None:
+            rows, slots = max(rows, 2 * old.keys[0].shape[0]), max(slots, old.slots)
+        cache = KVCache(engine.args, rows, slots, engine.cache_dtype, engine.device)
+        if old is not None and self.live:
+            live, kept = len(self.live), old.slots
+            for new_tensors, old_tensors in ((cache.keys, old.keys), (cache.values, old.values)):
+                for new, previous in zip(new_tensors, old_tensors, strict=True):
+                    new[:live, :, :kept] = previous[:live]
+            cache.start[:live], cache.lengths[:live] = old.start[:live], old.lengths[:live]
+        self.cache = cache
+
+    def _drop_finished(self) -> None:
+        finished = [row for row, generation in enumerate(self.live) if generation.finished]
+        if not finished:
+            return
+        for row in reversed(finished):  # the last row moves into the freed one
+            last = len(self.live) - 1
+            if row != last:
+                self.cache.copy_row(last, row)
+                self.next_tokens[row] = self.next_tokens[last]
+                self.live[row] = self.live[last]
+            self.live.pop()
+        self.next_tokens = self.next_tokens[: len(self.live)]
+        self._sampler = None
+
+
+def _add_tokens(generations: list[Generation], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Give each generation its sampled token (and its log-probabilities, if it asked); a generation whose
+    handling raises (its on_text callback, say) fails alone."""
+    reported: dict[int, TokenLogprob] = {}
+    wanted = [row for row, generation in enumerate(generations) if generation.logprobs is not None]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        logprobs = logits.index_select(0, rows).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()
+        most = max(generations[row].params.logprobs for row in wanted)
+        top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0])
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for i, row in enumerate(wanted):
+            k = generations[row].params.logprobs
+            top = list(zip(map(int, top_ids[i][:k]), top_values[i][:k], strict=True))
+            reported[row] = TokenLogprob(int(tokens[row]), chosen[i], top)
+    for row, (generation, token) in enumerate(zip(generations, tokens.tolist(), strict=True)):
+        try:
+            if row in reported:
+                generation.logprobs.append(reported[row])
+            generation.add_token(token)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it ends this generation only
+            generation.fail(exc)
+
+
 class Engine:
     """Batched generation from a Transformer and its tokenizer. Not thread-safe: one generate at a time.
 
-    The engine runs the model it is given (a trainer's updated weights are used by the next call: the
-    engine's copies of the matrices, the model's size again, twice on CPU, are remade when a parameter
-    is replaced or changed in place), in the model's dtype; on CUDA an fp32 model runs under bf16 autocast.
+    The engine runs the model it is given, through its own forward (a trainer's updated weights are used by
+    the next call), in the model's dtype; on CUDA an fp32 model runs under bf16 autocast.
     `from_bundle` loads fp32 weights on CPU and bf16 on CUDA.
     """
 
     def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer, device: torch.device) -> None:
-        _refuse_unsupported_layout(model.args)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -431,15 +514,9 @@ class Engine:
         weight_dtype = model.embed_tokens.weight.dtype
         self.autocast = self.device.type == "cuda" and weight_dtype == torch.float32
         self.cache_dtype = torch.bfloat16 if self.autocast else weight_dtype
-        # RoPE in fp32 whatever the weights' dtype, as in training under autocast; one table of cos and
-        # sin by position, sin negated on its first half (where rotate-half negates)
-        cos, sin = rope_tables(self.args, self.max_context, self.device)
-        half = self.args.head_dim // 2
-        self.rope = torch.cat([cos, -sin[:, :half], sin[:, half:]], dim=-1)
-        self._weights: _Weights | None = None
-        self._weights_version: list | None = None
         special = [tokenizer.token_to_id(token) for token in (END_OF_TEXT, END_OF_TURN)]
         self.default_stop_token_ids = {token for token in special if token is not None}
+        self._packed = _PackedLinears(self.model)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "auto") -> Engine:
@@ -480,11 +557,17 @@ class Engine:
     # generation
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        """Completions of the requests, in order, decoded together as one batch."""
-        sequences = [self._start(request) for request in requests]
-        for _ in self._decode(sequences):
-            pass
-        return [sequence.completion() for sequence in sequences]
+        """Completions of the requests, in order, decoded together as one batch. If one of them fails (its
+        on_text callback raises, say), the others are still decoded, then its error is raised."""
+        generations = [self.start(request) for request in requests]
+        batch = Batch(self)
+        batch.join(generations)
+        while batch.live:
+            batch.step()
+        for generation in generations:
+            if generation.error is not None:
+                raise generation.error
+        return [generation.completion() for generation in generations]
 
     def stream(self, request: Request) -> Generator[str, None, Completion]:
         """Text pieces of one request as they are generated (on_text, if set, is called too).
@@ -496,14 +579,21 @@ class Engine:
             if request.on_text is not None:
                 request.on_text(piece)
 
-        sequence = self._start(replace(request, on_text=collect))
-        for _ in self._decode([sequence]):
+        generation = self.start(replace(request, on_text=collect))
+        batch = Batch(self)
+        batch.join([generation])
+        while True:
             yield from pieces
             pieces.clear()
-        yield from pieces
-        return sequence.completion()
+            if not batch.live:
+                break
+            batch.step()
+        if generation.error is not None:
+            raise generation.error
+        return generation.completion()
 
-    def _start(self, request: Request) -> _Sequence:
+    def start(self, request: Request) -> Generation:
+        """A generation for a request, checked (AtomlabError naming what is wrong), ready to join a Batch."""
         params = request.params
         check_params(params, self.args.vocab_size)
         prompt = request.prompt
@@ -518,139 +608,15 @@ class Engine:
             )
         budget = min(params.max_tokens, self.max_context - len(prompt))
         stop_token_ids = self.default_stop_token_ids | set(params.stop_token_ids)
-        return _Sequence(request, budget, stop_token_ids, self.tokenizer)
+        return Generation(request, budget, stop_token_ids, self.tokenizer)
 
-    def _decode(self, sequences: list[_Sequence]) -> Iterator[None]:
-        """Prefill, then one token for every live sequence per step; yields after each step."""
-        live = [sequence for sequence in sequences if not sequence.finished]
-        if not live:
-            return
-        weights = self._current_weights()
-        cache, logits = self._prefill([sequence.request.prompt for sequence in live], live, weights)
-        sampler = _Sampler(live, self.args.vocab_size, self.device)
-        while True:
-            tokens = sampler.sample(logits, len(live[0].token_ids))
-            for sequence, token in zip(live, tokens.tolist(), strict=True):
-                sequence.add_token(token)
-            yield
-            still_live = [i for i, sequence in enumerate(live) if not sequence.finished]
-            if not still_live:
-                return
-            if len(still_live) < len(live):
-                rows = torch.tensor(still_live, device=self.device)
-                cache.keep_rows(rows)
-                tokens = tokens.index_select(0, rows)
-                live = [live[i] for i in still_live]
-                sampler = _Sampler(live, self.args.vocab_size, self.device)
-            logits = self._forward(tokens.unsqueeze(1), cache, weights)
-
-    @torch.inference_mode()
-    def _current_weights(self) -> _Weights:
-        """The decode weights of the model as it is now, remade when a parameter has changed since."""
-        version = _weights_version(self.model)
-        if self._weights is None or version is None or version != self._weights_version:
-            self._weights, self._weights_version = _decode_weights(self.model), version
-        return self._weights
-
-    @torch.inference_mode()
-    def _prefill(
-        self, prompts: list[list[int]], sequences: list[_Sequence], weights: _Weights
-    ) -> tuple[_KVCache, torch.Tensor]:
-        longest = max(len(prompt) for prompt in prompts)
-        # the last sampled token is never fed back, so the cache needs one slot less than the budget
-        capacity = longest + max(sequence.budget for sequence in sequences) - 1
-        shape = (len(prompts), self.args.n_kv_heads, capacity, self.args.head_dim)
-        padding = torch.tensor([longest - len(prompt) for prompt in prompts], device=self.device)
-        cache = _KVCache(
-            keys=[torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.args.n_layers)],
-            values=[torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.args.n_layers)],
-            padding=padding,
-            visible=(torch.arange(capacity, device=self.device) >= padding.unsqueeze(1)).view(len(prompts), 1, 1, -1),
-            length=0,
-        )
-        pad_id = 0  # any id: padded slots are masked out of every real row's attention
-        rows = [[pad_id] * (longest - len(prompt)) + prompt for prompt in prompts]
-        return cache, self._forward(torch.tensor(rows, device=self.device), cache, weights)
-
-    @torch.inference_mode()
-    def _forward(self, tokens: torch.Tensor, cache: _KVCache, weights: _Weights) -> torch.Tensor:
-        """Logits (batch, vocab) in fp32 for the token after `tokens` (batch, length), which fill the
-        next slots of the cache: atomlab.model.Transformer.forward, reading and writing the KV cache.
-        Outside attention, the rows are the tokens that are not padding, one after the other."""
-        batch, length = tokens.shape
-        start, end = cache.length, cache.length + length
-        real = last = None  # which of the batch x length slots are tokens, and each row's last token
-        if length == 1:  # a decode step: the query is the newest slot, it sees every slot not padding
-            positions = start - cache.padding
-            mask = cache.visible[..., :end]
-        else:
-            slots = torch.arange(start, end, device=self.device)
-            positions = (slots.unsqueeze(0) - cache.padding.unsqueeze(1)).flatten()  # (batch x length)
-            # a query sees the keys at or before its slot that are not padding; a padding query sees
-            # itself only, so that its softmax is defined (its output is never used)
-            key_slots = torch.arange(end, device=self.device)
-            causal = key_slots.view(1, 1, -1) <= slots.view(1, -1, 1)
-            itself = key_slots.view(1, 1, -1) == slots.view(1, -1, 1)
-            mask = ((causal & cache.visible[:, 0, :, :end]) | itself).unsqueeze(1)  # (batch, 1, length, keys)
-            last = torch.arange(length - 1, batch * length, length, device=self.device)
-            visible = cache.visible[:, 0, 0, start:end]
-            if not bool(visible.all()):
-                real = visible.flatten().nonzero().squeeze(1)
-                positions, tokens = positions[real], tokens.flatten()[real]
-                last = visible.sum(dim=1).cumsum(dim=0) - 1
-        rope = self.rope[positions].unsqueeze(1)  # (tokens, 1, 2 x head_dim): cos, then signed sin
-        cos, sin = rope.chunk(2, dim=-1)
-
-        args = self.args
-        heads, kv_heads, head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        model = self.model
-        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
-            x = model.embed_tokens(tokens.flatten())
-            layers = weights.layers
-            for index, layer in enumerate(layers):
-                h = F.rms_norm(x, (args.d_model,), layer.attention_norm, args.norm_eps)
-                qkv = layer.qkv(h).view(-1, heads + 2 * kv_heads, head_dim)
-                qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
-                if layer.qk_norm is not None:
-                    qk = F.rms_norm(qk, (head_dim,), None, args.norm_eps) * layer.qk_norm
-                half = head_dim // 2
-                qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin  # apply_rope
-                if real is not None:  # back to batch x length slots; padding's keys and values are 0
-                    qk = qk.new_zeros(batch * length, heads + kv_heads, head_dim).index_copy_(0, real, qk)
-                    v = v.new_zeros(batch * length, kv_heads, head_dim).index_copy_(0, real, v)
-                qk = qk.view(batch, length, -1, head_dim).transpose(1, 2)
-                keys, values = cache.keys[index], cache.values[index]
-                keys.narrow(2, start, length).copy_(qk[:, heads:])
-                values.narrow(2, start, length).copy_(v.view(batch, length, -1, head_dim).transpose(1, 2))
-                q, query_mask = qk[:, :heads], mask
-                final = index == len(layers) - 1 and last is not None
-                if final:  # only each row's last position is needed from here on
-                    q, query_mask = q[:, :, -1:], mask[:, :, -1:]
-                out = F.scaled_dot_product_attention(
-                    q.to(self.cache_dtype),
-                    keys.narrow(2, 0, end),
-                    values.narrow(2, 0, end),
-                    attn_mask=query_mask,
-                    enable_gqa=kv_heads != heads,
-                )
-                out = out.transpose(1, 2).reshape(-1, heads * head_dim)
-                if final:
-                    x = x.index_select(0, last)
-                elif real is not None:
-                    out = out.index_select(0, real)
-                x = x + layer.o(out)
-                h = F.rms_norm(x, (args.d_model,), layer.mlp_norm, args.norm_eps)
-                gate_up = layer.gate_up(h)
-                if args.mlp == "swiglu":
-                    gate, up = gate_up.chunk(2, dim=-1)
-                    x = x + layer.down(F.silu(gate) * up)
-                else:
-                    x = x + layer.down(F.relu(gate_up).square())
-            if last is not None and not layers:
-                x = x.index_select(0, last)
-            logits = weights.lm_head(model.norm(x))
-        cache.length = end
-        return logits.float()
+    @torch.no_grad()  # not inference_mode: FSDP's hooks gather and free parameters around each block
+    def _forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (rows, vocab) in fp32 of the token after `tokens` (rows, length), which continue the
+        cache's rows: the model's own forward."""
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext(), self._packed.applied():
+            logits = self.model(tokens, cache)
+        return logits[:, -1].float()
 
 
 def load_model(folder: Path) -> Transformer:
@@ -690,6 +656,10 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
         problems.append(f"stop strings must be non-empty text, got {params.stop!r}")
     if any(not isinstance(token, int) or not 0 <= token < vocab_size for token in params.stop_token_ids):
         problems.append(f"stop_token_ids must be token ids in 0..{vocab_size - 1}, got {params.stop_token_ids!r}")
+    if params.logprobs is not None and (
+        not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= MAX_LOGPROBS
+    ):
+        problems.append(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, got {params.logprobs!r}")
     if problems:
         raise AtomlabError(f"sampling: {problems[0]}")
 

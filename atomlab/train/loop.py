@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from atomlab.errors import AtomlabError
-from atomlab.infer.engine import resolve_device
+from atomlab.infer.engine import Engine, Request, SamplingParams, resolve_device
 from atomlab.model import ModelArgs, Transformer, count_parameters, flops_per_token
 from atomlab.progress import progress_bar
 from atomlab.recipe import ModelConfig, TrainConfig
@@ -158,10 +158,12 @@ def build_optimizer(model: Transformer, train: TrainConfig, device: torch.device
 def sample_text(
     model: Transformer, tokenizer: Any, prompt: str, tokens: int, seed: int, stop: str = END_OF_TEXT
 ) -> str:
-    generator = torch.Generator().manual_seed(seed)
+    """A sampled continuation of prompt, through the generation engine (the model's own forward, so under
+    FSDP every rank runs it and the blocks' hooks gather their weights)."""
+    engine = Engine(model, tokenizer, model.embed_tokens.weight.device)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(END_OF_TEXT)]
-    out = model.generate(ids, tokens, generator=generator, stop_token=tokenizer.token_to_id(stop))
-    return prompt + tokenizer.decode(out)
+    params = SamplingParams(tokens, temperature=0.8, top_k=50, seed=seed, stop_token_ids=[tokenizer.token_to_id(stop)])
+    return prompt + engine.generate([Request(ids[-(model.args.seq_len - 1) :], params)])[0].text
 
 
 @dataclasses.dataclass(frozen=True)
