@@ -16,6 +16,7 @@ from atomlab import plan as plan_command
 from atomlab.envs import cli as envs_cli
 from atomlab.errors import AtomlabError
 from atomlab.evaluate import lm_eval as lm_eval_cli
+from atomlab.hub import client as hub_cli
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
@@ -107,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     hf.register(commands)
     lm_eval_cli.register(commands)
     envs_cli.register(commands)
+    hub_cli.register(commands)
     return top
 
 

@@ -1,0 +1,154 @@
+"""The lab hub against a real `atomlab hub serve` on a loopback port: institutions and tokens, signed
+pushes verified by the server, tampered pushes refused, pulls checked, Hugging Face clients served,
+and nothing lost when the hub restarts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("alembic")
+pytest.importorskip("argon2")
+httpx = pytest.importorskip("httpx")
+
+from atomlab.errors import AtomlabError  # noqa: E402
+from atomlab.hub.client import HubClient  # noqa: E402
+from atomlab.steps import list_files, write_json  # noqa: E402
+from tests.conftest import atomlab, free_port  # noqa: E402
+
+
+def make_bundle(folder: Path, weights: bytes = b"\x00" * 4096) -> Path:
+    """A folder shaped like a release bundle: files, and a manifest hashing every one of them."""
+    (folder / "checkpoints" / "step_2").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    write_json(folder / "config.json", {"d_model": 64, "n_layers": 2})
+    (folder / "MODEL_CARD.md").write_text("# A model\n")
+    (folder / "checkpoints" / "step_2" / "model.safetensors").write_bytes(weights[::-1])
+    write_json(folder / "openness.json", {"class": "Class II", "progress": {"Class II": 100.0}})
+    write_json(folder / "manifest.json", {"step": "release", "outputs": list_files(folder), "summary": {}})
+    return folder
+
+
+def sign(folder: Path, private_key, signer: str) -> None:
+    manifest = (folder / "manifest.json").read_bytes()
+    signature = {"signer": signer, "signature": base64.b64encode(private_key.sign(manifest)).decode()}
+    (folder / "manifest.sig").write_text(json.dumps(signature))
+
+
+@contextmanager
+def hub_server(work: Path):
+    port = free_port()
+    command = [sys.executable, "-m", "atomlab.cli", "hub", "serve", "--db", str(work / "hub.db")]
+    command += ["--store", str(work / "store"), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"hub did not start: {process.stdout.read()}")
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def new_institution(work: Path, name: str) -> str:
+    result = atomlab("hub", "institution", name, "--db", str(work / "hub.db"), cwd=work)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_institutions_push_verify_pull_and_restart(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    work = tmp_path
+    admin_a, admin_b = new_institution(work, "lab-a"), new_institution(work, "uni-b")
+    bundle = make_bundle(work / "bundle")
+    key = Ed25519PrivateKey.generate()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with hub_server(work) as url:
+        with HubClient(url, admin_a) as a_admin, HubClient(url, admin_b) as b_admin:
+            writer_a = a_admin.create_token("lab-a", "write", member="ana", days=30)
+            reader_b = b_admin.create_token("uni-b", "read")
+            a_admin.register_key("lab-a", "lab-a-release", pem.decode())
+            # another institution's admin cannot hand out lab-a's tokens
+            with pytest.raises(AtomlabError, match="403 token of uni-b cannot write to lab-a"):
+                b_admin.create_token("lab-a", "admin")
+        with HubClient(url, writer_a) as a, HubClient(url, reader_b) as b:
+            with pytest.raises(AtomlabError, match="403"):
+                b.push(bundle, "lab-a/tiny")  # B's token cannot write to A
+            with pytest.raises(AtomlabError, match="422 lab-a registered signing keys"):
+                a.push(bundle, "lab-a/tiny")  # unsigned, while lab-a signs its releases
+            assert a.models() == []  # its files were received, but no version became visible
+            sign(bundle, key, "lab-a-release")
+            pushed = a.push(bundle, "lab-a/tiny")
+            assert pushed["version"] == 1 and pushed["signer"] == "lab-a-release"
+            # the refused push left its files on the hub: nothing is sent twice
+            assert pushed["uploaded_files"] == 0 and len(pushed["files"]) == 7
+            assert pushed["openness"]["class"] == "Class II"
+
+            # a file changed together with its manifest: the hashes agree, the signature does not
+            tampered = make_bundle(work / "tampered", weights=b"\x01" * 4096)
+            (tampered / "manifest.sig").write_text((bundle / "manifest.sig").read_text())
+            with pytest.raises(AtomlabError, match="422 manifest.sig: the manifest is not signed"):
+                a.push(tampered, "lab-a/tiny")
+            assert [m["atomlab"]["version"] for m in a.models()] == [1]
+
+            pulled = b.pull("lab-a/tiny@1", work / "pulled")
+            for path in json.loads((bundle / "manifest.json").read_text())["outputs"]:
+                assert (pulled / path).read_bytes() == (bundle / path).read_bytes(), path
+            assert (pulled / "manifest.sig").read_text() == (bundle / "manifest.sig").read_text()
+            assert (pulled / "manifest.json").read_text() == (bundle / "manifest.json").read_text()
+            assert not (work / "pulled.partial").exists()
+            with pytest.raises(AtomlabError, match="already exists"):
+                b.pull("lab-a/tiny", work / "pulled")
+
+    with hub_server(work) as url:  # a restarted hub has lost nothing
+        with HubClient(url) as anyone:
+            info = anyone.info("lab-a/tiny")
+            assert info["atomlab"]["signer"] == "lab-a-release" and len(info["siblings"]) == 7
+            huggingface_hub = pytest.importorskip("huggingface_hub")
+            local = huggingface_hub.snapshot_download(
+                "lab-a/tiny", endpoint=url, cache_dir=str(work / "hf-cache"), token=False
+            )
+            assert (Path(local) / "model.safetensors").read_bytes() == (bundle / "model.safetensors").read_bytes()
+            assert (Path(local) / "checkpoints/step_2/model.safetensors").is_file()
+
+
+def test_uploads_that_do_not_match_are_refused(tmp_path):
+    work = tmp_path
+    token = new_institution(work, "lab-a")
+    with hub_server(work) as url:
+        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"})
+        wrong = "0" * 64
+        response = http.put(f"/api/blobs/{wrong}", content=b"hello")
+        assert response.status_code == 422 and "not " + wrong in response.json()["error"]
+        assert http.head(f"/api/blobs/{wrong}").status_code == 404
+        response = http.post("/api/models/lab-a/Bad Name", json={"manifest": "{}"})
+        assert response.status_code == 400 and "model name" in response.json()["error"]
+        response = http.post("/api/models/nowhere/tiny", json={"manifest": "{}"})
+        assert response.status_code == 404 and "unknown institution" in response.json()["error"]
+        manifest = json.dumps({"outputs": {"model.safetensors": {"sha256": "ab" * 32, "bytes": 10}}})
+        response = http.post("/api/models/lab-a/tiny", json={"manifest": manifest})
+        assert response.status_code == 422 and "model.safetensors: no uploaded file" in response.json()["error"]
+        assert http.get("/api/models").json() == []
+        response = httpx.get(f"{url}/api/whoami", headers={"Authorization": "Bearer alh_0000_nope"})
+        assert response.status_code == 401
