@@ -120,6 +120,52 @@ def test_institutions_push_verify_pull_and_restart(tmp_path):
             assert not (work / "pulled.partial").exists()
             with pytest.raises(AtomlabError, match="already exists"):
                 b.pull("lab-a/tiny", work / "pulled")
+            with pytest.raises(AtomlabError, match="403 token role read cannot do this"):
+                b.claim("lab-a/tiny@1", "bitwise", "{}")
+
+        with HubClient(url, admin_b) as b_admin:
+            contributor_b = b_admin.create_token("uni-b", "contributor", member="bo")
+        with HubClient(url, contributor_b) as b:
+            report = {"manifest_sha256": pushed["manifest_sha256"], "machine": {"cpu": "test CPU"}, "files": []}
+            b.claim("lab-a/tiny@1", "bitwise", json.dumps(report))
+            with pytest.raises(AtomlabError, match="422 report: it reproduces manifest"):
+                b.claim("lab-a/tiny@1", "bitwise", json.dumps({**report, "manifest_sha256": "f" * 64}))
+            b.evaluate("lab-a/tiny@1", "arithmetic-v1", "pass@1", 0.61)
+            b.evaluate("lab-a/tiny@1", "arithmetic-v1", "pass@1", 0.64)  # a second try stays on record
+            board = b.leaderboard("arithmetic-v1", "pass@1")
+            assert board == [
+                {
+                    "family": "lab-a/tiny",
+                    "model": "lab-a/tiny@1",
+                    "value": 0.64,
+                    "submitted_by": "uni-b",
+                    "computed_by_hub": False,
+                    "variants": 1,
+                    "submissions": 2,
+                }
+            ]
+        page = httpx.get(f"{url}/lab-a/tiny").text
+        assert "reproduced bitwise by 1 institution" in page and "Class II" in page and "lab-a-release" in page
+        assert [row["action"] for row in httpx.get(f"{url}/api/audit").json()] == [
+            "token",
+            "token",
+            "key",
+            "push",
+            "token",
+            "claim",
+            "evaluation",
+            "evaluation",
+        ]
+        atomlab(
+            "hub",
+            "export",
+            str(work / "export-1"),
+            "--db",
+            str(work / "hub.db"),
+            "--store",
+            str(work / "store"),
+            cwd=work,
+        )
 
     with hub_server(work) as url:  # a restarted hub has lost nothing
         with HubClient(url) as anyone:
@@ -131,6 +177,17 @@ def test_institutions_push_verify_pull_and_restart(tmp_path):
             )
             assert (Path(local) / "model.safetensors").read_bytes() == (bundle / "model.safetensors").read_bytes()
             assert (Path(local) / "checkpoints/step_2/model.safetensors").is_file()
+
+    # export, import into a fresh hub, export again: the same bytes
+    fresh = ["--db", str(work / "fresh.db"), "--store", str(work / "fresh-store")]
+    atomlab("hub", "import", str(work / "export-1"), *fresh, cwd=work)
+    atomlab("hub", "export", str(work / "export-2"), *fresh, cwd=work)
+    first, second = work / "export-1", work / "export-2"
+    names = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file())
+    assert all((first / n).read_bytes() == (second / n).read_bytes() for n in names)
+    refused = atomlab("hub", "import", str(work / "export-1"), *fresh, cwd=work, check=False)
+    assert refused.returncode == 2 and "import into a fresh hub" in refused.stderr
 
 
 def test_uploads_that_do_not_match_are_refused(tmp_path):

@@ -132,6 +132,20 @@ class HubClient:
         result["uploaded_files"] = sent
         return result
 
+    def claim(self, name: str, verdict: str, report_text: str, signature: str | None = None) -> dict[str, Any]:
+        """Post that this token's institution re-derived NAME@VERSION, with its reproduction.json."""
+        institution, model, ref = split_name(name)
+        body = {"version": ref, "verdict": verdict, "report": report_text, "signature": signature}
+        return self.post(f"/api/models/{institution}/{model}/claims", body)
+
+    def evaluate(self, name: str, task: str, metric: str, value: float, **extra: Any) -> dict[str, Any]:
+        institution, model, ref = split_name(name)
+        body = {"version": ref, "task": task, "metric": metric, "value": value, **extra}
+        return self.post(f"/api/models/{institution}/{model}/evaluations", body)
+
+    def leaderboard(self, task: str, metric: str, task_version: str = "") -> list[dict[str, Any]]:
+        return self.get(f"/api/leaderboards/{task}/{metric}", params={"task_version": task_version})
+
     def pull(self, name: str, out: str | Path, force: bool = False) -> Path:
         target = Path(out)
         if target.exists() and not force:
@@ -225,6 +239,37 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.evaluate(args.name, args.task, args.metric, args.value, task_version=args.task_version)
+        board = client.leaderboard(args.task, args.metric, args.task_version)
+    institution, model, _ = split_name(args.name)
+    rank = next((i for i, row in enumerate(board, 1) if row["model"].split("@")[0] == f"{institution}/{model}"), None)
+    where = f"; the leaderboard's #{rank} of {len(board)}" if rank else f"; {len(board)} families on the leaderboard"
+    print(f"posted {args.task} {args.metric} = {args.value} for {args.name}{where}")
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return f"{counts['models']} models, {counts['model_versions']} versions, {counts['blobs']} files"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from atomlab.hub.archive import export_hub
+
+    counts = export_hub(args.db, args.store, Path(args.folder))
+    print(f"exported {_counts(counts)} to {args.folder}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from atomlab.hub.archive import import_hub
+
+    counts = import_hub(Path(args.folder), args.db, args.store)
+    print(f"imported {_counts(counts)} into {args.db}")
+    return 0
+
+
 def _ls(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -306,3 +351,21 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     ls = remote("ls", "list the hub's models")
     ls.set_defaults(handler=_ls)
+
+    evaluate = remote("evaluate", "post an evaluation result for INSTITUTION/NAME[@VERSION] (append-only)")
+    evaluate.add_argument("name")
+    evaluate.add_argument("--task", required=True, help="an environment id or lm-eval task, e.g. arithmetic-v1")
+    evaluate.add_argument("--task-version", default="")
+    evaluate.add_argument("--metric", required=True, help="e.g. pass@1")
+    evaluate.add_argument("--value", type=float, required=True)
+    evaluate.set_defaults(handler=_evaluate)
+
+    for name, handler, help_text in (
+        ("export", _export, "write the whole hub (database rows and blobs) into a folder"),
+        ("import", _import, "restore an exported hub into a fresh database and store"),
+    ):
+        sub = actions.add_parser(name, help=help_text)
+        sub.add_argument("folder")
+        sub.add_argument("--db", default="hub.db")
+        sub.add_argument("--store", default="hub-store")
+        sub.set_defaults(handler=handler)

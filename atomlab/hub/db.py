@@ -36,6 +36,8 @@ from atomlab.errors import AtomlabError
 
 # The roles of a member's token, weakest first: each can do what the ones before it can.
 ROLES = ("read", "contributor", "write", "admin")
+# page paths of the server: no institution may take them
+RESERVED = {"api", "leaderboards", "static", "search", "login"}
 NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -45,6 +47,8 @@ def utcnow() -> dt.datetime:
 
 def check_name(kind: str, name: str) -> str:
     """Names are URL path segments: lower-case letters, digits, '.', '_', '-', 1-64 long."""
+    if kind == "institution" and name in RESERVED:
+        raise AtomlabError(f"institution name {name!r} is reserved for the hub's own pages; choose another")
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise AtomlabError(
             f"{kind} name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', "

@@ -38,6 +38,7 @@ from atomlab.hub.db import (
     AuditEntry,
     Blob,
     Claim,
+    Evaluation,
     Institution,
     Model,
     ModelVersion,
@@ -215,6 +216,88 @@ class Hub:
         session.commit()
         return version
 
+    def claim(self, session: Session, token: Token | None, institution: str, name: str, body: dict[str, Any]) -> Claim:
+        """Record that the token's institution re-derived a version (`atomlab hub reproduce` posts this)."""
+        token = self.require(token, None, "contributor")
+        version = self.version(session, institution, name, str(body.get("version", "main")))
+        verdict, report_text = body.get("verdict"), body.get("report")
+        if verdict not in VERDICTS:
+            raise HubError(400, f"verdict: one of {', '.join(VERDICTS)}")
+        if not isinstance(report_text, str):
+            raise HubError(400, "report: the text of the reproduction.json that `atomlab reproduce` wrote")
+        try:
+            report = json.loads(report_text)
+        except ValueError:
+            raise HubError(400, "report: not JSON") from None
+        if report.get("manifest_sha256") not in (None, version.manifest_sha256):
+            raise HubError(422, f"report: it reproduces manifest {report['manifest_sha256'][:16]}..., not this version")
+        signature = body.get("signature")
+        signer = self._check_signature(token.institution, report_text, signature)
+        claim = Claim(
+            version=version,
+            institution=token.institution,
+            verdict=verdict,
+            report={**report, "signed_by": signer, "signature": signature},
+        )
+        session.add(claim)
+        self.audit(session, token, "claim", f"{institution}/{name}@{version.number}", verdict=verdict, signer=signer)
+        session.commit()
+        return claim
+
+    def evaluation(
+        self, session: Session, token: Token | None, institution: str, name: str, body: dict[str, Any]
+    ) -> Evaluation:
+        """Append an evaluation result; results are never edited or removed."""
+        token = self.require(token, None, "contributor")
+        version = self.version(session, institution, name, str(body.get("version", "main")))
+        task, metric, value = body.get("task"), body.get("metric"), body.get("value")
+        if not isinstance(task, str) or not task or not isinstance(metric, str) or not metric:
+            raise HubError(400, "task and metric: e.g. task arithmetic-v1, metric pass@1")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            raise HubError(400, "value: a number")
+        result = Evaluation(
+            version=version,
+            institution=token.institution,
+            task=task,
+            task_version=str(body.get("task_version", "")),
+            metric=metric,
+            value=float(value),
+            computed_by_hub=False,
+            details=body.get("details") if isinstance(body.get("details"), dict) else {},
+        )
+        session.add(result)
+        self.audit(session, token, "evaluation", f"{institution}/{name}@{version.number}", task=task, metric=metric)
+        session.commit()
+        return result
+
+    @staticmethod
+    def leaderboard(session: Session, task: str, metric: str, task_version: str = "") -> list[dict[str, Any]]:
+        """The best result per model family (a model and everything derived from it), with how many
+        variants each family submitted, so a family that tried many quietly shows it did."""
+        rows = session.scalars(
+            select(Evaluation).where(
+                Evaluation.task == task, Evaluation.metric == metric, Evaluation.task_version == task_version
+            )
+        ).all()
+        families: dict[str, list[Evaluation]] = {}
+        for row in rows:
+            families.setdefault(family_of(row.version), []).append(row)
+        board = []
+        for family, results in families.items():
+            best = max(results, key=lambda r: (r.value, -r.id))
+            board.append(
+                {
+                    "family": family,
+                    "model": f"{best.version.model.full_name}@{best.version.number}",
+                    "value": best.value,
+                    "submitted_by": best.institution.name,
+                    "computed_by_hub": best.computed_by_hub,
+                    "variants": len({r.version_id for r in results}),
+                    "submissions": len(results),
+                }
+            )
+        return sorted(board, key=lambda r: (-r["value"], r["family"]))
+
     def _store_text(self, session: Session, text: str) -> tuple[str, int]:
         """Keep text the request carried (a manifest, a signature) as a blob: (sha256, size)."""
         sha256, size = self.store.put_bytes(text.encode())
@@ -265,6 +348,11 @@ def _base_model(manifest: dict[str, Any]) -> str | None:
     recipe = config.get("recipe") or {}
     init = recipe.get("init") or {}
     return summary.get("base_model") or init.get("from") or None
+
+
+def family_of(version: ModelVersion) -> str:
+    """The model a version descends from: its base model's name when it names one, else its own."""
+    return (version.base_model or version.model.full_name).split("@")[0]
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -563,6 +651,56 @@ def create_app(hub: Hub) -> Any:
             return StreamingResponse(hub.store.read_chunks(file.sha256, start, end), status_code=206, headers=headers)
         return StreamingResponse(hub.store.read_chunks(file.sha256), headers=headers)
 
+    @app.post("/api/models/{institution}/{name}/claims")
+    async def post_claim(institution: str, name: str, request: Request) -> dict[str, Any]:
+        body = await body_json(request)
+
+        def work() -> dict[str, Any]:
+            with hub.sessions() as session:
+                return _claim_json(hub.claim(session, authed(request, session), institution, name, body))
+
+        return await run_in_threadpool(work)
+
+    @app.post("/api/models/{institution}/{name}/evaluations")
+    async def post_evaluation(institution: str, name: str, request: Request) -> dict[str, Any]:
+        body = await body_json(request)
+
+        def work() -> dict[str, Any]:
+            with hub.sessions() as session:
+                row = hub.evaluation(session, authed(request, session), institution, name, body)
+                return {"id": row.id, "task": row.task, "metric": row.metric, "value": row.value}
+
+        return await run_in_threadpool(work)
+
+    @app.get("/api/leaderboards")
+    def leaderboards() -> list[dict[str, Any]]:
+        with hub.sessions() as session:
+            rows = session.execute(
+                select(Evaluation.task, Evaluation.task_version, Evaluation.metric, func.count())
+                .group_by(Evaluation.task, Evaluation.task_version, Evaluation.metric)
+                .order_by(Evaluation.task, Evaluation.metric)
+            )
+            return [{"task": t, "task_version": v, "metric": m, "results": n} for t, v, m, n in rows]
+
+    @app.get("/api/leaderboards/{task}/{metric}")
+    def leaderboard(task: str, metric: str, task_version: str = "") -> list[dict[str, Any]]:
+        with hub.sessions() as session:
+            return hub.leaderboard(session, task, metric, task_version)
+
+    @app.get("/api/audit")
+    def audit_log(after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        with hub.sessions() as session:
+            rows = session.scalars(
+                select(AuditEntry).where(AuditEntry.id > after).order_by(AuditEntry.id).limit(min(limit, 5000))
+            )
+            return [
+                {"id": r.id, "at": _iso(r.at), "institution": r.institution, "action": r.action, "target": r.target}
+                for r in rows
+            ]
+
+    from atomlab.hub.pages import add_pages
+
+    add_pages(app, hub)
     return app
 
 
