@@ -5,7 +5,10 @@ and nothing lost when the hub restarts."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,10 +47,27 @@ def sign(folder: Path, private_key, signer: str) -> None:
     (folder / "manifest.sig").write_text(json.dumps(signature))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    """The hub's database URL: a SQLite file, or a fresh database on the PostgreSQL server that
+    scripts/test.sh starts (ATOMLAB_TEST_POSTGRES)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.db")
+    server = os.environ.get("ATOMLAB_TEST_POSTGRES")
+    if not server:
+        pytest.skip("set ATOMLAB_TEST_POSTGRES to a PostgreSQL URL (scripts/test.sh starts one)")
+    psycopg = pytest.importorskip("psycopg")
+    name = f"hub_{tmp_path.name.lower().replace('-', '_')[-40:]}_{os.getpid()}"
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
 @contextmanager
-def hub_server(work: Path):
+def hub_server(work: Path, database: str):
     port = free_port()
-    command = [sys.executable, "-m", "atomlab.cli", "hub", "serve", "--db", str(work / "hub.db")]
+    command = [sys.executable, "-m", "atomlab.cli", "hub", "serve", "--db", database]
     command += ["--store", str(work / "store"), "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -70,21 +90,21 @@ def hub_server(work: Path):
         process.wait(timeout=30)
 
 
-def new_institution(work: Path, name: str) -> str:
-    result = atomlab("hub", "institution", name, "--db", str(work / "hub.db"), cwd=work)
+def new_institution(work: Path, name: str, database: str) -> str:
+    result = atomlab("hub", "institution", name, "--db", database, cwd=work)
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_institutions_push_verify_pull_and_restart(tmp_path):
+def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, database):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     work = tmp_path
-    admin_a, admin_b = new_institution(work, "lab-a"), new_institution(work, "uni-b")
+    admin_a, admin_b = new_institution(work, "lab-a", database), new_institution(work, "uni-b", database)
     bundle = make_bundle(work / "bundle")
     key = Ed25519PrivateKey.generate()
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    with hub_server(work) as url:
+    with hub_server(work, database) as url:
         with HubClient(url, admin_a) as a_admin, HubClient(url, admin_b) as b_admin:
             writer_a = a_admin.create_token("lab-a", "write", member="ana", days=30)
             reader_b = b_admin.create_token("uni-b", "read")
@@ -161,13 +181,13 @@ def test_institutions_push_verify_pull_and_restart(tmp_path):
             "export",
             str(work / "export-1"),
             "--db",
-            str(work / "hub.db"),
+            database,
             "--store",
             str(work / "store"),
             cwd=work,
         )
 
-    with hub_server(work) as url:  # a restarted hub has lost nothing
+    with hub_server(work, database) as url:  # a restarted hub has lost nothing
         with HubClient(url) as anyone:
             info = anyone.info("lab-a/tiny")
             assert info["atomlab"]["signer"] == "lab-a-release" and len(info["siblings"]) == 7
@@ -191,21 +211,88 @@ def test_institutions_push_verify_pull_and_restart(tmp_path):
 
 
 def test_uploads_that_do_not_match_are_refused(tmp_path):
-    work = tmp_path
-    token = new_institution(work, "lab-a")
-    with hub_server(work) as url:
-        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"})
+    work, database = tmp_path, str(tmp_path / "hub.db")
+    token = new_institution(work, "lab-a", database)
+    with hub_server(work, database) as url:
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"})
         wrong = "0" * 64
-        response = http.put(f"/api/blobs/{wrong}", content=b"hello")
+        response = api.put(f"/api/blobs/{wrong}", content=b"hello")
         assert response.status_code == 422 and "not " + wrong in response.json()["error"]
-        assert http.head(f"/api/blobs/{wrong}").status_code == 404
-        response = http.post("/api/models/lab-a/Bad Name", json={"manifest": "{}"})
+        assert api.head(f"/api/blobs/{wrong}").status_code == 404
+        response = api.post("/api/models/lab-a/Bad Name", json={"manifest": "{}"})
         assert response.status_code == 400 and "model name" in response.json()["error"]
-        response = http.post("/api/models/nowhere/tiny", json={"manifest": "{}"})
+        response = api.post("/api/models/nowhere/tiny", json={"manifest": "{}"})
         assert response.status_code == 404 and "unknown institution" in response.json()["error"]
         manifest = json.dumps({"outputs": {"model.safetensors": {"sha256": "ab" * 32, "bytes": 10}}})
-        response = http.post("/api/models/lab-a/tiny", json={"manifest": manifest})
+        response = api.post("/api/models/lab-a/tiny", json={"manifest": manifest})
         assert response.status_code == 422 and "model.safetensors: no uploaded file" in response.json()["error"]
-        assert http.get("/api/models").json() == []
+        assert api.get("/api/models").json() == []
         response = httpx.get(f"{url}/api/whoami", headers={"Authorization": "Bearer alh_0000_nope"})
         assert response.status_code == 401
+        with HubClient(url, token) as admin:
+            short_lived = admin.create_token("lab-a", "write", days=1 / 86400)  # one second
+        time.sleep(1.5)
+        response = httpx.get(f"{url}/api/whoami", headers={"Authorization": f"Bearer {short_lived}"})
+        assert response.status_code == 401 and "expired" in response.json()["error"]
+        # 10 TiB announced to a store without that much room: refused before a byte is read
+        connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        connection.putrequest("PUT", f"/api/blobs/{'1' * 64}")
+        connection.putheader("Authorization", f"Bearer {token}")
+        connection.putheader("Content-Length", str(10 << 40))
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 507 and "does not fit" in json.loads(response.read())["error"]
+        connection.close()
+        # a truncated upload leaves nothing behind
+        data = b"x" * 5000
+        sha = hashlib.sha256(data).hexdigest()
+        connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        connection.putrequest("PUT", f"/api/blobs/{sha}")
+        connection.putheader("Authorization", f"Bearer {token}")
+        connection.putheader("Content-Length", str(len(data)))
+        connection.endheaders()
+        connection.send(data[:1000])
+        connection.close()
+        time.sleep(1)
+        assert api.head(f"/api/blobs/{sha}").status_code == 404
+        assert not list((work / "store" / ".staging").iterdir())
+
+
+def test_pages_in_headless_chromium(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import headless_chromium
+
+    work, database = tmp_path, str(tmp_path / "hub.db")
+    admin = new_institution(work, "lab-a", database)
+    bundle = make_bundle(work / "bundle")
+    (bundle / "MODEL_CARD.md").write_text(
+        "---\nlicense: apache-2.0\n---\n# Tiny\n\n| metric | value |\n|---|---|\n| bpb | 2.26 |\n"
+    )
+    write_json(bundle / "manifest.json", {"step": "release", "outputs": list_files(bundle), "summary": {}})
+    with hub_server(work, database) as url, HubClient(url, admin) as client:
+        client.push(bundle, "lab-a/tiny")
+        report = json.dumps({"machine": {"cpu": "AMD EPYC"}, "files": []})
+        client.claim("lab-a/tiny", "bitwise", report)
+        client.evaluate("lab-a/tiny", "arithmetic-v1", "pass@1", 0.87)
+        with headless_chromium(work / "profile") as browser:
+            browser.get(url + "/")
+            browser.find_element(By.LINK_TEXT, "lab-a/tiny").click()
+            text = browser.find_element(By.TAG_NAME, "main").text
+            assert "reproduced bitwise by 1 institution" in text and "Class II" in text
+            assert browser.find_element(By.CSS_SELECTOR, ".card table").text.split() == [
+                "metric",
+                "value",
+                "bpb",
+                "2.26",
+            ]
+            (work / "model-page.png").write_bytes(browser.get_screenshot_as_png())
+            search = browser.find_element(By.NAME, "q")
+            search.send_keys("nothing-like-this\n")
+            assert "no models match" in browser.find_element(By.TAG_NAME, "main").text
+            browser.get(url + "/leaderboards")
+            browser.find_element(By.LINK_TEXT, "arithmetic-v1").click()
+            assert browser.find_elements(By.CSS_SELECTOR, "svg rect")  # the plot
+            assert "lab-a/tiny@1" in browser.find_element(By.TAG_NAME, "table").text
+            (work / "leaderboard.png").write_bytes(browser.get_screenshot_as_png())
+    assert (work / "model-page.png").stat().st_size > 1000

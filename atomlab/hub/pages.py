@@ -48,7 +48,7 @@ def table(headers: list[str], rows: list[list[str]], empty: str = "none yet") ->
         return f"<p><em>{_e(empty)}</em></p>"
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{f'<thead><tr>{head}</tr></thead>' if any(headers) else ''}<tbody>{body}</tbody></table>"
 
 
 def grade_badge(openness: dict[str, Any]) -> str:
