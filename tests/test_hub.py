@@ -295,4 +295,17 @@ def test_pages_in_headless_chromium(tmp_path):
             assert browser.find_elements(By.CSS_SELECTOR, "svg rect")  # the plot
             assert "lab-a/tiny@1" in browser.find_element(By.TAG_NAME, "table").text
             (work / "leaderboard.png").write_bytes(browser.get_screenshot_as_png())
+        # a second hub mirrors the first one's public models, re-verifying them
+        (work / "mirror").mkdir()
+        mirror_db = str(work / "mirror" / "hub.db")
+        mirror_admin = new_institution(work / "mirror", "lab-a", mirror_db)
+        with hub_server(work / "mirror", mirror_db) as mirror_url:
+            command = ["hub", "mirror", url, "--url", mirror_url, "--token", mirror_admin, "--institution", "lab-a"]
+            assert "mirrored 1 versions" in atomlab(*command, cwd=work).stdout
+            assert "mirrored 0 versions" in atomlab(*command, cwd=work).stdout  # nothing twice
+            with HubClient(mirror_url) as copy:
+                assert (
+                    copy.info("lab-a/tiny")["atomlab"]["manifest_sha256"]
+                    == client.info("lab-a/tiny")["atomlab"]["manifest_sha256"]
+                )
     assert (work / "model-page.png").stat().st_size > 1000

@@ -174,6 +174,29 @@ class HubClient:
         return target
 
 
+def mirror(source: HubClient, target: HubClient, institution: str | None = None) -> list[str]:
+    """Copy every public model version of `source` (of one institution, or all) that `target` lacks;
+    the target re-verifies each one as it would any push. Returns NAME@VERSION of what was copied."""
+    import tempfile
+
+    present = {
+        m["id"]: {v["manifest_sha256"] for v in target.get(f"/api/models/{m['id']}")["versions"]}
+        for m in target.models()
+    }
+    copied = []
+    for model in source.models():
+        if institution and model["author"] != institution:
+            continue
+        for version in source.get(f"/api/models/{model['id']}")["versions"]:
+            if version["manifest_sha256"] in present.get(model["id"], set()):
+                continue
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = source.pull(f"{model['id']}@{version['version']}", Path(scratch) / "bundle")
+                target.push(folder, model["id"])
+            copied.append(f"{model['id']}@{version['version']}")
+    return copied
+
+
 # the `atomlab hub` commands
 
 
@@ -247,6 +270,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     rank = next((i for i, row in enumerate(board, 1) if row["model"].split("@")[0] == f"{institution}/{model}"), None)
     where = f"; the leaderboard's #{rank} of {len(board)}" if rank else f"; {len(board)} families on the leaderboard"
     print(f"posted {args.task} {args.metric} = {args.value} for {args.name}{where}")
+    return 0
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    with HubClient(args.source) as source, _client(args) as target:
+        copied = mirror(source, target, args.institution)
+    print(
+        f"mirrored {len(copied)} versions from {args.source} to {args.url}"
+        + (f": {', '.join(copied)}" if copied else "")
+    )
     return 0
 
 
@@ -359,6 +392,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--metric", required=True, help="e.g. pass@1")
     evaluate.add_argument("--value", type=float, required=True)
     evaluate.set_defaults(handler=_evaluate)
+
+    mirror_command = remote("mirror", "copy the public models of another hub into this one (--url), re-verified")
+    mirror_command.add_argument("source", help="the URL of the hub to copy from")
+    mirror_command.add_argument("--institution", help="only this institution's models")
+    mirror_command.set_defaults(handler=_mirror)
 
     for name, handler, help_text in (
         ("export", _export, "write the whole hub (database rows and blobs) into a folder"),
