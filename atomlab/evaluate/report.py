@@ -177,7 +177,10 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
         "",
         "| | |",
         "|---|---|",
-        f"| held-out bits per byte | {results['held_out_bits_per_byte']:.4f} |",
+        *(
+            f"| held-out bits per byte ({'pretrained' if stage == 'base' else stage}) | {value:.4f} |"
+            for stage, value in results["held_out_bits_per_byte_by_stage"].items()
+        ),
         f"| validation loss (nats/token) | {summary['val_loss']:.4f} |",
         f"| training tokens | {summary['tokens']:,} |",
         f"| parameters | {summary['parameters']['total']:,} |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,10 +41,8 @@ def document_bits_per_byte(
     return nats, count
 
 
-def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
-    tokenizer = load_tokenizer(tok / "tokenizer.json")
-    model = load_model(train)
+def held_out_documents(model: Transformer, tokenizer: Any, data: Path) -> list[dict[str, Any]]:
+    """Nats and bytes of each whole held-out document under one model."""
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
@@ -62,8 +61,24 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
                     "nats": nats,
                 }
             )
-    total_bits = sum(d["nats"] for d in documents) / math.log(2)
+    return documents
+
+
+def _bits_per_byte(documents: list[dict[str, Any]]) -> float:
+    return sum(d["nats"] for d in documents) / math.log(2) / max(1, sum(d["bytes"] for d in documents))
+
+
+def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
+    data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
+    tokenizer = load_tokenizer(tok / "tokenizer.json")
+    model = load_model(train)
+    documents = held_out_documents(model, tokenizer, data)
     total_bytes = sum(d["bytes"] for d in documents)
+    # every model of the run on the same held-out documents, so the released one has its own figure
+    by_stage = {"base": _bits_per_byte(documents)}
+    for stage in POST_TRAINING:
+        if stage in ctx.inputs:
+            by_stage[stage] = _bits_per_byte(held_out_documents(load_model(ctx.inputs[stage]), tokenizer, data))
 
     engine = Engine(model, tokenizer, torch.device("cpu"))
     settings = recipe.evaluate
@@ -82,12 +97,17 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     ]
 
     results = {
-        "held_out_bits_per_byte": total_bits / max(1, total_bytes),
+        "held_out_bits_per_byte": by_stage["base"],
+        "held_out_bits_per_byte_by_stage": by_stage,
         "held_out_bytes": total_bytes,
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
-    headline = {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    headline = {
+        "held_out_bits_per_byte": round(by_stage["base"], 4),
+        "held_out_bits_per_byte_by_stage": {stage: round(value, 4) for stage, value in by_stage.items()},
+        "documents": len(documents),
+    }
     if recipe.evaluate.environments:
         results.update(environment_results(ctx, recipe, tokenizer, model))
         headline["accuracy"] = {

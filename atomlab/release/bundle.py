@@ -16,8 +16,9 @@ from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
 from atomlab.recipe import Recipe
-from atomlab.release.cards import model_card, openness
-from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
+from atomlab.release.cards import STAGES, model_card, released_metrics
+from atomlab.release.openness import grade, read_bundle
+from atomlab.steps import MANIFEST, StepContext, code_version, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 
 
@@ -38,7 +39,8 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     evaluation = ctx.inputs["evaluate"]
     out = ctx.folder
     # the released weights are the last trained stage's: RL, else SFT, else pretraining
-    final = next(ctx.inputs[stage] for stage in ("rl", "sft", "pretrain") if stage in ctx.inputs)
+    stages_run = [stage for stage in STAGES if stage in ctx.inputs]
+    final = ctx.inputs[stages_run[-1]]
     shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
     for stage in ("sft", "rl"):
         if stage in ctx.inputs:
@@ -78,26 +80,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         },
     )
     evaluated = json.loads((evaluation / "eval.json").read_text())
-    metrics = {
-        "val_loss": summary["val_loss"],
-        "val_bits_per_byte": summary["val_bpb"],
-        "final_train_loss": summary["final_train_loss"],
-        "train_tokens": summary["tokens"],
-        "steps": summary["steps"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "mfu": summary["mfu"],
-        "parameters": summary["parameters"],
-        "held_out_bits_per_byte": evaluated["held_out_bits_per_byte"],
-        "released_stage": final.name.rsplit("-", 1)[0],
-    }
-    if "stages" in evaluated:
-        metrics["environment_accuracy"] = {
-            stage: {
-                env: {k: r[k] for k in ("pass@1", "pass@1_ci95", "pass@k", "samples", "tasks")}
-                for env, r in scores["environments"].items()
-            }
-            for stage, scores in ((name, evaluated["stages"][name]) for name in evaluated["stage_order"])
-        }
+    metrics = released_metrics(recipe, stages_run, summary, evaluated)
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
     write_json(out / "data_stats.json", stats)
@@ -107,10 +90,19 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
-    grade = openness(out, stats)
-    write_json(out / "openness.json", grade)
-    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))
-    return {"bundle": str(out), "val_bpb": summary["val_bpb"], "openness": grade["class"]}
+    # the card is a graded component, so grade with it in place, then write it with the grade
+    # the manifest is written after this step returns: grade with the code version it will record
+    write_atomic(out / "MODEL_CARD.md", "")
+    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
+    write_json(out / "openness.json", graded.to_dict())
+    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded,
+                                                   stages_run))
+    return {
+        "bundle": str(out),
+        "released_stage": metrics["released_stage"],
+        "held_out_bits_per_byte": metrics["held_out_bits_per_byte"],
+        "openness": graded.label,
+    }
 
 
 def verify_listed(folder: Path) -> dict[str, dict[str, Any]]:
