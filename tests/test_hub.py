@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx")
 
 from atomlab.errors import AtomlabError  # noqa: E402
 from atomlab.hub.client import HubClient  # noqa: E402
+from atomlab.release.openness import grade_path  # noqa: E402
 from atomlab.steps import list_files, write_json  # noqa: E402
 from tests.conftest import atomlab, free_port  # noqa: E402
 
@@ -36,7 +37,9 @@ def make_bundle(folder: Path, weights: bytes = b"\x00" * 4096) -> Path:
     write_json(folder / "config.json", {"d_model": 64, "n_layers": 2})
     (folder / "MODEL_CARD.md").write_text("# A model\n")
     (folder / "checkpoints" / "step_2" / "model.safetensors").write_bytes(weights[::-1])
-    write_json(folder / "openness.json", {"class": "Class II", "progress": {"Class II": 100.0}})
+    (folder / "recipe.toml").write_text(
+        '[data]\nsources = ["embedded:shakespeare-milton"]\n\n[release]\nlicense = "Apache-2.0"\n'
+    )
     write_json(folder / "manifest.json", {"step": "release", "outputs": list_files(folder), "summary": {}})
     return folder
 
@@ -123,7 +126,9 @@ def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, d
             assert pushed["version"] == 1 and pushed["signer"] == "lab-a-release"
             # the refused push left its files on the hub: nothing is sent twice
             assert pushed["uploaded_files"] == 0 and len(pushed["files"]) == 7
-            assert pushed["openness"]["class"] == "Class II"
+            # the hub grades what it received itself, as `atomlab openness` grades the folder
+            assert pushed["openness"]["label"] == grade_path(bundle).label
+            assert pushed["openness"]["source"] == "computed by the hub on upload"
 
             # a file changed together with its manifest: the hashes agree, the signature does not
             tampered = make_bundle(work / "tampered", weights=b"\x01" * 4096)
@@ -165,7 +170,8 @@ def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, d
                 }
             ]
         page = httpx.get(f"{url}/lab-a/tiny").text
-        assert "reproduced bitwise by 1 institution" in page and "Class II" in page and "lab-a-release" in page
+        assert "reproduced bitwise by 1 institution" in page and "lab-a-release" in page
+        assert grade_path(bundle).label in page
         assert [row["action"] for row in httpx.get(f"{url}/api/audit").json()] == [
             "token",
             "token",
@@ -279,7 +285,7 @@ def test_pages_in_headless_chromium(tmp_path):
             browser.get(url + "/")
             browser.find_element(By.LINK_TEXT, "lab-a/tiny").click()
             text = browser.find_element(By.TAG_NAME, "main").text
-            assert "reproduced bitwise by 1 institution" in text and "Class II" in text
+            assert "reproduced bitwise by 1 institution" in text and grade_path(bundle).label in text
             assert browser.find_element(By.CSS_SELECTOR, ".card table").text.split() == [
                 "metric",
                 "value",

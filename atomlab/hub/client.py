@@ -312,7 +312,7 @@ def _ls(args: argparse.Namespace) -> int:
     table = Table("model", "version", "files", "signed by", "openness", "reproduced", "pushed")
     for model in models:
         version = model["atomlab"]
-        grade = version["openness"].get("class") or "-"
+        grade = version["openness"].get("label") or "-"
         reproduced = sum(c["verdict"] == "bitwise" for c in version["claims"])
         table.add_row(
             model["id"],

@@ -52,10 +52,10 @@ def table(headers: list[str], rows: list[list[str]], empty: str = "none yet") ->
 
 
 def grade_badge(openness: dict[str, Any]) -> str:
-    grade = openness.get("class") or openness.get("class_reached")
-    if not grade:
-        return "<span class='badge warn'>not graded</span>"
-    return f"<span class='badge ok'>{_e(grade)}</span>"
+    label = openness.get("label")
+    if not label or openness.get("error"):
+        return f"<span class='badge warn' title='{_e(openness.get('error', ''))}'>not graded</span>"
+    return f"<span class='badge {'ok' if openness.get('class') else 'warn'}'>{_e(label)}</span>"
 
 
 def reproduced_badge(claims: list[Claim]) -> str:
@@ -197,7 +197,7 @@ def add_pages(app: FastAPI, hub: Any) -> None:
                 if m.versions and (m.versions[-1].base_model or "").split("@")[0] == model.full_name
             ]
             openness = current.openness
-            missing = openness.get("missing") or []
+            missing = [m for m in openness.get("missing") or [] if m.get("required")]
             facts = [
                 ["version", f"{current.number} of {len(model.versions)}"],
                 ["manifest sha256", f"<code>{_e(current.manifest_sha256)}</code>"],
@@ -238,7 +238,7 @@ def add_pages(app: FastAPI, hub: Any) -> None:
         if missing:
             body += (
                 "<h2>Missing for a higher openness class</h2><ul>"
-                + "".join(f"<li>{_e(m if isinstance(m, str) else m.get('component', m))}</li>" for m in missing)
+                + "".join(f"<li>Class {_e(m['class'])}: {_e(m['component'])}: {_e(m['fix'])}</li>" for m in missing)
                 + "</ul>"
             )
         body += "<h2>Reproduction claims</h2>" + table(["institution", "verdict", "machine", "when"], claims)

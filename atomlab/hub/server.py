@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from atomlab.hub.store import BlobStore
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 VERDICTS = ("bitwise", "within-tolerance", "different", "failed")
+SMALL_FILE = 64 << 20  # files the openness grader reads; larger ones (weights) only need to exist
 
 
 class HubError(Exception):
@@ -332,21 +334,33 @@ class Hub:
         raise HubError(422, f"{SIGNATURE}: the manifest is not signed by any key {owner.name} registered")
 
     def _openness(self, files: dict[str, tuple[str, int]]) -> dict[str, Any]:
-        """The bundle's openness grade, read from its own openness.json when it has one."""
-        if "openness.json" not in files:
-            return {}
-        try:
-            with self.store.open(files["openness.json"][0]) as handle:
-                return json.loads(handle.read(1 << 20))
-        except (OSError, ValueError):
-            return {}
+        """The openness grade the hub computes itself from what was pushed (never the bundle's own claim):
+        the small files (cards, recipe, provenance, metrics) are laid out in a scratch folder beside
+        empty stand-ins for the large ones (weights, checkpoints), whose presence is what counts."""
+        from atomlab.release.openness import grade_path
+
+        with tempfile.TemporaryDirectory(dir=self.store.staging) as scratch:
+            for path, (sha256, size) in files.items():
+                target = Path(scratch) / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if size <= SMALL_FILE:
+                    with self.store.open(sha256) as source, open(target, "wb") as out:
+                        shutil.copyfileobj(source, out)
+                else:
+                    target.touch()
+            try:
+                result = grade_path(Path(scratch)).to_dict()
+            except AtomlabError as exc:
+                return {"label": "not graded", "error": str(exc).replace(scratch, "<bundle>")}
+        result["source"] = "computed by the hub on upload"
+        return result
 
 
 def _base_model(manifest: dict[str, Any]) -> str | None:
+    """The model a bundle was post-trained from, as its release step recorded it."""
     summary = manifest.get("summary") or {}
     config = manifest.get("config") or {}
-    recipe = config.get("recipe") or {}
-    init = recipe.get("init") or {}
+    init = (config.get("recipe") or {}).get("init") or {}
     return summary.get("base_model") or init.get("from") or None
 
 
