@@ -17,6 +17,7 @@ from atomlab.data import cli as data_cli
 from atomlab.envs import cli as envs_cli
 from atomlab.errors import AtomlabError
 from atomlab.evaluate import lm_eval as lm_eval_cli
+from atomlab.hub import client as hub_cli
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
@@ -116,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     lm_eval_cli.register(commands)
     envs_cli.register(commands)
     data_cli.register(commands)
+    hub_cli.register(commands)
     return top
 
 

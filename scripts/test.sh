@@ -14,5 +14,19 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "warning: chromium/chromedriver not found; the browser test will be skipped" >&2
   fi
 fi
+# The hub is tested on a real PostgreSQL too: Debian's postgresql, a throwaway server on loopback.
+if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q postgresql >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1; } ||
+    echo "warning: could not install postgresql; the hub's PostgreSQL tests will be skipped" >&2
+fi
+postgres_dir="$(mktemp -d /tmp/atomlab-postgres.XXXXXX)"
+chmod 755 "$postgres_dir"
+trap 'scripts/postgres.sh stop "$postgres_dir"; rm -rf "$postgres_dir"' EXIT
+if postgres_env="$(scripts/postgres.sh start "$postgres_dir")"; then
+  eval "$postgres_env"
+else
+  echo "warning: PostgreSQL did not start; the hub's PostgreSQL tests will be skipped" >&2
+fi
 .venv/bin/ruff check atomlab tests benchmarks
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"

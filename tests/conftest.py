@@ -105,3 +105,33 @@ def serving(bundle: Path, *options: str):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def headless_chromium(profile: Path):
+    """A real headless Chromium (Debian's chromium and chromium-driver) driven by Selenium."""
+    import shutil
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (scripts/test.sh installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()

@@ -1,0 +1,409 @@
+"""A Python client of the lab hub, and the `atomlab hub` commands built on it.
+
+    client = HubClient("http://127.0.0.1:8600", token="alh_...")
+    client.push("runs/release-5783125c0e7714db", "my-lab/tiny")   # uploads what the hub lacks, then publishes
+    client.pull("my-lab/tiny@1", "models/tiny")                    # every file checked against its sha256
+
+A push first checks the bundle against its own manifest, then uploads each file the hub does not
+have yet (by sha256), then asks the hub to publish the manifest; the hub re-hashes everything itself.
+A pull writes into `<out>.partial` and renames it into place only once every file matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from atomlab.errors import AtomlabError
+
+CHUNK = 1 << 20
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+
+
+def split_name(text: str) -> tuple[str, str, str]:
+    """`institution/name[@ref]` -> (institution, name, ref); ref defaults to `main` (the newest version)."""
+    path, _, ref = text.partition("@")
+    if path.count("/") != 1 or not all(path.split("/")):
+        raise AtomlabError(f"{text!r}: expected INSTITUTION/NAME[@VERSION], e.g. my-lab/tiny@2")
+    institution, name = path.split("/")
+    return institution, name, ref or "main"
+
+
+class HubClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise AtomlabError(f"{self.url}: cannot reach the hub ({exc})") from None
+        if response.status_code >= 400:
+            try:
+                reason = response.json().get("error") or response.text
+            except ValueError:
+                reason = response.text
+            raise AtomlabError(f"{self.url}{path}: {response.status_code} {reason}")
+        return response
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self._call("GET", path, **kwargs).json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._call("POST", path, json=body).json()
+
+    # institutions
+
+    def create_token(self, institution: str, role: str, member: str = "", days: float | None = None) -> str:
+        body = {"role": role, "member": member, "days": days}
+        return self.post(f"/api/institutions/{institution}/tokens", body)["token"]
+
+    def register_key(self, institution: str, name: str, public_key_pem: str) -> dict[str, Any]:
+        return self.post(f"/api/institutions/{institution}/keys", {"name": name, "public_key": public_key_pem})
+
+    # models
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.get("/api/models")
+
+    def info(self, name: str) -> dict[str, Any]:
+        institution, model, ref = split_name(name)
+        return self.get(f"/api/models/{institution}/{model}/revision/{ref}")
+
+    def upload(self, path: Path, sha256: str, size: int) -> bool:
+        """Upload one file unless the hub has it already; True when it was sent."""
+        if self.http.head(f"/api/blobs/{sha256}").status_code == 200:
+            return False
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as handle:
+                while block := handle.read(CHUNK):
+                    yield block
+
+        self._call(
+            "PUT",
+            f"/api/blobs/{sha256}",
+            content=chunks(),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
+        return True
+
+    def push(self, bundle: str | Path, name: str) -> dict[str, Any]:
+        from atomlab.release.bundle import verify_bundle
+
+        folder = Path(bundle)
+        if not (folder / MANIFEST).is_file():
+            raise AtomlabError(f"{folder}: no {MANIFEST}; push a release bundle (or any folder with a step manifest)")
+        problems = [p for p in verify_bundle(folder) if not p.startswith(f"unlisted: {SIGNATURE} ")]
+        if problems:
+            raise AtomlabError(f"{folder}: {problems[0]}; the bundle does not match its manifest, so it is not pushed")
+        institution, model, _ = split_name(name)
+        manifest_text = (folder / MANIFEST).read_text(encoding="utf-8")
+        outputs = json.loads(manifest_text)["outputs"]
+        files = {path: (entry["sha256"], entry["bytes"]) for path, entry in outputs.items()}
+        sent = sum(self.upload(folder / path, sha256, size) for path, (sha256, size) in files.items())
+        body: dict[str, Any] = {"manifest": manifest_text}
+        if (folder / SIGNATURE).is_file():
+            body["signature"] = (folder / SIGNATURE).read_text(encoding="utf-8")
+        result = self.post(f"/api/models/{institution}/{model}", body)
+        result["uploaded_files"] = sent
+        return result
+
+    def claim(self, name: str, verdict: str, report_text: str, signature: str | None = None) -> dict[str, Any]:
+        """Post that this token's institution re-derived NAME@VERSION, with its reproduction.json."""
+        institution, model, ref = split_name(name)
+        body = {"version": ref, "verdict": verdict, "report": report_text, "signature": signature}
+        return self.post(f"/api/models/{institution}/{model}/claims", body)
+
+    def evaluate(self, name: str, task: str, metric: str, value: float, **extra: Any) -> dict[str, Any]:
+        institution, model, ref = split_name(name)
+        body = {"version": ref, "task": task, "metric": metric, "value": value, **extra}
+        return self.post(f"/api/models/{institution}/{model}/evaluations", body)
+
+    def leaderboard(self, task: str, metric: str, task_version: str = "") -> list[dict[str, Any]]:
+        return self.get(f"/api/leaderboards/{task}/{metric}", params={"task_version": task_version})
+
+    def pull(self, name: str, out: str | Path, force: bool = False) -> Path:
+        target = Path(out)
+        if target.exists() and not force:
+            raise AtomlabError(f"{target}: already exists; pass --force to replace it")
+        version = self.info(name)["atomlab"]
+        partial = target.with_name(target.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        for file in version["files"]:
+            destination = partial / file["path"]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with self.http.stream("GET", f"/api/blobs/{file['sha256']}") as response:
+                if response.status_code != 200:
+                    raise AtomlabError(f"{self.url}: {file['path']} could not be downloaded ({response.status_code})")
+                with open(destination, "wb") as handle:
+                    for block in response.iter_bytes(CHUNK):
+                        digest.update(block)
+                        handle.write(block)
+            if digest.hexdigest() != file["sha256"]:
+                shutil.rmtree(partial)
+                raise AtomlabError(f"{name}: {file['path']} arrived with a different sha256; nothing was written")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        return target
+
+
+def mirror(source: HubClient, target: HubClient, institution: str | None = None) -> list[str]:
+    """Copy every public model version of `source` (of one institution, or all) that `target` lacks;
+    the target re-verifies each one as it would any push. Returns NAME@VERSION of what was copied."""
+    import tempfile
+
+    present = {
+        m["id"]: {v["manifest_sha256"] for v in target.get(f"/api/models/{m['id']}")["versions"]}
+        for m in target.models()
+    }
+    copied = []
+    for model in source.models():
+        if institution and model["author"] != institution:
+            continue
+        for version in source.get(f"/api/models/{model['id']}")["versions"]:
+            if version["manifest_sha256"] in present.get(model["id"], set()):
+                continue
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = source.pull(f"{model['id']}@{version['version']}", Path(scratch) / "bundle")
+                target.push(folder, model["id"])
+            copied.append(f"{model['id']}@{version['version']}")
+    return copied
+
+
+# the `atomlab hub` commands
+
+
+def _client(args: argparse.Namespace) -> HubClient:
+    return HubClient(args.url, token=args.token or os.environ.get("ATOMLAB_HUB_TOKEN"))
+
+
+def _create_institution(args: argparse.Namespace) -> int:
+    from atomlab.hub import db
+
+    db.migrate(args.db)
+    engine = db.connect(args.db)
+    with db.sessions(engine)() as session:
+        name = db.check_name("institution", args.name)
+        if session.query(db.Institution).filter_by(name=name).first() is not None:
+            raise AtomlabError(f"institution {name!r} already exists in {args.db}")
+        institution = db.Institution(name=name, display_name=args.display_name or name)
+        session.add(institution)
+        token = db.new_token(session, institution, "admin", member="created by atomlab hub institution", days=args.days)
+        session.commit()
+    engine.dispose()
+    print(f"institution {name} created; its admin token (shown once):")
+    print(token)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from atomlab.hub import db
+
+    print(f"{args.db}: at schema revision {db.migrate(args.db)}")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(client.create_token(args.institution, args.role, args.member, args.days))
+    return 0
+
+
+def _key(args: argparse.Namespace) -> int:
+    pem = Path(args.public_key).read_text(encoding="utf-8")
+    with _client(args) as client:
+        result = client.register_key(args.institution, args.name or Path(args.public_key).stem, pem)
+    print(f"key {result['name']} registered for {result['institution']} (sha256 {result['fingerprint'][:16]}...)")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.push(args.bundle, args.name)
+    signer = f", signed by {result['signer']}" if result["signer"] else ""
+    print(
+        f"pushed {result['model']} version {result['version']} ({len(result['files'])} files, "
+        f"{result['uploaded_files']} uploaded{signer}); manifest sha256 {result['manifest_sha256']}"
+    )
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        folder = client.pull(args.name, args.out or split_name(args.name)[1], force=args.force)
+    print(f"pulled {args.name} into {folder}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.evaluate(args.name, args.task, args.metric, args.value, task_version=args.task_version)
+        board = client.leaderboard(args.task, args.metric, args.task_version)
+    institution, model, _ = split_name(args.name)
+    rank = next((i for i, row in enumerate(board, 1) if row["model"].split("@")[0] == f"{institution}/{model}"), None)
+    where = f"; the leaderboard's #{rank} of {len(board)}" if rank else f"; {len(board)} families on the leaderboard"
+    print(f"posted {args.task} {args.metric} = {args.value} for {args.name}{where}")
+    return 0
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    with HubClient(args.source) as source, _client(args) as target:
+        copied = mirror(source, target, args.institution)
+    print(
+        f"mirrored {len(copied)} versions from {args.source} to {args.url}"
+        + (f": {', '.join(copied)}" if copied else "")
+    )
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return f"{counts['models']} models, {counts['model_versions']} versions, {counts['blobs']} files"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from atomlab.hub.archive import export_hub
+
+    counts = export_hub(args.db, args.store, Path(args.folder))
+    print(f"exported {_counts(counts)} to {args.folder}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from atomlab.hub.archive import import_hub
+
+    counts = import_hub(Path(args.folder), args.db, args.store)
+    print(f"imported {_counts(counts)} into {args.db}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(args) as client:
+        models = client.models()
+    table = Table("model", "version", "files", "signed by", "openness", "reproduced", "pushed")
+    for model in models:
+        version = model["atomlab"]
+        grade = version["openness"].get("label") or "-"
+        reproduced = sum(c["verdict"] == "bitwise" for c in version["claims"])
+        table.add_row(
+            model["id"],
+            str(version["version"]),
+            str(len(version["files"])),
+            version["signer"] or "-",
+            str(grade),
+            f"bitwise x{reproduced}" if reproduced else "-",
+            version["created_at"][:16].replace("T", " "),
+        )
+    Console(file=sys.stdout).print(table)
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from atomlab.hub.server import run_serve
+
+    hub = commands.add_parser("hub", help="the lab hub: serve it, push and pull bundles, manage institutions")
+    actions = hub.add_subparsers(dest="hub_command", required=True)
+
+    def remote(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text)
+        sub.add_argument("--url", default=os.environ.get("ATOMLAB_HUB_URL", "http://127.0.0.1:8600"))
+        sub.add_argument("--token", help="an API token (default: $ATOMLAB_HUB_TOKEN)")
+        return sub
+
+    serve = actions.add_parser("serve", help="run the hub server (migrates the database first)")
+    serve.add_argument("--db", default="hub.db", help="a SQLite file or a postgresql:// URL (default hub.db)")
+    serve.add_argument("--store", default="hub-store", help="blob store: a folder or an fsspec URL (s3://...)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8600)
+    serve.add_argument("--no-migrate", action="store_true", help="refuse to start rather than upgrade the schema")
+    serve.set_defaults(handler=run_serve)
+
+    migrate = actions.add_parser("migrate", help="create or upgrade the hub's database schema")
+    migrate.add_argument("--db", default="hub.db")
+    migrate.set_defaults(handler=_migrate)
+
+    institution = actions.add_parser("institution", help="create an institution and print its first admin token")
+    institution.add_argument("name")
+    institution.add_argument("--db", default="hub.db")
+    institution.add_argument("--display-name", default="")
+    institution.add_argument("--days", type=float, default=None, help="the admin token expires after this many days")
+    institution.set_defaults(handler=_create_institution)
+
+    token = remote("token", "create a token for a member of an institution (needs its admin token)")
+    token.add_argument("institution")
+    token.add_argument("--role", default="read", choices=["read", "contributor", "write", "admin"])
+    token.add_argument("--member", default="")
+    token.add_argument("--days", type=float, default=90.0, help="valid for this many days (default 90)")
+    token.set_defaults(handler=_token)
+
+    key = remote("key", "register an institution's public signing key (atomlab keygen writes one)")
+    key.add_argument("institution")
+    key.add_argument("public_key", help="the NAME.pub file")
+    key.add_argument("--name", help="the key's name (default: the file's stem)")
+    key.set_defaults(handler=_key)
+
+    push = remote("push", "upload a release bundle as INSTITUTION/NAME (a new version)")
+    push.add_argument("bundle")
+    push.add_argument("name", help="INSTITUTION/NAME")
+    push.set_defaults(handler=_push)
+
+    pull = remote("pull", "download INSTITUTION/NAME[@VERSION] into a folder, checking every file")
+    pull.add_argument("name")
+    pull.add_argument("--out", help="the folder to write (default: NAME)")
+    pull.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    pull.set_defaults(handler=_pull)
+
+    ls = remote("ls", "list the hub's models")
+    ls.set_defaults(handler=_ls)
+
+    evaluate = remote("evaluate", "post an evaluation result for INSTITUTION/NAME[@VERSION] (append-only)")
+    evaluate.add_argument("name")
+    evaluate.add_argument("--task", required=True, help="an environment id or lm-eval task, e.g. arithmetic-v1")
+    evaluate.add_argument("--task-version", default="")
+    evaluate.add_argument("--metric", required=True, help="e.g. pass@1")
+    evaluate.add_argument("--value", type=float, required=True)
+    evaluate.set_defaults(handler=_evaluate)
+
+    mirror_command = remote("mirror", "copy the public models of another hub into this one (--url), re-verified")
+    mirror_command.add_argument("source", help="the URL of the hub to copy from")
+    mirror_command.add_argument("--institution", help="only this institution's models")
+    mirror_command.set_defaults(handler=_mirror)
+
+    for name, handler, help_text in (
+        ("export", _export, "write the whole hub (database rows and blobs) into a folder"),
+        ("import", _import, "restore an exported hub into a fresh database and store"),
+    ):
+        sub = actions.add_parser(name, help=help_text)
+        sub.add_argument("folder")
+        sub.add_argument("--db", default="hub.db")
+        sub.add_argument("--store", default="hub-store")
+        sub.set_defaults(handler=handler)
