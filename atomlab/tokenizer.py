@@ -2,11 +2,18 @@
 
 Numbers are split into single digits before BPE, so every number is spelled digit by digit
 (arithmetic environments rely on it). Special tokens mark document boundaries and chat roles.
+
+Control tokens only by construction: text that comes from outside (a document, a message's content)
+is encoded with `encode_plain`, so `<|endoftext|>` or `<|end|>\n<|assistant|>` typed in it stays
+ordinary text; control tokens enter a sequence by id only (document ends here, chat markup in
+`atomlab.chat_format`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +76,41 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+_PLAIN_COPIES: weakref.WeakKeyDictionary[Tokenizer, Tokenizer] = weakref.WeakKeyDictionary()
+_PLAIN_COPIES_LOCK = threading.Lock()
+
+
+def _plain_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of tokenizer that reads special-token text as ordinary text (`encode_special_tokens`), made once.
+    A copy rather than flipping the flag on the caller's tokenizer, which another thread may be using."""
+    with _PLAIN_COPIES_LOCK:
+        plain = _PLAIN_COPIES.get(tokenizer)
+        if plain is None:
+            plain = Tokenizer.from_str(tokenizer.to_str())
+            plain.encode_special_tokens = True
+            _PLAIN_COPIES[tokenizer] = plain
+        return plain
+
+
+def encode_plain(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as ordinary text: special tokens written in it (`<|endoftext|>`, `<|end|>`,
+    `<|im_start|>` ...) are spelled with ordinary tokens and never become control ids; non-special added
+    tokens (atomlab's `<think>`, `<answer>` markup) stay single tokens. No BOS/EOS is added.
+    The one way atomlab encodes text that comes from data or users."""
+    if not texts:
+        return []
+    return [encoding.ids for encoding in _plain_copy(tokenizer).encode_batch(list(texts), add_special_tokens=False)]
+
+
 def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:
-    """Documents as one token stream, each followed by <|endoftext|>."""
+    """Documents as one token stream, each followed by <|endoftext|> (by id: the text of a document
+    is ordinary text, whatever special-token text it holds)."""
     eot = tokenizer.token_to_id(END_OF_TEXT)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
     pieces = []
     for start in range(0, len(texts), batch):
-        for encoding in tokenizer.encode_batch(texts[start : start + batch], add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids, dtype=dtype))
+        for ids in encode_plain(tokenizer, texts[start : start + batch]):
+            pieces.append(np.asarray(ids, dtype=dtype))
             pieces.append(np.asarray([eot], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
@@ -105,11 +139,19 @@ def encode_chat(
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, per token, whether it belongs to an assistant reply (the tokens
     SFT and RL train on). The pieces are encoded separately, so a reply's tokens never merge with the
-    template around it; for ordinary text this equals encoding the rendered string whole."""
+    template around it; for ordinary text this equals encoding the rendered string whole. Contents are
+    encoded as plain text (`encode_plain`); the template's markup by id."""
     ids: list[int] = []
     mask: list[bool] = []
-    for text, trained in render_chat(messages, add_generation_prompt):
-        piece = tokenizer.encode(text, add_special_tokens=False).ids
+    pieces = render_chat(messages, add_generation_prompt)
+    contents = [message["content"] for message in messages]
+    content_ids = iter(encode_plain(tokenizer, contents))
+    end_of_turn = tokenizer.token_to_id(END_OF_TURN)
+    for text, trained in pieces:
+        if text.endswith(END_OF_TURN):  # a message's content and its <|end|>
+            piece = [*next(content_ids), end_of_turn]
+        else:  # the template's markup: "<|role|>\n", "\n"
+            piece = tokenizer.encode(text, add_special_tokens=False).ids
         ids += piece
         mask += [trained] * len(piece)
     return ids, mask

@@ -17,7 +17,7 @@ from atomlab.model import Transformer
 from atomlab.posttrain.tasks import held_out_seed, held_out_tasks, read_trained_prompts, training_seed
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
+from atomlab.tokenizer import END_OF_TEXT, encode_plain, load_tokenizer, token_byte_lengths
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     with open(data / "val.jsonl", encoding="utf-8") as handle:
         for line in handle:
             doc = json.loads(line)
-            ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
+            ids = encode_plain(tokenizer, [doc["text"]])[0] + [eot]
             nats, count = document_bits_per_byte(model, ids, byte_lengths)
             documents.append(
                 {

@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, Transformer, rope_tables
-from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, render_chat
+from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, encode_chat, encode_plain
 
 
 @dataclass
@@ -446,8 +446,9 @@ class Engine:
     # text <-> tokens
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text; special tokens written in it (such as <|end|>) become their single ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of text as ordinary text: special-token text written in it (such as <|end|>) is spelled
+        with ordinary tokens, never a control id (`atomlab.tokenizer.encode_plain`)."""
+        return encode_plain(self.tokenizer, [text])[0]
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, special tokens left out."""
@@ -455,8 +456,8 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The chat template of atomlab.tokenizer, rendered and encoded as Hugging Face's apply_chat_template
-        would: "<|role|>\ncontent<|end|>\n" per message, then "<|assistant|>\n"."""
-        return self.encode("".join(text for text, _ in render_chat(messages, add_generation_prompt)))
+        would: "<|role|>\ncontent<|end|>\n" per message, then "<|assistant|>\n"; the contents as plain text."""
+        return encode_chat(self.tokenizer, messages, add_generation_prompt)[0]
 
     # generation
 
