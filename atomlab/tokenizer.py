@@ -11,9 +11,9 @@ ordinary text; control tokens enter a sequence by id only (document ends here, c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import threading
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -118,40 +118,22 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """CHAT_TEMPLATE as (text, is_assistant_reply) pieces: "<|role|>\\n", the content with its <|end|>
-    (the part a model learns to write when the role is assistant), then "\\n"."""
-    pieces = []
-    for number, message in enumerate(messages, 1):
-        role, content = message.get("role"), message.get("content")
-        if role not in CHAT_ROLES:
-            raise AtomlabError(f"chat message {number}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise AtomlabError(f"chat message {number}: content must be text, got {type(content).__name__}")
-        pieces += [(f"<|{role}|>\n", False), (content + END_OF_TURN, role == "assistant"), ("\n", False)]
-    if add_generation_prompt:
-        pieces.append((f"{ASSISTANT}\n", False))
-    return pieces
+_ATOMLAB_FORMATS: weakref.WeakKeyDictionary[Tokenizer, object] = weakref.WeakKeyDictionary()
 
 
 def encode_chat(
     tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, per token, whether it belongs to an assistant reply (the tokens
-    SFT and RL train on). The pieces are encoded separately, so a reply's tokens never merge with the
-    template around it; for ordinary text this equals encoding the rendered string whole. Contents are
-    encoded as plain text (`encode_plain`); the template's markup by id."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    pieces = render_chat(messages, add_generation_prompt)
-    contents = [message["content"] for message in messages]
-    content_ids = iter(encode_plain(tokenizer, contents))
-    end_of_turn = tokenizer.token_to_id(END_OF_TURN)
-    for text, trained in pieces:
-        if text.endswith(END_OF_TURN):  # a message's content and its <|end|>
-            piece = [*next(content_ids), end_of_turn]
-        else:  # the template's markup: "<|role|>\n", "\n"
-            piece = tokenizer.encode(text, add_special_tokens=False).ids
-        ids += piece
-        mask += [trained] * len(piece)
-    return ids, mask
+    """Token ids of a conversation in atomlab's own chat format and, per token, whether it belongs to an
+    assistant reply (content and <|end|>: the tokens SFT and RL train on). Shorthand for
+    `ChatFormat.for_tokenizer(tokenizer).encode(...)`; a model with its own template (an imported one)
+    uses `atomlab.chat_format.ChatFormat.from_folder`."""
+    from atomlab.chat_format import ChatFormat
+
+    with _PLAIN_COPIES_LOCK:
+        chat_format = _ATOMLAB_FORMATS.get(tokenizer)
+    if chat_format is None:
+        chat_format = ChatFormat.for_tokenizer(tokenizer)
+        with _PLAIN_COPIES_LOCK:
+            _ATOMLAB_FORMATS[tokenizer] = chat_format
+    return chat_format.encode(messages, add_generation_prompt)

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from atomlab.chat_format import ChatFormat
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, Transformer, rope_tables
-from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, encode_chat, encode_plain
+from atomlab.tokenizer import encode_plain
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before them, text excludes them
-    stop_token_ids: list[int] = field(default_factory=list)  # plus the model's eos (<|endoftext|>) and <|end|>
+    stop_token_ids: list[int] = field(default_factory=list)  # plus the chat format's (eos ids and end of turn)
     seed: int | None = None  # per-request seed: same seed + same prompt -> same output, whatever else is in the batch
 
 
@@ -403,7 +404,13 @@ class Engine:
     `from_bundle` loads fp32 weights on CPU and bf16 on CUDA.
     """
 
-    def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: tokenizers.Tokenizer,
+        device: torch.device,
+        chat_format: ChatFormat | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -419,8 +426,9 @@ class Engine:
         self.rope = torch.cat([cos, -sin[:, :half], sin[:, half:]], dim=-1)
         self._weights: _Weights | None = None
         self._weights_version: list | None = None
-        special = [tokenizer.token_to_id(token) for token in (END_OF_TEXT, END_OF_TURN)]
-        self.default_stop_token_ids = {token for token in special if token is not None}
+        # the model's chat template and stop tokens (atomlab's: <|endoftext|> and <|end|>)
+        self.chat_format = chat_format or ChatFormat.for_tokenizer(tokenizer)
+        self.default_stop_token_ids = set(self.chat_format.stop_token_ids)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "auto") -> Engine:
@@ -441,7 +449,7 @@ class Engine:
             )
         chosen = resolve_device(device)
         model.to(chosen, dtype=torch.bfloat16 if chosen.type == "cuda" else torch.float32)
-        return cls(model, tokenizer, chosen)
+        return cls(model, tokenizer, chosen, ChatFormat.from_folder(folder, tokenizer))
 
     # text <-> tokens
 
@@ -455,9 +463,9 @@ class Engine:
         return self.tokenizer.decode(ids)
 
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template of atomlab.tokenizer, rendered and encoded as Hugging Face's apply_chat_template
-        would: "<|role|>\ncontent<|end|>\n" per message, then "<|assistant|>\n"; the contents as plain text."""
-        return encode_chat(self.tokenizer, messages, add_generation_prompt)[0]
+        """The conversation in the model's chat template (`self.chat_format`), encoded as Hugging Face's
+        apply_chat_template would, special-token text in contents as plain text."""
+        return self.chat_format.encode(messages, add_generation_prompt)[0]
 
     # generation
 
