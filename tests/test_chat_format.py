@@ -5,6 +5,7 @@ and published templates, saved by transformers), forged turns encoded as text, a
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -241,3 +242,30 @@ def test_template_features_and_errors_as_transformers(qwen):
     sneaky = "{{ messages.__class__.__mro__ }}"
     with pytest.raises(AtomlabError):
         ChatFormat(fmt.tokenizer, sneaky).render([{"role": "user", "content": "x"}])
+
+
+def test_an_imported_llama3_bundle_chats_in_its_own_template(llama3, tmp_path):
+    """`atomlab import` of a Llama 3 style checkpoint (random weights, built by transformers), then the engine
+    that chat and serve use: the source's template renders the prompt and <|eot_id|> ends a reply."""
+    from atomlab.cli import main
+
+    folder, hf = llama3
+    source = tmp_path / "source"
+    shutil.copytree(folder, source)
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf),  # the added tokens included
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=hf.convert_tokens_to_ids("<|begin_of_text|>"),
+        eos_token_id=hf.convert_tokens_to_ids("<|end_of_text|>"),
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(source)
+    assert main(["import", str(source), str(tmp_path / "bundle")]) == 0
+    engine = Engine.from_bundle(tmp_path / "bundle", device="cpu")
+    assert engine.chat_format.template == LLAMA3_TEMPLATE
+    assert hf.convert_tokens_to_ids("<|eot_id|>") in engine.default_stop_token_ids
+    assert engine.chat_prompt(CONVERSATION[:2]) == reference_ids(hf, CONVERSATION[:2], True)
