@@ -19,7 +19,7 @@ from atomlab.evaluate import lm_eval as lm_eval_cli
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
-from atomlab.release import hf
+from atomlab.release import hf, openness
 from atomlab.steps import execute, plan
 from atomlab.train.distributed import cleanup, current_world, setup
 
@@ -50,7 +50,13 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
         print(f"done: {last} -> {done[last]}")
         if last == "release":
             metrics = json.loads((done[last] / "metrics.json").read_text())
-            print(f"validation bits per byte: {metrics['val_bits_per_byte']:.4f}; bundle: {done[last]}")
+            if "held_out_bits_per_byte" in metrics:
+                print(
+                    f"held-out bits per byte of the released {metrics['released_stage']} model: "
+                    f"{metrics['held_out_bits_per_byte']:.4f}; bundle: {done[last]}"
+                )
+            else:  # a run that started from an existing model ([init]) has no held-out text of its own
+                print(f"post-trained from {metrics['base_model']}; bundle: {done[last]}")
     if world.distributed:
         # Everything is written and the process group is gone; skip interpreter teardown, where gloo's
         # threads sometimes abort the process ("terminate called without an active exception").
@@ -105,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     chat.register(commands)
     server.register(commands)
     hf.register(commands)
+    openness.register(commands)
     lm_eval_cli.register(commands)
     envs_cli.register(commands)
     return top

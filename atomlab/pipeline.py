@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from atomlab.errors import AtomlabError
 from atomlab.recipe import Recipe
-from atomlab.steps import Step
+from atomlab.steps import Step, StepContext
 
-STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "sft", "rl", "evaluate", "release")
+STEP_NAMES = ("init", "prepare-data", "tokenizer", "pretrain", "sft", "dpo", "rl", "evaluate", "release")
 
 
 def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
@@ -19,83 +21,106 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     from atomlab.train.loop import pretrain
 
     base = base or Path.cwd()
-    data_config = {
-        "data": recipe.data.model_dump(),
-        "seed": recipe.seed,
-        "source_content": source_fingerprint(recipe.data, base),
-    }
-    prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base))
-    tokenizer = Step(
-        "tokenizer",
-        {"tokenizer": recipe.tokenizer.model_dump()},
-        [prepare],
-        lambda ctx: tokenize(ctx, recipe.tokenizer),
-    )
-    train_config = {
-        "model": recipe.model.model_dump(),
-        "train": recipe.train.model_dump(),
-        "seed": recipe.seed,
-        "sample_prompt": recipe.release.sample_prompt,
-    }
-    pretrain_step = Step(
-        "pretrain",
-        train_config,
-        [tokenizer],
-        lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt),
-        resumable=True,
-        collective=True,
-    )
     # post-training reads the held-out questions to keep them out of its training data
     held_out = {"evaluate_environments": recipe.evaluate.model_dump(include={"environments", "tasks", "difficulty"})}
-    trained = [pretrain_step]
-    if recipe.sft is not None:
-        from atomlab.posttrain.sft import sft
+    if recipe.init is not None:  # start from an existing model: no data, tokenizer or pretraining
+        from atomlab.posttrain.init import init_fingerprint, init_model
 
-        sft_step = Step(
-            "sft",
-            {
-                "sft": recipe.sft.model_dump(),
-                "seed": recipe.seed,
-                **held_out,
-                "data_content": sft_fingerprint(recipe, base),
-            },
-            [tokenizer, trained[-1]],
-            lambda ctx: sft(ctx, recipe, base),
+        init_step = Step(
+            "init",
+            {"init": recipe.init.model_dump(by_alias=True), "source_content": init_fingerprint(recipe.init, base)},
+            [],
+            lambda ctx: init_model(ctx, recipe.init, base),
+        )
+        prepare = tokenizer = None
+        trained = [init_step]
+    else:
+        data_config = {
+            # how many workers, and where, decide the speed of prepare-data but never its bytes
+            "data": recipe.data.model_dump(exclude=set(recipe.data.RUNTIME)),
+            "seed": recipe.seed,
+            "source_content": source_fingerprint(recipe.data, base),
+        }
+        # resumable: a rerun with --resume reuses the finished tasks of an interrupted prepare-data
+        if recipe.data.decontaminate_environments:  # held-out tasks are kept out of the training text
+            data_config["evaluate_environments"] = recipe.evaluate.model_dump(
+                include={"environments", "tasks", "difficulty"}
+            )
+        if recipe.data.decontaminate:
+            data_config["decontaminate_content"] = file_hashes(recipe.data.decontaminate, base)
+        prepare = Step(
+            "prepare-data",
+            data_config,
+            [],
+            lambda ctx: prepare_data(ctx, recipe.data, base, recipe.evaluate),
+            resumable=True,
+        )
+        tokenizer = Step(
+            "tokenizer",
+            {"tokenizer": recipe.tokenizer.model_dump()},
+            [prepare],
+            lambda ctx: tokenize(ctx, recipe.tokenizer),
+        )
+        train_config = {
+            "model": recipe.model.model_dump(),
+            "train": recipe.train.model_dump(),
+            "seed": recipe.seed,
+            "sample_prompt": recipe.release.sample_prompt,
+        }
+        pretrain_step = Step(
+            "pretrain",
+            train_config,
+            [tokenizer],
+            lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt),
             resumable=True,
             collective=True,
         )
-        trained.append(sft_step)
+        trained = [pretrain_step]
+    vocabulary = tokenizer or trained[0]  # the tokenizer step's, or the imported model's own
+
+    def post_training(name: str, run: Callable[[StepContext], Any], data: list[str] | None = None) -> Step:
+        """A post-training step on the model of the step before it; its hash covers its section, the seed,
+        the held-out questions and the content of its data files."""
+        config = {name: getattr(recipe, name).model_dump(), "seed": recipe.seed, **held_out}
+        if data is not None:
+            config["data_content"] = file_hashes(data, base)
+        inputs = [trained[-1]] if trained[-1] is vocabulary else [vocabulary, trained[-1]]
+        return Step(name, config, inputs, run, resumable=True, collective=True)
+
+    if recipe.sft is not None:
+        from atomlab.posttrain.sft import sft
+
+        trained.append(post_training("sft", lambda ctx: sft(ctx, recipe, base), recipe.sft.data))
+    if recipe.dpo is not None:
+        from atomlab.posttrain.dpo import dpo
+
+        trained.append(post_training("dpo", lambda ctx: dpo(ctx, recipe, base), recipe.dpo.data))
     if recipe.rl is not None:
         from atomlab.posttrain.rl import rl
 
-        rl_step = Step(
-            "rl",
-            {"rl": recipe.rl.model_dump(), "seed": recipe.seed, **held_out},
-            [tokenizer, trained[-1]],
-            lambda ctx: rl(ctx, recipe),
-        )
-        trained.append(rl_step)
+        trained.append(post_training("rl", lambda ctx: rl(ctx, recipe)))
+    sources = [step for step in (prepare, tokenizer) if step is not None]
     evaluate = Step(
         "evaluate",
         {"evaluate": recipe.evaluate.model_dump(), "seed": recipe.seed},
-        [prepare, tokenizer, *trained],
+        [*sources, *trained],
         lambda ctx: evaluate_step(ctx, recipe),
     )
     release_step = Step(
         "release",
         {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()},
-        [prepare, tokenizer, *trained, evaluate],
+        [*sources, *trained, evaluate],
         lambda ctx: release(ctx, recipe),
     )
-    return [prepare, tokenizer, *trained, evaluate, release_step]
+    return [*sources, *trained, evaluate, release_step]
 
 
-def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:
-    """Content hashes of the user's SFT files, so editing one reruns the step."""
+def file_hashes(files: list[str], base: Path) -> dict[str, str]:
+    """Content hashes of small files a step reads (SFT data, evaluation data), so editing one reruns it."""
     from atomlab.steps import sha256_file
 
     found = {}
-    for name in recipe.sft.data if recipe.sft else []:
+    for name in files:
         path = Path(name) if Path(name).is_absolute() else base / name
         found[name] = sha256_file(path) if path.is_file() else "missing"
     return found

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
@@ -21,18 +21,74 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The settings `data.preset = "web"` stands for (FineWeb-style curation of web text); any of them
+# set in the recipe wins. The default preset, "books", is the field defaults: long documents where
+# editions of one work are the near duplicates to catch (word 3-grams, Jaccard >= 0.2).
+WEB_PRESET: dict[str, Any] = {
+    "minhash_ngram": 5,
+    "minhash_permutations": 112,
+    "minhash_bands": 14,  # 14 bands x 8 rows: pairs above ~0.75 Jaccard become candidates
+    "near_dup_threshold": 0.75,
+    "c4_lines": True,
+    "gopher_rules": True,
+    "languages": ["en"],
+    "mask_pii": True,
+    "decontaminate_environments": True,
+}
+
+
 class DataConfig(Section):
-    # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a
-    # path to a .txt / .jsonl (a `text` field) / .parquet file or a folder of them.
+    # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a path,
+    # folder, glob or fsspec URL (s3://, gs://, hf://) of .txt / .jsonl[.gz|.zst] (a `text` field) /
+    # .parquet files.
     sources: list[str] = Field(default_factory=lambda: ["embedded:shakespeare-milton"], min_length=1)
     text_field: str = "text"
     license: str = "unspecified"  # licence recorded for user sources without a `license` field
+    preset: Literal["books", "web"] = "books"  # a named set of the curation settings below (see WEB_PRESET)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     min_doc_chars: int = Field(200, ge=1)
     max_symbol_fraction: float = Field(0.3, gt=0, le=1)  # drop documents mostly not letters/space
     min_mean_line_chars: float = Field(5.0, ge=0)
-    near_dup_threshold: float = Field(0.2, gt=0, le=1)  # estimated Jaccard of word 3-grams
+    near_dup_threshold: float = Field(0.2, gt=0, le=1)  # estimated Jaccard of word n-grams
     minhash_permutations: int = Field(128, ge=16, le=1024)
+    minhash_ngram: int = Field(3, ge=1, le=32)  # words per shingle
+    minhash_bands: int = Field(0, ge=0)  # LSH bands (must divide the permutations); 0: chosen from the threshold
+    c4_lines: bool = False  # C4 line rules: drop lines without end punctuation, short lines, boilerplate
+    gopher_rules: bool = False  # Gopher quality and repetition rules (word counts, symbols, repeated n-grams)
+    languages: list[str] = Field(default_factory=list)  # keep only these languages (py3langid); [] keeps all
+    min_language_score: float = Field(0.65, ge=0, le=1)  # language id confidence needed to keep a document
+    mask_pii: bool = False  # replace e-mail and IP addresses by placeholders
+    decontaminate_environments: bool = False  # drop documents sharing an n-gram with held-out environment tasks
+    decontaminate: list[str] = Field(default_factory=list)  # text/JSONL files of evaluation data to keep out
+    decontaminate_ngram: int = Field(13, ge=1, le=64)  # words per n-gram of the decontamination check
+    on_error: Literal["error", "skip"] = "error"  # damaged input: stop naming the file, or skip it into provenance
+    executor: Literal["local", "ray"] = "local"  # where stage tasks run: processes here, or a Ray cluster
+    workers: int = Field(1, ge=1, le=4096)  # tasks at a time; the output is the same for any number
+    ray_address: str = ""  # "" starts a one-node Ray for the step; "auto" or host:port joins a cluster
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("preset") == "web":
+            values = {**WEB_PRESET, **values}
+        return values
+
+    @model_validator(mode="after")
+    def _bands(self) -> DataConfig:
+        if self.minhash_bands and self.minhash_permutations % self.minhash_bands:
+            raise ValueError(
+                f"data.minhash_bands ({self.minhash_bands}) must divide data.minhash_permutations "
+                f"({self.minhash_permutations})"
+            )
+        for code in self.languages:
+            if not (2 <= len(code) <= 3 and code.isalpha() and code.islower()):
+                raise ValueError(f"data.languages: {code!r} is not an ISO 639-1 code such as 'en'")
+        if self.ray_address and self.executor != "ray":
+            raise ValueError('data.ray_address is set but data.executor is not "ray"; set data.executor = "ray"')
+        return self
+
+    # settings that decide how the step runs, not what it writes: left out of the step's hash
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"executor", "workers", "ray_address"})
 
 
 class TokenizerConfig(Section):
@@ -196,6 +252,15 @@ class TrainConfig(Section):
         return self
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters: train rank-`rank` updates of the `targets` linear layers, the rest frozen; merged into
+    the released weights, and saved in the PEFT format beside them."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: the training loop on chat examples, loss on assistant tokens only."""
 
@@ -209,6 +274,7 @@ class SFTConfig(TrainConfig):
     # tokens per packed row (0: the model's context). Short rows keep few conversations side by side,
     # which helps a small model: nothing masks attention between the conversations of a row.
     pack_length: int = Field(0, ge=0)
+    lora: LoRAConfig | None = None  # e.g. {rank = 16, alpha = 32, targets = ["q_proj", "v_proj"]}
     max_steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -233,6 +299,7 @@ class RLConfig(TrainConfig):
     clip_ratio: float = Field(0.2, gt=0, le=1)  # PPO-style clip of the probability ratio
     kl_coef: float = Field(0.0, ge=0)  # > 0: penalty on the KL divergence from the starting model
     updates_per_batch: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts
+    lora: LoRAConfig | None = None  # e.g. {rank = 16, alpha = 32, targets = ["q_proj", "v_proj"]}
     max_steps: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-5, gt=0, le=1)
@@ -249,6 +316,42 @@ class RLConfig(TrainConfig):
                 f"rl.max_difficulty ({self.max_difficulty}) must be at least rl.difficulty ({self.difficulty})"
             )
         return self
+
+
+class DPOConfig(TrainConfig):
+    """Direct Preference Optimization. `batch_size` is the number of preference pairs per step."""
+
+    # JSONL files of {"prompt": "..." or "messages": [...], "chosen": "...", "rejected": "..."}
+    data: list[str] = Field(default_factory=list)
+    # pairs made from the starting model's rollouts: a verified reply against a failed one of the same task
+    environments: list[str] = Field(default_factory=list)
+    tasks: int = Field(400, ge=1)  # training tasks rolled out per environment
+    samples: int = Field(4, ge=2)  # replies sampled per task
+    difficulty: int = Field(1, ge=1)
+    max_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0, le=2)
+    beta: float = Field(0.1, gt=0)  # strength of the pull towards the reference (the starting model)
+    lora: LoRAConfig | None = None  # e.g. {rank = 16, alpha = 32, targets = ["q_proj", "v_proj"]}
+    max_steps: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-5, gt=0, le=1)
+    warmup_steps: int = Field(4, ge=0)
+    min_lr_ratio: float = Field(1.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class InitConfig(Section):
+    """Start from an existing model instead of pretraining one: an atomlab bundle or a Hugging Face folder
+    (config.json, safetensors weights, tokenizer.json). The run then post-trains, evaluates and releases it."""
+
+    # a path (relative to the recipe's working folder) to the bundle or Hugging Face model folder
+    from_: str = Field(alias="from", min_length=1)
+    # the base model's name for the release's card (model tree); defaults to the folder's own record of it
+    base_model: str = ""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class EvaluateConfig(Section):
@@ -269,6 +372,10 @@ class ReleaseConfig(Section):
     license: str = "Apache-2.0"  # for weights, code and configs; data keeps its own licences
     sample_prompt: str = "ROMEO:"
     description: str = ""
+    # the URL of a research paper about the model and the paper's licence (SPDX): the Model Openness
+    # Framework's Class I needs one under an open licence
+    paper: str = ""
+    paper_license: str = ""
 
 
 class Recipe(Section):
@@ -279,7 +386,10 @@ class Recipe(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # [init] from = "...": start from that model (no data, tokenizer or pretrain steps)
+    init: InitConfig | None = None
     sft: SFTConfig | None = None  # post-training steps run when their section is in the recipe
+    dpo: DPOConfig | None = None
     rl: RLConfig | None = None
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
@@ -287,10 +397,10 @@ class Recipe(Section):
     source: str = Field("", exclude=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
-BUILTIN = ("tiny", "smoke")
+BUILTIN = ("tiny", "smoke", "posttrain")
 
 
 def recipe_path(name_or_path: str) -> Path:

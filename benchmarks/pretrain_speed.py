@@ -78,12 +78,13 @@ def run_and_measure(arguments: list[str]) -> dict[str, float]:
             raise SystemExit(f"atomlab run failed:\n{result.stderr}")
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         metrics = json.loads(next(Path(folder, "runs").glob("release-*/metrics.json")).read_text())
+    pretrain = metrics["stages"]["pretrain"]
     return {
         "wall_s": wall,
         "peak_rss_mib": peak_kib / 1024,
-        "val_bits_per_byte": metrics["val_bits_per_byte"],
-        "tokens_per_s": metrics["tokens_per_s"],
-        "mfu": metrics["mfu"],
+        "val_bits_per_byte": pretrain["val_bits_per_byte"],
+        "tokens_per_s": pretrain["tokens_per_s"],
+        "mfu": pretrain["mfu"],
     }
 
 

@@ -15,21 +15,20 @@ import json
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from atomlab.envs import load_environment
-from atomlab.envs.rollout import engine_responder, run_episodes
-from atomlab.infer.engine import Engine, load_model
-from atomlab.posttrain.rl import group_advantages, grpo_update, pack_rollouts
-from atomlab.recipe import RLConfig
-from atomlab.tokenizer import PAD, load_tokenizer
+from atomlab.infer.engine import load_model
+from atomlab.posttrain.rl import GRPO
+from atomlab.recipe import validate_recipe
+from atomlab.tokenizer import load_tokenizer
+from atomlab.train.distributed import SINGLE_PROCESS
+from atomlab.train.loop import Run, build_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "rl_speed.json"
 CONFIGS = ((16, 8), (32, 8), (64, 8))
-UPDATE = RLConfig()  # the rl step's defaults: clip 0.2, no KL, one update per batch
 
 
 def main() -> None:
@@ -46,32 +45,27 @@ def main() -> None:
     folder = Path(args.bundle)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else folder / "tokenizer.json")
     model = load_model(folder)
-    env = load_environment(args.environment)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)  # the update's cost, not its effect
-    pad = tokenizer.token_to_id(PAD)
+    device = torch.device("cpu")
     rows = []
     for prompts, samples in CONFIGS:
+        rl = {"environments": [args.environment], "batch_size": prompts, "group_size": samples}
+        recipe = validate_recipe({"rl": {**rl, "max_tokens": args.max_tokens, "lr": 1e-9}})
+        # the rl step's own objective (its defaults: clip 0.2, no KL, one update per batch), as fit() calls it
+        grpo = GRPO(recipe, tokenizer)
+        grpo.setup(model, tokenizer, device, SINGLE_PROCESS, recipe.seed)
+        optimizer = build_optimizer(model, recipe.rl, device)  # lr 1e-9: the update's cost, not its effect
+        run = Run(model, model, recipe.rl, device, nullcontext(), SINGLE_PROCESS)
         rollout_rates, step_times, rewards = [], [], []
         for repeat in range(args.repeats + 1):
-            tasks = env.tasks(seed=10_000 + repeat, count=prompts)
             began = time.perf_counter()
-            model.eval()
-            respond = engine_responder(Engine(model, tokenizer, torch.device("cpu")), args.max_tokens, 1.0, repeat)
-            with torch.no_grad():
-                rollouts = run_episodes(env, tasks, respond, samples=samples)
-            rolled = time.perf_counter()
-            inputs, targets, mask = pack_rollouts(rollouts, tokenizer, model.args.seq_len, pad)
-            reward = np.array([r.reward for r in rollouts]).reshape(prompts, samples)
-            advantages, _ = group_advantages(reward)
-            model.train()
-            keep = torch.ones(len(inputs), dtype=torch.bool)
-            advantage = torch.from_numpy(advantages.reshape(-1, 1)).float()
-            grpo_update(model, None, optimizer, inputs[keep], targets[keep], mask[keep], advantage, UPDATE)
+            record = grpo.backward(repeat, 0, run)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             done = time.perf_counter()
             if repeat:  # the first is a warm-up
-                rollout_rates.append(float(mask.sum()) / (rolled - began))
+                rollout_rates.append(record["rollout_tokens_per_s"])
                 step_times.append(done - began)
-                rewards.append(float(reward.mean()))
+                rewards.append(record["reward"])
         row = {
             "prompts": prompts,
             "samples_per_prompt": samples,
@@ -90,7 +84,7 @@ def main() -> None:
         json.dumps(
             {
                 "bundle": str(folder),
-                "environment": env.id,
+                "environment": args.environment,
                 "max_tokens": args.max_tokens,
                 "threads": torch.get_num_threads(),
                 "machine": platform.platform(),

@@ -198,8 +198,23 @@ def test_post_trained_run_evaluates_every_stage_and_releases_the_last(post_run):
     for name in ("accuracy_by_stage.png", "rl_curves.png", "sft_log.jsonl", "rl_log.jsonl"):
         assert (bundle / name).is_file(), name
     assert "Held-out environment accuracy" in (bundle / "REPORT.md").read_text()
-    assert "## Post-training" in (bundle / "MODEL_CARD.md").read_text()
+    # the bundle's figures are the released (RL) model's, with every stage's beside them
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    by_stage = evaluation["held_out_bits_per_byte_by_stage"]
+    assert metrics["released_stage"] == "rl" and metrics["stage_order"] == ["pretrain", "sft", "rl"]
+    assert metrics["held_out_bits_per_byte"] == by_stage["rl"] and by_stage["rl"] != by_stage["base"]
+    accuracy = metrics["environment_accuracy"]["arithmetic-v1"]["pass@1"]
+    assert accuracy == evaluation["stages"]["rl"]["environments"]["arithmetic-v1"]["pass@1"]
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "| rl (released) |" in card and "| sft |" in card
+    results = yaml_front_matter(card)["model-index"][0]["results"]
+    assert [r["metrics"][0]["value"] for r in results] == [round(by_stage["rl"], 4), round(accuracy, 4)]
     assert main(["verify", str(bundle)]) == 0
+
+
+def yaml_front_matter(card: str) -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(card.split("---\n", 2)[1])
 
 
 def test_sft_trains_on_user_messages_files_without_held_out_questions(post_run, tmp_path):

@@ -18,6 +18,7 @@ accuracy (mean reward) and writes each rollout as a JSON line with --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import ipaddress
 import itertools
@@ -47,6 +48,25 @@ Respond = Callable[[list[Conversation]], list[str]]
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
+class SampledReply(str):
+    """A reply's text that also carries the token ids it was sampled as (the engine's replies): the prompt
+    the model saw, every sampled token (ending with an end token only if the model produced one) and why
+    sampling ended ("stop" or "length"). Training on these ids, not on re-encoded text, trains exactly
+    what was sampled."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+
+    def __new__(cls, text: str, prompt_ids: list[int], token_ids: list[int], finish_reason: str) -> SampledReply:
+        reply = super().__new__(cls, text)
+        reply.prompt_ids, reply.token_ids, reply.finish_reason = prompt_ids, token_ids, finish_reason
+        return reply
+
+    def __reduce__(self) -> tuple:  # pickles (to other processes) with its ids
+        return SampledReply, (str(self), self.prompt_ids, self.token_ids, self.finish_reason)
+
+
 @dataclass(frozen=True)
 class Rollout:
     task: Task
@@ -56,6 +76,7 @@ class Rollout:
     reason: str
     turns: int  # assistant replies in the transcript
     truncated: bool  # the model was still calling the environment when its turns ran out
+    replies: tuple[str, ...] = ()  # each assistant turn as the generator returned it (SampledReply from the engine)
 
     def record(self) -> dict[str, Any]:
         """One JSON line of a rollouts file."""
@@ -84,19 +105,27 @@ def run_episodes(
     progress: Callable[[Rollout], None] | None = None,
 ) -> list[Rollout]:
     """Roll out `samples` episodes of each task; the rollouts come back in task order, then sample order.
-    `progress` is called with each rollout as it finishes."""
+    `progress` is called with each rollout as it finishes. A `respond` with `takes_keys` set is also given
+    each conversation's key "task id/sample/turn", so it can sample independently of batching."""
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     episodes = [(sample, Episode(env, task)) for task in tasks for sample in range(samples)]
     rollouts: list[Rollout | None] = [None] * len(episodes)
+    returned: list[list[str]] = [[] for _ in episodes]
     active = list(range(len(episodes)))
     while active:
-        replies = respond([list(episodes[i][1].observation) for i in active])
+        conversations = [list(episodes[i][1].observation) for i in active]
+        if getattr(respond, "takes_keys", False):
+            keys = [f"{episodes[i][1].task.id}/{episodes[i][0]}/{episodes[i][1].turns}" for i in active]
+            replies = respond(conversations, keys=keys)
+        else:
+            replies = respond(conversations)
         if len(replies) != len(active):
             raise AtomlabError(f"the generator returned {len(replies)} replies for {len(active)} conversations")
         still = []
         for i, text in zip(active, replies, strict=True):
             sample, episode = episodes[i]
+            returned[i].append(text if isinstance(text, str) else "")
             _, reward, _, truncated, info = episode.step(text if isinstance(text, str) else "")
             if not episode.done:
                 still.append(i)
@@ -109,6 +138,7 @@ def run_episodes(
                 info.get("reason", ""),
                 episode.turns,
                 truncated,
+                tuple(returned[i]),
             )
             rollouts[i] = rollout
             if progress is not None:
@@ -139,30 +169,56 @@ def run_tasks(
     return [found[(task.id, sample)] for task in tasks for sample in range(samples)]
 
 
-def engine_responder(engine: Engine, max_tokens: int, temperature: float, seed: int, batch: int = 256) -> Respond:
-    """A `respond` of atomlab's generation engine: calls of up to `batch` conversations per turn.
-    Sampling seeds follow (seed, call, position), so the same rollout order gives the same replies."""
-    from atomlab.infer.engine import Request, SamplingParams
+class EngineResponder:
+    """A `respond` of atomlab's generation engine: calls of up to `batch` conversations per turn, each reply a
+    SampledReply. Sampling seeds follow (seed, call, position), so the same rollout order gives the same
+    replies; with `keyed`, they follow (seed, the conversation's key) instead, so a reply does not depend on
+    which other conversations share its call (or its process, when rollouts are split across processes)."""
 
-    calls = itertools.count()
+    def __init__(
+        self, engine: Engine, max_tokens: int, temperature: float, seed: int, batch: int = 256, keyed: bool = False
+    ) -> None:
+        self.engine, self.max_tokens, self.temperature, self.seed, self.batch = (
+            engine,
+            max_tokens,
+            temperature,
+            seed,
+            batch,
+        )
+        self.takes_keys = keyed
+        self.calls = itertools.count()
 
-    def respond(conversations: list[Conversation]) -> list[str]:
-        call = next(calls)
+    def seed_of(self, call: int, position: int, key: str | None) -> int:
+        if key is None:
+            return (self.seed * 1_000_003 + call * 10_007 + position) % 2**31
+        return int.from_bytes(hashlib.sha256(f"{self.seed}:{key}".encode()).digest()[:4], "big") % 2**31
+
+    def __call__(self, conversations: list[Conversation], keys: list[str] | None = None) -> list[str]:
+        from atomlab.infer.engine import Request, SamplingParams
+
+        call = next(self.calls)
+        prompts = [self.engine.chat_prompt(conversation) for conversation in conversations]
         requests = [
             Request(
-                engine.chat_prompt(conversation),
+                prompt,
                 SamplingParams(
-                    max_tokens=max_tokens, temperature=temperature, seed=(seed * 1_000_003 + call * 10_007 + i) % 2**31
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                    seed=self.seed_of(call, i, None if keys is None else keys[i]),
                 ),
             )
-            for i, conversation in enumerate(conversations)
+            for i, prompt in enumerate(prompts)
         ]
-        replies = []
-        for first in range(0, len(requests), batch):
-            replies += [completion.text for completion in engine.generate(requests[first : first + batch])]
+        replies: list[str] = []
+        for first in range(0, len(requests), self.batch):
+            chunk = requests[first : first + self.batch]
+            for request, done in zip(chunk, self.engine.generate(chunk), strict=True):
+                replies.append(SampledReply(done.text, request.prompt, done.token_ids, done.finish_reason))
         return replies
 
-    return respond
+
+# The name for what it is used as: `respond = engine_responder(engine, max_tokens, temperature, seed)`.
+engine_responder = EngineResponder
 
 
 def chat_completions_url(base_url: str) -> str:

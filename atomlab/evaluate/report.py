@@ -177,7 +177,10 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
         "",
         "| | |",
         "|---|---|",
-        f"| held-out bits per byte | {results['held_out_bits_per_byte']:.4f} |",
+        *(
+            f"| held-out bits per byte ({'pretrained' if stage == 'base' else stage}) | {value:.4f} |"
+            for stage, value in results["held_out_bits_per_byte_by_stage"].items()
+        ),
         f"| validation loss (nats/token) | {summary['val_loss']:.4f} |",
         f"| training tokens | {summary['tokens']:,} |",
         f"| parameters | {summary['parameters']['total']:,} |",
@@ -209,10 +212,30 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
     lines += ["", "![bits per byte by document](bits_per_byte_by_document.png)", ""]
     if "stages" in results:
         lines += _environment_section(results)
-    lines += ["## Samples", ""]
+    return "\n".join(lines + _samples_section(results))
+
+
+def _samples_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Samples", ""]
     for sample in results["samples"]:
         lines += [f"Prompt `{sample['prompt']}`:", "", "```", (sample["prompt"] + sample["text"]).strip(), "```", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _posttrain_markdown(recipe: Recipe, results: dict[str, Any], base_model: str) -> str:
+    """The report card of a run that started from an existing model: post-training results and samples."""
+    stages = " -> ".join(name for name in ("sft", "dpo", "rl") if getattr(recipe, name) is not None)
+    lines = [
+        f"# Report card: {recipe.release.model_name}",
+        "",
+        f"Recipe `{recipe.name}` (seed {recipe.seed}) starts from `{base_model}` (`[init] from`) -> "
+        f"{stages or 'no post-training'} -> evaluate -> release. Each step's inputs, outputs and code version are "
+        "in its `manifest.json`.",
+        "",
+    ]
+    if "stages" in results:
+        lines += _environment_section(results)
+    return "\n".join(lines + _samples_section(results))
 
 
 def _html(markdown: str, folder: Path) -> str:
@@ -264,15 +287,22 @@ def write_report_card(
     summary: dict[str, Any],
     results: dict[str, Any],
     rl_log: list[dict[str, Any]] | None = None,
+    base_model: str | None = None,
 ) -> None:
-    plot_training(log, folder / "training_curves.png")
-    plot_throughput(log, folder / "throughput.png")
-    plot_documents(results["documents"], folder / "bits_per_byte_by_document.png")
+    """The report card; `base_model` names the imported model a run started from (it has no pretraining)."""
+    if base_model is None:
+        plot_training(log, folder / "training_curves.png")
+        plot_throughput(log, folder / "throughput.png")
+        plot_documents(results["documents"], folder / "bits_per_byte_by_document.png")
     if "stages" in results:
         plot_accuracy(results["stages"], folder / "accuracy_by_stage.png")
     if rl_log:
         plot_rl(rl_log, folder / "rl_curves.png")
         results = {**results, "rl_plot": True}
-    markdown = _markdown(recipe, log, summary, results)
+    markdown = (
+        _markdown(recipe, log, summary, results)
+        if base_model is None
+        else _posttrain_markdown(recipe, results, base_model)
+    )
     (folder / "report.md").write_text(markdown, encoding="utf-8")
     (folder / "report.html").write_text(_html(markdown, folder), encoding="utf-8")

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from atomlab.data.prepare import read_split
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
 from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
 from atomlab.model import Transformer
-from atomlab.posttrain.tasks import held_out_seed, held_out_tasks, read_trained_prompts, training_seed
+from atomlab.posttrain.init import INIT_RECORD
+from atomlab.posttrain.tasks import (
+    held_out_seed,
+    held_out_tasks,
+    read_trained_prompts,
+    tokenizer_file,
+    training_seed,
+)
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, encode_plain, load_tokenizer, token_byte_lengths
@@ -40,30 +49,49 @@ def document_bits_per_byte(
     return nats, count
 
 
-def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
-    tokenizer = load_tokenizer(tok / "tokenizer.json")
-    model = load_model(train)
+def held_out_documents(model: Transformer, tokenizer: Any, held_out: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nats and bytes of each whole held-out document under one model."""
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    with open(data / "val.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            ids = encode_plain(tokenizer, [doc["text"]])[0] + [eot]
-            nats, count = document_bits_per_byte(model, ids, byte_lengths)
-            documents.append(
-                {
-                    "id": doc["id"],
-                    "title": doc.get("title", ""),
-                    "tokens": len(ids),
-                    "bytes": count,
-                    "bits_per_byte": nats / math.log(2) / max(1, count),
-                    "nats": nats,
-                }
-            )
-    total_bits = sum(d["nats"] for d in documents) / math.log(2)
+    for doc in held_out:
+        ids = encode_plain(tokenizer, [doc["text"]])[0] + [eot]
+        nats, count = document_bits_per_byte(model, ids, byte_lengths)
+        documents.append(
+            {
+                "id": doc["id"],
+                "title": doc.get("title", ""),
+                "tokens": len(ids),
+                "bytes": count,
+                "bits_per_byte": nats / math.log(2) / max(1, count),
+                "nats": nats,
+            }
+        )
+    return documents
+
+
+def _bits_per_byte(documents: list[dict[str, Any]]) -> float | None:
+    total = sum(d["bytes"] for d in documents)
+    return sum(d["nats"] for d in documents) / math.log(2) / total if total else None
+
+
+def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
+    # the base model: the pretrained one, or the imported one a recipe with [init] starts from
+    train = ctx.inputs["pretrain"] if "pretrain" in ctx.inputs else ctx.inputs["init"]
+    tokenizer = load_tokenizer(tokenizer_file(ctx))
+    model = load_model(train)
+
+    def held_out() -> Iterable[dict[str, Any]]:
+        """The prepare-data step's validation split, streamed (none when the run starts from a model)."""
+        return read_split(ctx.inputs["prepare-data"], "val") if "prepare-data" in ctx.inputs else []
+
+    documents = held_out_documents(model, tokenizer, held_out())
     total_bytes = sum(d["bytes"] for d in documents)
+    # every model of the run on the same held-out documents, so the released one has its own figure
+    by_stage = {"base": _bits_per_byte(documents)}
+    for stage in POST_TRAINING:
+        if stage in ctx.inputs and documents:
+            by_stage[stage] = _bits_per_byte(held_out_documents(load_model(ctx.inputs[stage]), tokenizer, held_out()))
 
     engine = Engine(model, tokenizer, torch.device("cpu"))
     settings = recipe.evaluate
@@ -82,12 +110,17 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     ]
 
     results = {
-        "held_out_bits_per_byte": total_bits / max(1, total_bytes),
+        "held_out_bits_per_byte": by_stage["base"],
+        "held_out_bits_per_byte_by_stage": by_stage,
         "held_out_bytes": total_bytes,
         "documents": [{k: v for k, v in d.items() if k != "nats"} for d in documents],
         "samples": samples,
     }
-    headline = {"held_out_bits_per_byte": round(results["held_out_bits_per_byte"], 4), "documents": len(documents)}
+    headline = {
+        "held_out_bits_per_byte": None if by_stage["base"] is None else round(by_stage["base"], 4),
+        "held_out_bits_per_byte_by_stage": {k: None if v is None else round(v, 4) for k, v in by_stage.items()},
+        "documents": len(documents),
+    }
     if recipe.evaluate.environments:
         results.update(environment_results(ctx, recipe, tokenizer, model))
         headline["accuracy"] = {
@@ -95,16 +128,20 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             for stage, scores in results["stages"].items()
         }
     write_json(ctx.folder / "eval.json", results)
-    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    summary = json.loads((train / "train_summary.json").read_text())
     rl_log = None
     if "rl" in ctx.inputs:
         rl_log = [json.loads(line) for line in (ctx.inputs["rl"] / "metrics.jsonl").read_text().splitlines() if line]
+    if "init" in ctx.inputs:
+        base_model = json.loads((ctx.inputs["init"] / INIT_RECORD).read_text(encoding="utf-8"))["base_model"]
+        write_report_card(ctx.folder, recipe, [], {}, results, rl_log, base_model=base_model)
+        return headline
+    log = [json.loads(line) for line in (train / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    summary = json.loads((train / "train_summary.json").read_text())
     write_report_card(ctx.folder, recipe, log, summary, results, rl_log)
     return headline
 
 
-POST_TRAINING = ("sft", "rl")
+POST_TRAINING = ("sft", "dpo", "rl")  # the trained stages evaluated beside the base model, in graph order
 
 
 def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: Transformer) -> dict[str, Any]:

@@ -1,15 +1,22 @@
-"""The rl step: GRPO with verifiable rewards from atomlab environments.
+"""The rl step: GRPO with verifiable rewards from atomlab environments, as an objective of the one
+training loop (atomlab.train.loop.fit), so it has checkpoints with exact resume, DDP/FSDP2 across
+processes and bf16 autocast where the hardware has it, as pretraining and SFT do.
 
-Each step takes `rl.batch_size` training tasks and samples `rl.group_size` replies to each with
-the generation engine (KV cache, one batch). The environment scores every reply; a reply's
-advantage is its reward minus its group's mean, over the group's standard deviation. Groups where
-every reply scored the same teach nothing and are skipped. The loss is PPO's clipped surrogate
-on the assistant tokens, averaged over tokens, plus an optional KL penalty (the k3 estimator) to
-the starting model. A curriculum raises the difficulty when recent accuracy reaches a threshold.
+Each step takes `rl.batch_size` training tasks; every process samples `rl.group_size` replies to
+its share of them with the generation engine (KV cache, one batch), and the environment scores
+every reply. Rewards are gathered from all processes, so a reply's advantage is its reward minus
+its group's mean over the group's standard deviation, whoever generated it. Groups where every
+reply scored the same teach nothing and are skipped. The loss is PPO's clipped surrogate on the
+sampled reply tokens, a mean over every trained token of the step (all processes), plus an optional
+KL penalty (the k3 estimator) to the starting model. A curriculum raises the difficulty when recent
+accuracy reaches a threshold.
 
-Rollouts go through `atomlab.envs.rollout.run_episodes`, the same loop that rolls out against
-OpenAI-compatible endpoints, so multi-turn environments train the same way; log-probabilities
-are recomputed on the re-encoded transcript, which keeps the update independent of who generated.
+Rollouts go through `atomlab.envs.rollout.run_tasks`, the loop that also rolls out against
+OpenAI-compatible endpoints, so multi-turn environments train the same way (each turn is a row).
+The update trains on the token ids the engine sampled, not on re-encoded text: a reply cut at
+`rl.max_tokens` keeps no end token it did not produce, and log-probabilities are those of the
+sampling distribution (logits / temperature). Sampling seeds follow (seed, step, task, sample,
+turn), so the rollouts are the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -24,23 +32,24 @@ import torch
 import torch.nn.functional as F
 
 from atomlab.envs import Task
-from atomlab.envs.rollout import Rollout, engine_responder, run_tasks
+from atomlab.envs.rollout import Rollout, SampledReply, engine_responder, run_tasks
 from atomlab.errors import AtomlabError
-from atomlab.infer.engine import Engine, load_model
+from atomlab.infer.engine import Engine
+from atomlab.model import Transformer
 from atomlab.posttrain.tasks import (
     check_difficulty,
     environments,
     held_out_hashes,
+    starting_model,
+    tokenizer_file,
     training_tasks,
     write_trained_prompts,
 )
-from atomlab.progress import progress_bar
-from atomlab.recipe import Recipe
-from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import encode_chat, load_tokenizer
-from atomlab.train.checkpoint import save_weights
-from atomlab.train.loop import build_optimizer, learning_rate, pick_device
-from atomlab.train.metrics import MetricsLogger
+from atomlab.recipe import Recipe, RLConfig
+from atomlab.steps import StepContext
+from atomlab.tokenizer import PAD, load_tokenizer
+from atomlab.train.distributed import World, all_gather_rows, all_reduce_max, all_reduce_sum, current_world
+from atomlab.train.loop import Objective, Run, fit, model_args_from_folder
 
 
 def group_advantages(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,23 +62,33 @@ def group_advantages(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return advantages, useful
 
 
-def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs).float()
+def token_logprobs(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probability of each target token under the model's distribution at `temperature` (the one sampled from)."""
+    logits = model(inputs).float() / temperature
     return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def pack_rollouts(
-    rollouts: list[Rollout], tokenizer: Any, seq_len: int, pad: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Transcripts as right-padded (inputs, targets, mask of the assistant tokens to train)."""
-    encoded = []
-    for rollout in rollouts:
-        ids, mask = encode_chat(tokenizer, rollout.transcript)
-        encoded.append((ids[: seq_len + 1], mask[: seq_len + 1]))
-    width = max(len(ids) for ids, _ in encoded)
-    tokens = torch.full((len(encoded), width), pad, dtype=torch.long)
-    trained = torch.zeros((len(encoded), width), dtype=torch.bool)
-    for row, (ids, mask) in enumerate(encoded):
+def rollout_rows(rollout: Rollout, seq_len: int) -> list[tuple[list[int], list[bool]]]:
+    """One training row per assistant turn: the prompt's ids and the sampled ids, the mask on the sampled
+    ones; cut to the model's context (seq_len + 1 tokens: inputs and shifted targets)."""
+    rows = []
+    for reply in rollout.replies:
+        if not isinstance(reply, SampledReply):
+            raise AtomlabError("rl: GRPO trains on sampled token ids; the rollouts must come from the engine")
+        ids = [*reply.prompt_ids, *reply.token_ids][: seq_len + 1]
+        mask = ([False] * len(reply.prompt_ids) + [True] * len(reply.token_ids))[: seq_len + 1]
+        rows.append((ids, mask))
+    return rows
+
+
+def pad_rows(rows: list[tuple[list[int], list[bool]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows right-padded to the longest: (inputs, targets, mask of the targets to train)."""
+    width = max(len(ids) for ids, _ in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    trained = torch.zeros((len(rows), width), dtype=torch.bool)
+    for row, (ids, mask) in enumerate(rows):
         tokens[row, : len(ids)] = torch.tensor(ids)
         trained[row, : len(mask)] = torch.tensor(mask)
     return tokens[:, :-1], tokens[:, 1:], trained[:, 1:]
@@ -104,50 +123,7 @@ def grpo_loss(
     return (terms * weight).sum(), stats
 
 
-MICRO_BATCH = 32  # rollouts per forward/backward: bounds the update's memory whatever the batch
-
-
-def grpo_update(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    advantage: torch.Tensor,
-    config: Any,
-) -> tuple[float, float, dict[str, float]]:
-    """`config.updates_per_batch` optimizer steps on one batch of rollouts, each accumulating the
-    gradient over micro-batches; the loss is a mean over every trained token of the batch."""
-    chunks = [slice(first, first + MICRO_BATCH) for first in range(0, len(inputs), MICRO_BATCH)]
-    tokens = mask.sum().clamp(min=1)
-    reference_logprobs: list[torch.Tensor | None] = [None] * len(chunks)
-    if reference is not None:
-        with torch.no_grad():
-            reference_logprobs = [token_logprobs(reference, inputs[c], targets[c]) for c in chunks]
-    old: list[torch.Tensor | None] = [None] * len(chunks)  # log-probs before any update: the first pass's
-    for _ in range(config.updates_per_batch):
-        total, stats = 0.0, {"kl": 0.0, "clipped_fraction": 0.0}
-        for index, chunk in enumerate(chunks):
-            new = token_logprobs(policy, inputs[chunk], targets[chunk])
-            old[index] = new.detach() if old[index] is None else old[index]
-            loss, part = grpo_loss(
-                new,
-                old[index],
-                reference_logprobs[index],
-                advantage[chunk],
-                mask[chunk],
-                config.clip_ratio,
-                config.kl_coef,
-                tokens,
-            )
-            loss.backward()
-            total += float(loss.detach())
-            stats = {key: stats[key] + part[key] for key in stats}
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip or float("inf")))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm, {key: round(value, 6) for key, value in stats.items()}
+MICRO_BATCH = 32  # rows per forward/backward: bounds the update's memory whatever the batch
 
 
 class Curriculum:
@@ -166,105 +142,191 @@ class Curriculum:
         return False
 
 
-def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
-    config = recipe.rl
-    start = ctx.inputs["sft"] if "sft" in ctx.inputs else ctx.inputs["pretrain"]
-    tokenizer = load_tokenizer(ctx.inputs["tokenizer"] / "tokenizer.json")
-    device = pick_device(config.device)
-    if device.type == "cpu" and config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(ctx.seed)
-    policy = load_model(start).to(device).train()
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if config.kl_coef > 0 else None
-    optimizer = build_optimizer(policy, config, device)
-    pad = tokenizer.token_to_id("<|pad|>")
-    envs = environments(config.environments, "rl.environments")
-    loaded = {env.id: env for env in envs}
-    for env in envs:
-        check_difficulty(env, min(config.difficulty, env.levels), "rl.difficulty")
-    held_out = held_out_hashes(recipe.evaluate, recipe.seed) if recipe.evaluate.environments else set()
-    curriculum = Curriculum(config.difficulty, config.max_difficulty, config.promote_at)
-    streams: dict[tuple[str, int], Any] = {}
+class GRPO(Objective):
+    """One GRPO step: the step's tasks rolled out (each process its share), rewards gathered, advantages
+    per group, then the clipped surrogate on the sampled tokens, `updates_per_batch` times."""
 
-    def next_tasks(count: int) -> list[Task]:
+    def __init__(self, recipe: Recipe, tokenizer: Any) -> None:
+        self.config: RLConfig = recipe.rl
+        self.seed = recipe.seed
+        self.pad = tokenizer.token_to_id(PAD)
+        self.updates_per_step = self.config.updates_per_batch
+        self.envs = environments(self.config.environments, "rl.environments")
+        self.loaded = {env.id: env for env in self.envs}
+        for env in self.envs:
+            check_difficulty(env, min(self.config.difficulty, env.levels), "rl.difficulty")
+        self.held_out = held_out_hashes(recipe.evaluate, recipe.seed) if recipe.evaluate.environments else set()
+        self.curriculum = Curriculum(self.config.difficulty, self.config.max_difficulty, self.config.promote_at)
+        self.positions: dict[str, int] = {}  # "env/level" -> the index of its next training task
+        self.streams: dict[str, Any] = {}
+        self.trained_prompts: set[str] = set()
+        self.rollout_tokens = self.rollout_seconds = 0.0
+
+    def setup(self, model: Transformer, tokenizer: Any, device: torch.device, world: World, seed: int) -> None:
+        if self.config.batch_size % world.size:
+            raise AtomlabError(
+                f"rl.batch_size ({self.config.batch_size}) tasks must be divisible by the {world.size} processes"
+            )
+        if world.distributed and self.config.parallel == "fsdp":
+            # the engine keeps its own copies of whole matrices, which an FSDP-sharded model does not have
+            raise AtomlabError('rl.parallel: GRPO rollouts need whole weights on each process; use "ddp"')
+        # one engine for the whole run: it follows the policy's weights as the optimizer changes them
+        self.engine = Engine(model, tokenizer, device)
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.config.kl_coef > 0 else None
+
+    def describe(self) -> str:
+        names = ", ".join(env.id for env in self.envs)
+        return f"GRPO on {names}: {self.config.batch_size} tasks x {self.config.group_size} replies per step"
+
+    def next_tasks(self, count: int) -> list[Task]:
         tasks = []
         for i in range(count):
-            env = envs[i % len(envs)]
-            level = min(curriculum.level, env.levels)
-            key = (env.id, level)
-            if key not in streams:  # each level has its own index stream
-                streams[key] = training_tasks(env, recipe.seed, level, held_out)
-            tasks.append(next(streams[key]))
+            env = self.envs[i % len(self.envs)]
+            level = min(self.curriculum.level, env.levels)
+            key = f"{env.id}/{level}"
+            if key not in self.streams:  # each level has its own index stream
+                self.streams[key] = training_tasks(env, self.seed, level, self.held_out, self.positions.get(key, 0))
+            task = next(self.streams[key])
+            self.positions[key] = task.index + 1
+            tasks.append(task)
         return tasks
 
-    # one engine for the whole run: it follows the policy's weights as the optimizer changes them
-    engine = Engine(policy, tokenizer, device)
-    metrics = MetricsLogger(ctx.folder, truncate_after=0, tensorboard=config.tensorboard, wandb=config.wandb)
-    trained_prompts: set[str] = set()
-    rollout_tokens = rollout_seconds = 0.0
-    last: dict[str, Any] = {}
-    with progress_bar("rl", total=config.max_steps) as bar:
-        for step in range(config.max_steps):
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tasks = next_tasks(config.batch_size)
-            trained_prompts.update(task.prompt_hash for task in tasks)
+    def rollout(self, step: int, run: Run) -> dict[str, Any]:
+        config, world = self.config, run.world
+        difficulty = self.curriculum.level
+        tasks = self.next_tasks(config.batch_size)
+        self.trained_prompts.update(task.prompt_hash for task in tasks)
+        share = config.batch_size // world.size
+        mine = tasks[world.rank * share : (world.rank + 1) * share]
 
-            began = time.perf_counter()
-            policy.eval()
-            respond = engine_responder(engine, config.max_tokens, config.temperature, ctx.seed * 1_000_003 + step)
-            with torch.no_grad():
-                ordered = run_tasks(tasks, respond, config.group_size, loaded)
-            policy.train()
-            elapsed = time.perf_counter() - began
-            rewards = np.array([r.reward for r in ordered], dtype=np.float64).reshape(len(tasks), config.group_size)
-            advantages, useful = group_advantages(rewards)
+        began = time.perf_counter()
+        run.model.eval()
+        respond = engine_responder(
+            self.engine, config.max_tokens, config.temperature, self.seed * 1_000_003 + step, keyed=True
+        )
+        with torch.no_grad():
+            rollouts = run_tasks(mine, respond, config.group_size, self.loaded)
+        run.model.train()
+        elapsed = time.perf_counter() - began
 
-            inputs, targets, mask = pack_rollouts(ordered, tokenizer, policy.args.seq_len, pad)
-            reply_tokens = mask.sum(dim=1).float()
-            rollout_tokens += float(reply_tokens.sum())
-            rollout_seconds += elapsed
-            keep = torch.from_numpy(np.repeat(useful, config.group_size))
-            record: dict[str, Any] = {
-                "step": step + 1,
-                "lr": lr,
-                "difficulty": curriculum.level,
+        local = torch.tensor([r.reward for r in rollouts], dtype=torch.float64).view(share, config.group_size)
+        rewards = all_gather_rows(local.to(run.device)).cpu().numpy()  # every group, on every process
+        advantages, useful = group_advantages(rewards)
+        mine_advantages, mine_useful = advantages[world.rank * share :], useful[world.rank * share :]
+        rows, row_advantages = [], []
+        for position, rollout in enumerate(rollouts):
+            group, sample = divmod(position, config.group_size)
+            if mine_useful[group]:
+                found = rollout_rows(rollout, run.model.args.seq_len)
+                rows += found
+                row_advantages += [float(mine_advantages[group, sample])] * len(found)
+        sampled = sum(len(reply.token_ids) for r in rollouts for reply in r.replies)
+        trained = sum(sum(mask[1:]) for _, mask in rows)
+        row_tokens = sum(len(ids) - 1 for ids, _ in rows)
+        sampled, trained, row_tokens, seconds = all_reduce_sum([sampled, trained, row_tokens, elapsed], run.device)
+        self.rollout_tokens += sampled
+        self.rollout_seconds += seconds / world.size
+        accuracy = float((rewards >= 1.0).mean())
+        if self.curriculum.record(accuracy) and world.is_main:
+            print(f"step {step + 1}: accuracy {accuracy:.2f}, difficulty up to {self.curriculum.level}")
+        return {
+            "rows": rows,
+            "advantages": row_advantages,
+            "trained_tokens": trained,
+            "micro_batches": all_reduce_max(math.ceil(len(rows) / MICRO_BATCH), run.device),
+            "old": {},
+            "reference": {},
+            "record": {
+                "difficulty": difficulty,
                 "reward": round(float(rewards.mean()), 4),
-                "accuracy": round(float((rewards >= 1.0).mean()), 4),
-                "response_tokens": round(float(reply_tokens.mean()), 2),
+                "accuracy": round(accuracy, 4),
+                "response_tokens": round(sampled / rewards.size, 2),
                 "useful_groups": int(useful.sum()),
-                "rollout_tokens_per_s": round(float(reply_tokens.sum()) / max(elapsed, 1e-9), 1),
-            }
-            if keep.any():
-                inputs, targets, mask = inputs[keep].to(device), targets[keep].to(device), mask[keep].to(device)
-                advantage = torch.from_numpy(advantages.reshape(-1)[keep.numpy()]).float().to(device)[:, None]
-                loss, grad_norm, stats = grpo_update(
-                    policy, reference, optimizer, inputs, targets, mask, advantage, config
+                "rollout_tokens_per_s": round(sampled / max(seconds / world.size, 1e-9), 1),
+                "tokens": int(row_tokens),
+            },
+        }
+
+    def backward(self, step: int, update: int, run: Run) -> dict[str, Any]:
+        if update == 0:
+            self.batch = self.rollout(step, run)
+        batch, config, world = self.batch, self.config, run.world
+        record = dict(batch["record"])
+        if batch["micro_batches"] == 0:  # no group anywhere carries signal: no update at all
+            return {"loss": 0.0, **record}
+        total_tokens = torch.tensor(max(batch["trained_tokens"], 1.0), device=run.device)
+        rows, advantages = batch["rows"], batch["advantages"]
+        loss_sum = kl = clipped = 0.0
+        for index in range(batch["micro_batches"]):
+            chunk = slice(index * MICRO_BATCH, (index + 1) * MICRO_BATCH)
+            part_rows, weight = rows[chunk], 1.0
+            if not part_rows:  # this process has run out of rows: a weightless one keeps it in step
+                part_rows, weight = [([self.pad, self.pad], [False, False])], 0.0
+            inputs, targets, mask = (t.to(run.device) for t in pad_rows(part_rows, self.pad))
+            advantage = torch.tensor(advantages[chunk] or [0.0], device=run.device)[:, None]
+            if index not in batch["reference"] and self.reference is not None:
+                with torch.no_grad(), run.autocast:
+                    batch["reference"][index] = token_logprobs(self.reference, inputs, targets, config.temperature)
+            last = index == batch["micro_batches"] - 1
+            context = run.net.no_sync() if not last and hasattr(run.net, "no_sync") else nullcontext()
+            with context:
+                with run.autocast:
+                    new = token_logprobs(run.net, inputs, targets, config.temperature)
+                old = batch["old"].setdefault(index, new.detach())  # log-probs before this step's first update
+                loss, part = grpo_loss(
+                    new,
+                    old,
+                    batch["reference"].get(index),
+                    advantage,
+                    mask if weight else torch.zeros_like(mask),
+                    config.clip_ratio,
+                    config.kl_coef,
+                    total_tokens,
                 )
-                if not math.isfinite(loss):
-                    raise AtomlabError(f"rl.lr: loss became {loss} at step {step + 1}; lower rl.lr ({config.lr})")
-                record.update(loss=round(loss, 6), grad_norm=round(grad_norm, 5), **stats)
-            if curriculum.record(record["accuracy"]):
-                bar.log(f"step {step + 1}: accuracy {record['accuracy']:.2f}, difficulty up to {curriculum.level}")
-            metrics.log(record)
-            last = record
-            bar.update(step + 1, reward=record["reward"], tokens_per_s=record["rollout_tokens_per_s"])
-    metrics.close()
-    policy.eval()
-    save_weights(policy, ctx.folder / "model.safetensors")
-    write_json(ctx.folder / "config.json", {"architecture": "atomlab-transformer", **policy.args.to_dict()})
-    write_trained_prompts(ctx.folder, trained_prompts)
-    log = metrics.records
-    summary = {
-        "steps": config.max_steps,
-        "rollouts": config.max_steps * config.batch_size * config.group_size,
-        "first_accuracy": log[0]["accuracy"] if log else None,
-        "final_accuracy": round(float(np.mean([r["accuracy"] for r in log[-5:]])), 4) if log else None,
-        "final_difficulty": curriculum.level,
-        "skipped_groups": int(sum(config.batch_size - r["useful_groups"] for r in log)),
-        "rollout_tokens_per_s": round(rollout_tokens / max(rollout_seconds, 1e-9), 1),
-        "last": last,
-    }
-    write_json(ctx.folder / "train_summary.json", summary)
-    return {k: v for k, v in summary.items() if k != "last"}
+                # DDP and FSDP average gradients over processes; the loss is already a share of the global mean
+                (loss * world.size).backward()
+            loss_sum += float(loss.detach())
+            kl += part["kl"]
+            clipped += part["clipped_fraction"]
+        loss_sum, kl, clipped = all_reduce_sum([loss_sum, kl, clipped], run.device)
+        return {"loss": loss_sum, **record, "kl": round(kl, 6), "clipped_fraction": round(clipped, 6)}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "curriculum": {"level": self.curriculum.level, "recent": self.curriculum.recent},
+            "positions": self.positions,
+            "trained_prompts": sorted(self.trained_prompts),
+            "rollout_tokens": self.rollout_tokens,
+            "rollout_seconds": self.rollout_seconds,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.curriculum.level = state["curriculum"]["level"]
+        self.curriculum.recent = list(state["curriculum"]["recent"])
+        self.positions = dict(state["positions"])
+        self.streams = {}
+        self.trained_prompts = set(state["trained_prompts"])
+        self.rollout_tokens, self.rollout_seconds = state["rollout_tokens"], state["rollout_seconds"]
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        config = self.config
+        return {
+            "rollouts": config.max_steps * config.batch_size * config.group_size,
+            "first_accuracy": records[0]["accuracy"] if records else None,
+            "final_accuracy": round(float(np.mean([r["accuracy"] for r in records[-5:]])), 4) if records else None,
+            "final_difficulty": self.curriculum.level,
+            "skipped_groups": int(sum(config.batch_size - r["useful_groups"] for r in records)),
+            "rollout_tokens_per_s": round(self.rollout_tokens / max(self.rollout_seconds, 1e-9), 1),
+        }
+
+
+def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
+    start = starting_model(ctx)
+    tokenizer = load_tokenizer(tokenizer_file(ctx))
+    objective = GRPO(recipe, tokenizer)
+    summary = fit(
+        ctx, "rl", model_args_from_folder(start), recipe.rl, tokenizer, objective, start / "model.safetensors"
+    )
+    if current_world().is_main:
+        write_trained_prompts(ctx.folder, objective.trained_prompts)
+    return summary

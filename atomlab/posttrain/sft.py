@@ -8,6 +8,7 @@ questions are removed from both.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ from atomlab.chat_format import ChatFormat
 from atomlab.envs import Task
 from atomlab.envs.base import prompt_hash
 from atomlab.errors import AtomlabError
-from atomlab.posttrain.tasks import environments, held_out_hashes, training_tasks, write_trained_prompts
+from atomlab.posttrain.tasks import (
+    environments,
+    held_out_hashes,
+    starting_model,
+    tokenizer_file,
+    training_tasks,
+    write_trained_prompts,
+)
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import CHAT_ROLES, PAD, load_tokenizer
@@ -63,36 +71,46 @@ class PackedChats(Rows):
         return torch.from_numpy(self.tokens[index, :-1]), torch.from_numpy(self.labels[index, 1:])
 
 
-def read_messages_file(path: Path) -> list[list[dict[str, str]]]:
-    """Conversations of a JSONL file, one {"messages": [...]} per line; AtomlabError naming the line of
-    the first malformed one."""
+def jsonl_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, parsed object) of each non-empty line of a JSONL file named by recipe field `field`;
+    AtomlabError naming the file (and line) when it is missing, not UTF-8 or not JSON."""
     if not path.is_file():
-        raise AtomlabError(f"sft.data: {path}: no such file")
-    conversations = []
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        try:
-            lines = list(handle)
-        except UnicodeDecodeError:
-            raise AtomlabError(f"{path}: not UTF-8 text; sft.data files are JSONL") from None
+        raise AtomlabError(f"{field}: {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AtomlabError(f"{path}: not UTF-8 text; {field} files are JSONL") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as exc:
             raise AtomlabError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise AtomlabError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
-        for turn, message in enumerate(messages, 1):
-            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-                raise AtomlabError(f"{where}: message {turn}: role must be one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(message.get("content"), str):
-                raise AtomlabError(f"{where}: message {turn}: content must be a string")
+
+
+def checked_messages(where: str, messages: Any) -> list[dict[str, str]]:
+    """Chat messages with a known role and string content each, copied down to those two keys."""
+    if not isinstance(messages, list) or not messages:
+        raise AtomlabError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+    for turn, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise AtomlabError(f"{where}: message {turn}: role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise AtomlabError(f"{where}: message {turn}: content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_messages_file(path: Path) -> list[list[dict[str, str]]]:
+    """Conversations of a JSONL file, one {"messages": [...]} per line; AtomlabError naming the line of
+    the first malformed one."""
+    conversations = []
+    for where, record in jsonl_records(path, "sft.data"):
+        messages = checked_messages(where, record.get("messages") if isinstance(record, dict) else None)
         if messages[-1]["role"] != "assistant":
             raise AtomlabError(f"{where}: the last message must be the assistant's reply (it is what SFT learns)")
-        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        conversations.append(messages)
     return conversations
 
 
@@ -142,8 +160,8 @@ def sft_conversations(recipe: Recipe, base: Path) -> dict[str, Any]:
 
 def sft(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
     config = recipe.sft
-    start = ctx.inputs["pretrain"]
-    tokenizer = load_tokenizer(ctx.inputs["tokenizer"] / "tokenizer.json")
+    start = starting_model(ctx)
+    tokenizer = load_tokenizer(tokenizer_file(ctx))
     args = model_args_from_folder(start)
     chats = sft_conversations(recipe, base)
     pad = tokenizer.token_to_id(PAD)

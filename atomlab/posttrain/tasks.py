@@ -14,6 +14,7 @@ from pathlib import Path
 from atomlab.envs import Environment, Task, load_environment
 from atomlab.errors import AtomlabError
 from atomlab.recipe import EvaluateConfig
+from atomlab.steps import StepContext
 
 TRAINED_PROMPTS = "trained_prompts.txt"  # prompt hashes a training step trained on, one per line
 
@@ -69,3 +70,17 @@ def write_trained_prompts(folder: Path, hashes: set[str]) -> None:
 def read_trained_prompts(folder: Path) -> set[str]:
     path = folder / TRAINED_PROMPTS
     return set(path.read_text(encoding="utf-8").split()) if path.exists() else set()
+
+
+TRAINED_STAGES = ("init", "pretrain", "sft", "dpo", "rl")  # steps whose folder holds a model, in graph order
+
+
+def starting_model(ctx: StepContext) -> Path:
+    """The folder of the model a post-training step starts from: its input that holds a model."""
+    return next(ctx.inputs[name] for name in reversed(TRAINED_STAGES) if name in ctx.inputs)
+
+
+def tokenizer_file(ctx: StepContext) -> Path:
+    """The run's tokenizer.json: the tokenizer step's, or the imported model's when the recipe starts from one."""
+    folder = ctx.inputs["tokenizer"] if "tokenizer" in ctx.inputs else ctx.inputs["init"]
+    return folder / "tokenizer.json"

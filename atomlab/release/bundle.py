@@ -15,9 +15,11 @@ from typing import Any
 from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
+from atomlab.evaluate.step import POST_TRAINING
 from atomlab.recipe import Recipe
-from atomlab.release.cards import model_card, openness
-from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
+from atomlab.release.cards import STAGES, environment_figures, model_card, released_metrics
+from atomlab.release.openness import grade, read_bundle
+from atomlab.steps import MANIFEST, StepContext, code_version, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 
 
@@ -33,21 +35,42 @@ def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def released_stage(ctx: StepContext) -> Path:
+    """The folder of the weights a release publishes: the last trained stage's (RL, DPO, SFT, the base)."""
+    return next(ctx.inputs[s] for s in ("rl", "dpo", "sft", "pretrain", "init") if s in ctx.inputs)
+
+
+def copy_stage_logs(ctx: StepContext, out: Path) -> None:
+    """Each post-training stage's log, and the LoRA adapter (PEFT format) of the released stage if it has one."""
+    for stage in POST_TRAINING:
+        if stage in ctx.inputs:
+            shutil.copyfile(ctx.inputs[stage] / "metrics.jsonl", out / f"{stage}_log.jsonl")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (released_stage(ctx) / name).is_file():
+            shutil.copyfile(released_stage(ctx) / name, out / name)
+
+
+def environment_accuracy(evaluated: dict[str, Any]) -> dict[str, Any]:
+    return {stage: environment_figures(evaluated["stages"][stage]) for stage in evaluated["stage_order"]}
+
+
 def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
+    if "init" in ctx.inputs:
+        return release_post_trained(ctx, recipe)
     data, tok, train = ctx.inputs["prepare-data"], ctx.inputs["tokenizer"], ctx.inputs["pretrain"]
     evaluation = ctx.inputs["evaluate"]
     out = ctx.folder
-    # the released weights are the last trained stage's: RL, else SFT, else pretraining
-    final = next(ctx.inputs[stage] for stage in ("rl", "sft", "pretrain") if stage in ctx.inputs)
+    final = released_stage(ctx)
+    stages_run = [stage for stage in STAGES if stage in ctx.inputs]
     shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
-    for stage in ("sft", "rl"):
-        if stage in ctx.inputs:
-            shutil.copyfile(ctx.inputs[stage] / "metrics.jsonl", out / f"{stage}_log.jsonl")
+    copy_stage_logs(ctx, out)
     shutil.copyfile(tok / "tokenizer.json", out / "tokenizer.json")
     for name in ("metrics.jsonl", "samples.txt"):
         if (train / name).exists():
             shutil.copyfile(train / name, out / ("train_log.jsonl" if name == "metrics.jsonl" else name))
-    shutil.copyfile(data / "provenance.jsonl", out / "provenance.jsonl")
+    for shard in sorted(data.glob("provenance-*")):  # every input document: kept, or why it was dropped
+        shutil.copyfile(shard, out / shard.name)
     if (train / "checkpoints").is_dir():
         shutil.copytree(train / "checkpoints", out / "checkpoints")
 
@@ -78,26 +101,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         },
     )
     evaluated = json.loads((evaluation / "eval.json").read_text())
-    metrics = {
-        "val_loss": summary["val_loss"],
-        "val_bits_per_byte": summary["val_bpb"],
-        "final_train_loss": summary["final_train_loss"],
-        "train_tokens": summary["tokens"],
-        "steps": summary["steps"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "mfu": summary["mfu"],
-        "parameters": summary["parameters"],
-        "held_out_bits_per_byte": evaluated["held_out_bits_per_byte"],
-        "released_stage": final.name.rsplit("-", 1)[0],
-    }
-    if "stages" in evaluated:
-        metrics["environment_accuracy"] = {
-            stage: {
-                env: {k: r[k] for k in ("pass@1", "pass@1_ci95", "pass@k", "samples", "tasks")}
-                for env, r in scores["environments"].items()
-            }
-            for stage, scores in ((name, evaluated["stages"][name]) for name in evaluated["stage_order"])
-        }
+    metrics = released_metrics(recipe, stages_run, summary, evaluated)
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
     write_json(out / "data_stats.json", stats)
@@ -107,10 +111,81 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
-    grade = openness(out, stats)
-    write_json(out / "openness.json", grade)
-    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))
-    return {"bundle": str(out), "val_bpb": summary["val_bpb"], "openness": grade["class"]}
+    # the card is a graded component, so grade with it in place, then write it with the grade
+    # the manifest is written after this step returns: grade with the code version it will record
+    write_atomic(out / "MODEL_CARD.md", "")
+    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
+    write_json(out / "openness.json", graded.to_dict())
+    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded,
+                                                   stages_run))
+    return {
+        "bundle": str(out),
+        "released_stage": metrics["released_stage"],
+        "held_out_bits_per_byte": metrics["held_out_bits_per_byte"],
+        "openness": graded.label,
+    }
+
+
+def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
+    """The bundle of a run that started from an existing model ([init]): its post-trained weights, the
+    imported model's tokenizer and chat settings, the stages' logs and evaluation, and `base_model`
+    (in metrics.json, config.json and the model card) naming the model it was made from."""
+    init, evaluation, out = ctx.inputs["init"], ctx.inputs["evaluate"], ctx.folder
+    record = json.loads((init / "init.json").read_text(encoding="utf-8"))
+    final = released_stage(ctx)
+    shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
+    copy_stage_logs(ctx, out)
+    shutil.copyfile(init / "tokenizer.json", out / "tokenizer.json")
+    if (init / "tokenizer_config.json").is_file():
+        shutil.copyfile(init / "tokenizer_config.json", out / "tokenizer_config.json")
+    base_config = json.loads((init / "config.json").read_text(encoding="utf-8"))
+    write_json(
+        out / "config.json",
+        {
+            **base_config,
+            "atomlab_version": __version__,
+            "model_name": recipe.release.model_name,
+            "base_model": record["base_model"],
+        },
+    )
+    evaluated = json.loads((evaluation / "eval.json").read_text())
+    metrics: dict[str, Any] = {
+        "base_model": record["base_model"],
+        "base_model_source": record["kind"],
+        "released_stage": final.name.rsplit("-", 1)[0],
+        "parameters": base_config.get("parameters"),
+        "stages": {
+            stage: json.loads((ctx.inputs[stage] / "train_summary.json").read_text())
+            for stage in POST_TRAINING
+            if stage in ctx.inputs
+        },
+    }
+    if "stages" in evaluated:
+        metrics["environment_accuracy"] = environment_accuracy(evaluated)
+    write_json(out / "metrics.json", metrics)
+    write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
+    for name in ("report.md", "report.html", "eval.json"):
+        shutil.copyfile(evaluation / name, out / ("REPORT.md" if name == "report.md" else name))
+    for plot in sorted(evaluation.glob("*.png")):
+        shutil.copyfile(plot, out / plot.name)
+    stages = [stage for stage in POST_TRAINING if stage in ctx.inputs]
+    lines = [
+        "---",
+        f"base_model: {record['base_model']}",
+        f"license: {recipe.release.license}",
+        "---",
+        "",
+        f"# {recipe.release.model_name}",
+        "",
+        f"Post-trained from `{record['base_model']}` ({record['kind']}) with atomlab {__version__}: "
+        f"{' -> '.join(stages) or 'no post-training'}. The base model's own card states its training data and terms.",
+        "",
+    ]
+    for stage, envs in metrics.get("environment_accuracy", {}).items():
+        for env, r in envs.items():
+            lines.append(f"- {stage}, {env}: held-out pass@1 {r['pass@1']:.3f} ({r['tasks']} tasks)")
+    write_atomic(out / "MODEL_CARD.md", "\n".join(lines) + "\n")
+    return {"bundle": str(out), "base_model": record["base_model"], "released_stage": metrics["released_stage"]}
 
 
 def verify_listed(folder: Path) -> dict[str, dict[str, Any]]:

@@ -325,7 +325,10 @@ def _readme(bundle: Path, config: dict[str, Any]) -> str:
     front_matter = "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- atomlab\n---\n\n"
     card = bundle / "MODEL_CARD.md"
     if card.is_file():
-        return front_matter + card.read_text(encoding="utf-8")
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---\n"):  # the card carries its own Hub metadata; the export loads with transformers
+            return text.replace('library_name: "atomlab"', 'library_name: "transformers"', 1)
+        return front_matter + text
     name = config.get("model_name", bundle.name)
     return front_matter + f"# {name}\n\nExported from the atomlab bundle `{bundle.name}`.\n"
 

@@ -121,3 +121,29 @@ def cleanup(finished: bool) -> None:
         if finished:  # no process tears down gloo while another still talks to it
             dist.barrier()
         dist.destroy_process_group()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's tensor (the same shape on each), stacked along dim 0 in rank order."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every process's (picklable) value, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    found: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, value)
+    return found
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

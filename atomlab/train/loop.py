@@ -35,6 +35,7 @@ from atomlab.train.checkpoint import (
     save_weights,
 )
 from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, parallelize, setup
+from atomlab.train.lora import apply_lora, merge_lora, save_adapter
 from atomlab.train.metrics import MetricsLogger
 from atomlab.train.peak import device_peak_flops
 
@@ -165,8 +166,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: Transformer, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]  # all but what LoRA freezes
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
         groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, fused=device.type == "cuda"
@@ -182,14 +184,88 @@ def sample_text(
     return prompt + tokenizer.decode(out)
 
 
-@dataclasses.dataclass
-class TrainingData:
-    """What one run of the training loop reads: rows to train on and to validate on, and how to sample."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Where an objective runs: the module to call (DDP/FSDP-wrapped), the plain model, the step's
+    settings, the device, the autocast context and the processes."""
 
-    train: Rows
-    val: Rows
-    sample_prompt: str
+    net: torch.nn.Module
+    model: Transformer
+    train: TrainConfig
+    device: torch.device
+    autocast: Any
+    world: World
+
+
+class Objective:
+    """What one step of fit() optimises. Pretraining and SFT (TrainingData: next-token loss on rows),
+    DPO (preference pairs) and GRPO (rollouts -> advantages -> clipped surrogate) are objectives; fit()
+    owns everything around them: the model, parallelism, optimizer, schedule, clipping, autocast,
+    checkpoints and exact resume, metrics and the progress bar.
+
+    `backward` accumulates the gradient of one update (through `net`, so DDP/FSDP synchronise) and
+    returns the step's record, its `loss` and `tokens` already summed over every process. Every
+    process must make the same number of forward/backward calls (FSDP gathers per call)."""
+
+    updates_per_step = 1  # optimizer steps per loop step, on the same data (GRPO's updates_per_batch)
+    sample_prompt: str | None = None  # text sampled every train.sample_every steps, if any
     sample_stop: str = END_OF_TEXT
+
+    def setup(self, model: Transformer, tokenizer: Any, device: torch.device, world: World, seed: int) -> None:
+        """Called once with the plain model (weights loaded, before parallelism): engines, reference models."""
+
+    def describe(self) -> str:
+        return ""
+
+    def backward(self, step: int, update: int, run: Run) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def validate(self, run: Run, final: bool) -> dict[str, Any]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must hold, besides weights and optimizer, to resume exactly (JSON)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+
+class TrainingData(Objective):
+    """Next-token loss on rows (pretraining, SFT): rows to train on and to validate on, and how to sample."""
+
+    def __init__(self, train: Rows, val: Rows, sample_prompt: str, sample_stop: str = END_OF_TEXT) -> None:
+        self.train, self.val, self.sample_prompt, self.sample_stop = train, val, sample_prompt, sample_stop
+
+    def setup(self, model: Transformer, tokenizer: Any, device: torch.device, world: World, seed: int) -> None:
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
+
+    def describe(self) -> str:
+        return f"{self.train.count:,} training rows of {self.train.seq_len} tokens"
+
+    def backward(self, step: int, update: int, run: Run) -> dict[str, Any]:
+        train, world, net = run.train, run.world, run.net
+        local_batch = train.batch_size // world.size
+        total_loss = 0.0
+        for micro in range(train.grad_accum):
+            first = (step * train.grad_accum + micro) * train.batch_size + world.rank * local_batch
+            inputs, targets = self.train.batch(first, local_batch)
+            sync = nullcontext() if micro == train.grad_accum - 1 or not hasattr(net, "no_sync") else net.no_sync()
+            with sync:
+                with run.autocast:
+                    loss = lm_loss(net, inputs.to(run.device), targets.to(run.device)) / train.grad_accum
+                loss.backward()
+            total_loss += float(loss.detach())
+        total_loss = all_reduce_sum([total_loss], run.device)[0] / world.size
+        return {"loss": total_loss, "tokens": train.batch_size * train.grad_accum * self.train.seq_len}
+
+    def validate(self, run: Run, final: bool) -> dict[str, Any]:
+        local_batch = run.train.batch_size // run.world.size
+        limit = None if final else run.train.eval_batches
+        return evaluate(run.net, self.val, self.byte_lengths, local_batch, limit, run.device, run.autocast, run.world)
 
 
 def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sample_prompt: str) -> dict[str, Any]:
@@ -207,17 +283,29 @@ def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sa
     return fit(ctx, "pretrain", args, train, tokenizer, data)
 
 
+def autocast_context(device: torch.device) -> Any:
+    """bf16 autocast where the hardware computes in bf16 (CUDA, CPUs with AVX512-BF16 or AMX); fp32
+    elsewhere, since emulated bf16 is slower than fp32 (detected at run time, not assumed)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private but long-standing torch.cpu API
+    if device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def fit(
     ctx: StepContext,
     label: str,
     args: ModelArgs,
     train: TrainConfig,
     tokenizer: Any,
-    data: TrainingData,
+    data: Objective,
     init_weights: Path | None = None,
 ) -> dict[str, Any]:
-    """The training loop, for pretraining and SFT alike: a model (fresh, or loaded from init_weights),
-    trained on data.train under train's schedule, with periodic validation, samples and checkpoints."""
+    """The training loop, for every kind of update (pretraining, SFT, DPO, GRPO): a model (fresh, or
+    loaded from init_weights), trained on `data`'s objective under train's schedule, with periodic
+    validation, samples and checkpoints."""
     device = pick_device(train.device)
     world = setup(device.type)
     if device.type == "cuda":
@@ -225,14 +313,20 @@ def fit(
     else:  # the cores are shared by the processes on this machine
         torch.set_num_threads(train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
     if train.batch_size % world.size:
-        raise AtomlabError(f"train.batch_size ({train.batch_size}) must be divisible by the {world.size} processes")
+        raise AtomlabError(f"{label}.batch_size ({train.batch_size}) must be divisible by the {world.size} processes")
     torch.manual_seed(ctx.seed)
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(ctx.seed))  # the same on every process
     if init_weights is not None:
         load_weights(model, init_weights, args.tie_embeddings)
-    model.to(device)
     params = count_parameters(model)
+    lora = getattr(train, "lora", None)
+    if lora is not None:
+        if world.distributed and train.parallel == "fsdp":
+            raise AtomlabError(f'{label}.lora: use {label}.parallel = "ddp" with LoRA (the adapters are small)')
+        adapted = apply_lora(model, lora, ctx.seed)
+    model.to(device)
+    data.setup(model, tokenizer, device, world, ctx.seed)
     net = parallelize(
         model,
         world,
@@ -242,20 +336,18 @@ def fit(
         activation_checkpointing=train.activation_checkpointing,
     )
     optimizer = build_optimizer(model, train, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_context(device)
+    run = Run(net, model, train, device, autocast, world)
 
-    train_windows, val_windows = data.train, data.val
-    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     flops_token = flops_per_token(args, params["matmul"])
     peak = device_peak_flops(device) * world.size  # MFU of the whole job
-    tokens_per_step = train.batch_size * train.grad_accum * train_windows.seq_len
-    local_batch = train.batch_size // world.size
 
     start_step = 0
     checkpoints = complete_checkpoints(ctx.folder) if ctx.resume else []
     if checkpoints:
         meta = load_checkpoint(checkpoints[-1], model, optimizer, world)
         start_step = meta["step"]
+        data.restore(meta.get("objective", {}))
         if world.is_main:
             print(
                 f"resumed from {checkpoints[-1]} (step {start_step}, saved by {meta.get('processes', 1)} process(es))"
@@ -280,42 +372,41 @@ def fit(
             },
         )
         layout = f"{world.size} processes ({train.parallel})" if world.distributed else "1 process"
+        precision = "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"
         print(
             f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
-            f"{flops_token / 1e6:.1f} MFLOP/token; {layout} on {device}, peak {peak / 1e9:.1f} GFLOP/s; "
-            f"{train_windows.count:,} training rows of {train_windows.seq_len} tokens"
+            f"{flops_token / 1e6:.1f} MFLOP/token"
+            + (f", LoRA rank {lora.rank} on {', '.join(lora.targets)}" if lora is not None else "")
+            + f"; {layout} on {device} ({precision}), peak {peak / 1e9:.1f} GFLOP/s"
+            + (f"; {data.describe()}" if data.describe() else "")
         )
 
     net.train()
     history: list[float] = []
     window_start, window_tokens = time.perf_counter(), 0
+    # tokens trained on so far (logged cumulatively; a resumed run continues from its log)
+    total_tokens = metrics.records[-1].get("tokens", 0) if metrics is not None and metrics.records else 0
     tokens_per_second = mfu = 0.0
     with progress_bar(label, total=train.max_steps, completed=start_step, enabled=world.is_main) as bar:
         for step in range(start_step, train.max_steps):
             lr = learning_rate(step, train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            total_loss = 0.0
-            for micro in range(train.grad_accum):
-                first = (step * train.grad_accum + micro) * train.batch_size + world.rank * local_batch
-                inputs, targets = train_windows.batch(first, local_batch)
-                sync = nullcontext() if micro == train.grad_accum - 1 or not hasattr(net, "no_sync") else net.no_sync()
-                with sync:
-                    with autocast:
-                        loss = lm_loss(net, inputs.to(device), targets.to(device)) / train.grad_accum
-                    loss.backward()
-                total_loss += float(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total_loss = all_reduce_sum([total_loss], device)[0] / world.size
+            for update in range(data.updates_per_step):
+                record = data.backward(step, update, run)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total_loss = record.pop("loss")
+            step_tokens = record.pop("tokens")
             if not math.isfinite(total_loss):
                 raise AtomlabError(
-                    f"train.lr: loss became {total_loss} at step {step + 1}; lower train.lr ({train.lr})"
+                    f"{label}.lr: loss became {total_loss} at step {step + 1}; lower {label}.lr ({train.lr})"
                 )
             done = step + 1
-            window_tokens += tokens_per_step
+            window_tokens += step_tokens
+            total_tokens += step_tokens
             elapsed = time.perf_counter() - window_start
             if elapsed > 2.0 or done == train.max_steps:
                 tokens_per_second = window_tokens / elapsed
@@ -327,29 +418,20 @@ def fit(
                 "loss": round(total_loss, 7),
                 "lr": lr,
                 "grad_norm": round(grad_norm, 6),
-                "tokens": done * tokens_per_step,
+                "tokens": total_tokens,
                 "tokens_per_s": round(tokens_per_second, 1),
                 "mfu": round(mfu, 4),
+                **record,
             }
             if done % train.eval_every == 0 or done == train.max_steps:
-                final = done == train.max_steps
-                record.update(
-                    evaluate(
-                        net,
-                        val_windows,
-                        byte_lengths,
-                        local_batch,
-                        None if final else train.eval_batches,
-                        device,
-                        autocast,
-                        world,
+                validation = data.validate(run, done == train.max_steps)
+                record.update(validation)
+                if "val_loss" in validation:
+                    bar.log(
+                        f"step {done}: train loss {total_loss:.3f}, val loss {record['val_loss']:.3f}"
+                        + (f", val bits/byte {record['val_bpb']:.3f}" if "val_bpb" in record else "")
                     )
-                )
-                bar.log(
-                    f"step {done}: train loss {total_loss:.3f}, val loss {record['val_loss']:.3f}, "
-                    f"val bits/byte {record['val_bpb']:.3f}"
-                )
-            if done % train.sample_every == 0 or done == train.max_steps:
+            if data.sample_prompt is not None and (done % train.sample_every == 0 or done == train.max_steps):
                 record["sample"] = sample_text(
                     model, tokenizer, data.sample_prompt, train.sample_tokens, ctx.seed + done, data.sample_stop
                 )
@@ -362,8 +444,12 @@ def fit(
             if done % train.checkpoint_every == 0 and done != train.max_steps:
                 if metrics is not None:
                     metrics.flush()
-                position = {"data_position": done * train.grad_accum * train.batch_size}
+                position = {"data_position": done * train.grad_accum * train.batch_size, "objective": data.state()}
                 save_checkpoint(ctx.folder, done, model, optimizer, position, train.keep_checkpoints, world)
+    if lora is not None:  # the adapter in PEFT's format, then merged: the step's weights are a plain model
+        if world.is_main:
+            save_adapter(ctx.folder, adapted, lora, str(init_weights.parent) if init_weights else "")
+        merge_lora(adapted)
     save_weights(model, ctx.folder / "model.safetensors", world)
     if metrics is None:
         return {}
@@ -373,7 +459,7 @@ def fit(
         "parameters": params,
         "flops_per_token": flops_token,
         "steps": train.max_steps,
-        "tokens": train.max_steps * tokens_per_step,
+        "tokens": total_tokens,
         "final_train_loss": round(float(np.mean(history[-10:])), 4) if history else None,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),
@@ -383,8 +469,11 @@ def fit(
         "device": str(device),
         "processes": world.size,
         "parallel": train.parallel if world.distributed else "none",
+        "precision": "bf16" if isinstance(autocast, torch.autocast) else "fp32",
+        **data.summary(metrics.records),
         "sample": metrics.last_sample(),
     }
     write_json(ctx.folder / "train_summary.json", summary)
-    print(f"\nsample at step {train.max_steps}:\n{summary['sample']}\n", file=sys.stdout)
+    if summary["sample"]:
+        print(f"\nsample at step {train.max_steps}:\n{summary['sample']}\n", file=sys.stdout)
     return {k: v for k, v in summary.items() if k != "sample"}
