@@ -13,6 +13,7 @@ from pathlib import Path
 
 from atomlab import __version__, launch
 from atomlab import plan as plan_command
+from atomlab.data import cli as data_cli
 from atomlab.envs import cli as envs_cli
 from atomlab.errors import AtomlabError
 from atomlab.evaluate import lm_eval as lm_eval_cli
@@ -114,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     openness.register(commands)
     lm_eval_cli.register(commands)
     envs_cli.register(commands)
+    data_cli.register(commands)
     return top
 
 

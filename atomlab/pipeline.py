@@ -15,7 +15,8 @@ STEP_NAMES = ("init", "prepare-data", "tokenizer", "pretrain", "sft", "dpo", "rl
 
 def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     """The steps in dependency order. Each step's hash covers exactly the settings it reads."""
-    from atomlab.data.prepare import prepare_data, source_fingerprint, tokenize
+    from atomlab.data.prepare import prepare_data, source_fingerprint
+    from atomlab.data.tokens import tokenize
     from atomlab.evaluate.step import evaluate_step
     from atomlab.release.bundle import release
     from atomlab.train.loop import pretrain
@@ -37,7 +38,8 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     else:
         data_config = {
             # how many workers, and where, decide the speed of prepare-data but never its bytes
-            "data": recipe.data.model_dump(exclude=set(recipe.data.RUNTIME)),
+            # [[data.mix]] is read by pretraining's loader, not here
+            "data": recipe.data.model_dump(exclude=set(recipe.data.RUNTIME) | {"mix"}),
             "seed": recipe.seed,
             "source_content": source_fingerprint(recipe.data, base),
         }
@@ -57,21 +59,22 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         )
         tokenizer = Step(
             "tokenizer",
-            {"tokenizer": recipe.tokenizer.model_dump()},
+            {"tokenizer": recipe.tokenizer.model_dump(), "seed": recipe.seed},  # the seed picks the BPE sample
             [prepare],
-            lambda ctx: tokenize(ctx, recipe.tokenizer),
+            lambda ctx: tokenize(ctx, recipe.tokenizer, recipe.data),
         )
         train_config = {
             "model": recipe.model.model_dump(),
             "train": recipe.train.model_dump(),
             "seed": recipe.seed,
             "sample_prompt": recipe.release.sample_prompt,
+            "data_mix": [entry.model_dump() for entry in recipe.data.mix],
         }
         pretrain_step = Step(
             "pretrain",
             train_config,
             [tokenizer],
-            lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt),
+            lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt, recipe.data.mix),
             resumable=True,
             collective=True,
         )

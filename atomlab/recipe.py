@@ -37,6 +37,22 @@ WEB_PRESET: dict[str, Any] = {
 }
 
 
+class MixEntry(Section):
+    """One `[[data.mix]]` entry: how much of one of data.sources the pretraining loader draws.
+    `weight`: the share of the weighted sources' windows (they keep their combined size);
+    `epochs`: passes over the source per cycle of the mixture (0.5 = half, 2 = every window twice)."""
+
+    source: str
+    weight: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> MixEntry:
+        if (self.weight is None) == (self.epochs is None):
+            raise ValueError(f"data.mix source {self.source!r}: give exactly one of weight or epochs")
+        return self
+
+
 class DataConfig(Section):
     # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a path,
     # folder, glob or fsspec URL (s3://, gs://, hf://) of .txt / .jsonl[.gz|.zst] (a `text` field) /
@@ -87,13 +103,29 @@ class DataConfig(Section):
             raise ValueError('data.ray_address is set but data.executor is not "ray"; set data.executor = "ray"')
         return self
 
+    mix: list[MixEntry] = Field(default_factory=list)  # [[data.mix]]; sources not listed: 1 epoch
+    exclude: list[str] = Field(default_factory=list)  # document ids taken down (`atomlab data takedown`)
+
+    @model_validator(mode="after")
+    def _mix_names_sources(self) -> DataConfig:
+        named = [entry.source for entry in self.mix]
+        for index, source in enumerate(named):
+            if source not in self.sources:
+                raise ValueError(f"data.mix[{index}].source: {source!r} is not one of data.sources {self.sources}")
+            if named.index(source) != index:
+                raise ValueError(f"data.mix[{index}].source: {source!r} is listed twice")
+        return self
+
     # settings that decide how the step runs, not what it writes: left out of the step's hash
     RUNTIME: ClassVar[frozenset[str]] = frozenset({"executor", "workers", "ray_address"})
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(2048, ge=300, le=65535)
+    vocab_size: int = Field(2048, ge=300, le=1 << 20)  # token files are uint16 up to 65,536, else uint32
     min_frequency: int = Field(2, ge=1)
+    # BPE trains on the first documents of the training split in a seeded hash order, up to this many
+    # bytes (the default covers the embedded corpus whole; a web corpus is sampled, not read whole)
+    train_bytes: int = Field(1_000_000_000, ge=1000)
 
 
 class RopeScaling(Section):

@@ -99,7 +99,13 @@ def encode_plain(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     The one way atomlab encodes text that comes from data or users."""
     if not texts:
         return []
-    return [encoding.ids for encoding in _plain_copy(tokenizer).encode_batch(list(texts), add_special_tokens=False)]
+    # encode_batch_fast: the same ids without character offsets, at twice the speed
+    return [e.ids for e in _plain_copy(tokenizer).encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id of a vocabulary."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The prepare-data and tokenizer steps.
+"""The prepare-data step (the tokenizer step that reads its output is atomlab/data/tokens.py).
 
 prepare-data: the stages of `atomlab.data.stages` (map: normalise, filter, hash, MinHash -> exact
 dedup -> near-duplicate removal -> the held-out split), run as tasks on `data.executor` with
@@ -9,9 +9,6 @@ is complete. Writes, whatever the number of workers, the same bytes:
     train-00000.jsonl, ...    one document per line: id, text, source, license, sha256, origin, title, author
     provenance-00000.parquet  every input record, kept (and its split) or why it was dropped (.jsonl without pyarrow)
     data_stats.json, DATA_CARD.md
-
-tokenizer: train byte-level BPE on the training split, then encode both splits into token
-shards (`train.bin`, `val.bin`, flat little-endian arrays read with numpy memmap).
 """
 
 from __future__ import annotations
@@ -45,9 +42,8 @@ from atomlab.data.stages import (
     write_task,
 )
 from atomlab.errors import AtomlabError
-from atomlab.recipe import DataConfig, EvaluateConfig, TokenizerConfig
+from atomlab.recipe import DataConfig, EvaluateConfig
 from atomlab.steps import StepContext, write_atomic, write_json
-from atomlab.tokenizer import encode_documents, token_byte_lengths, train_tokenizer
 
 SPLITS = "splits.json"
 TASK_BYTES = 32 << 20  # input per map task, at most (a bigger compressed file is one task)
@@ -88,6 +84,7 @@ def prepare_data(
         bands=data.minhash_bands,
         threshold=data.near_dup_threshold,
         curation=curation_settings(data, base, work, evaluate, ctx.seed),
+        exclude=tuple(getattr(data, "exclude", ())),
     )
     seconds: dict[str, float] = {}  # wall time per stage (in the step's summary, for benchmarks)
 
@@ -335,29 +332,6 @@ def read_split(folder: Path, name: str) -> Iterator[dict[str, Any]]:
         with open(folder / shard, encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)
-
-
-def _read_split(folder: Path, name: str) -> list[str]:
-    return [doc["text"] for doc in read_split(folder, name)]
-
-
-def tokenize(ctx: StepContext, config: TokenizerConfig) -> dict[str, Any]:
-    data_folder = ctx.inputs["prepare-data"]
-    train_texts = _read_split(data_folder, "train")
-    tokenizer = train_tokenizer(train_texts, config.vocab_size, config.min_frequency)
-    tokenizer.save(str(ctx.folder / "tokenizer.json"))
-    summary: dict[str, Any] = {"vocab_size": tokenizer.get_vocab_size(), "tokens": {}, "bytes_per_token": {}}
-    byte_lengths = token_byte_lengths(tokenizer)
-    for name, texts in (("train", train_texts), ("val", _read_split(data_folder, "val"))):
-        tokens = encode_documents(tokenizer, texts)
-        write_atomic(ctx.folder / f"{name}.bin", tokens.tobytes())
-        summary["tokens"][name] = int(tokens.size)
-        summary["bytes_per_token"][name] = round(
-            float(byte_lengths[tokens.astype(np.int64)].sum()) / max(1, tokens.size), 3
-        )
-    summary["dtype"] = "uint16" if tokenizer.get_vocab_size() <= 65536 else "uint32"
-    write_json(ctx.folder / "shards.json", summary)
-    return summary
 
 
 def read_provenance(folder: Path) -> Iterator[dict[str, Any]]:

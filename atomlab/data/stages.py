@@ -61,6 +61,7 @@ class Settings:
     bands: int
     threshold: float
     curation: dict[str, Any] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()  # document ids taken down (data.exclude)
 
     @property
     def rows(self) -> int:
@@ -168,6 +169,7 @@ class MapWriter:
     def add(self, doc: Document) -> None:
         meta = {k: getattr(doc, k) for k in META}
         text, problem = self.curation.apply(normalize(doc.text))
+        problem = "excluded by takedown" if doc.id in self.settings.exclude else problem
         if problem:
             _write_line(self.records, {**meta, "reason": problem})
             return

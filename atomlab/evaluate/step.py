@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from atomlab.data.prepare import read_split
+from atomlab.data.loader import held_out_documents
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
@@ -26,7 +26,7 @@ from atomlab.posttrain.tasks import (
 )
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import END_OF_TEXT, encode_plain, load_tokenizer, token_byte_lengths
+from atomlab.tokenizer import load_tokenizer, token_byte_lengths
 
 
 @torch.no_grad()
@@ -49,13 +49,13 @@ def document_bits_per_byte(
     return nats, count
 
 
-def held_out_documents(model: Transformer, tokenizer: Any, held_out: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Nats and bytes of each whole held-out document under one model."""
+def score_documents(
+    model: Transformer, tokenizer: Any, held_out: Iterable[tuple[dict[str, Any], list[int]]]
+) -> list[dict[str, Any]]:
+    """Nats and bytes of each whole held-out document (its record and token ids) under one model."""
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
-    eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    for doc in held_out:
-        ids = encode_plain(tokenizer, [doc["text"]])[0] + [eot]
+    for doc, ids in held_out:
         nats, count = document_bits_per_byte(model, ids, byte_lengths)
         documents.append(
             {
@@ -81,17 +81,18 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_file(ctx))
     model = load_model(train)
 
-    def held_out() -> Iterable[dict[str, Any]]:
-        """The prepare-data step's validation split, streamed (none when the run starts from a model)."""
-        return read_split(ctx.inputs["prepare-data"], "val") if "prepare-data" in ctx.inputs else []
+    def held_out() -> Iterable[tuple[dict[str, Any], list[int]]]:
+        """The tokenizer step's validation shards, streamed: each document with its tokens and <|endoftext|>
+        (none when the run starts from a model)."""
+        return held_out_documents(ctx.inputs["tokenizer"]) if "tokenizer" in ctx.inputs else []
 
-    documents = held_out_documents(model, tokenizer, held_out())
+    documents = score_documents(model, tokenizer, held_out())
     total_bytes = sum(d["bytes"] for d in documents)
     # every model of the run on the same held-out documents, so the released one has its own figure
     by_stage = {"base": _bits_per_byte(documents)}
     for stage in POST_TRAINING:
         if stage in ctx.inputs and documents:
-            by_stage[stage] = _bits_per_byte(held_out_documents(load_model(ctx.inputs[stage]), tokenizer, held_out()))
+            by_stage[stage] = _bits_per_byte(score_documents(load_model(ctx.inputs[stage]), tokenizer, held_out()))
 
     engine = Engine(model, tokenizer, torch.device("cpu"))
     settings = recipe.evaluate

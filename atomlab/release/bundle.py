@@ -14,6 +14,7 @@ from typing import Any
 
 from atomlab import __version__
 from atomlab.data.prepare import data_card
+from atomlab.data.tokens import tokens_table
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.step import POST_TRAINING
 from atomlab.recipe import Recipe
@@ -26,9 +27,15 @@ from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
     """Enough TOML for a recipe: scalars, lists of scalars and nested tables."""
     # a None (an absent optional section, such as [sft]) is left out: TOML has no null
-    scalars = [(k, v) for k, v in tree.items() if not isinstance(v, dict) and v is not None]
+    def is_table_list(value: Any) -> bool:  # such as [[data.mix]]
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    scalars = [(k, v) for k, v in tree.items() if not isinstance(v, dict) and v is not None and not is_table_list(v)]
     tables = [(k, v) for k, v in tree.items() if isinstance(v, dict)]
     lines = [f"{key} = {json.dumps(value)}" for key, value in scalars]
+    for key, entries in ((k, v) for k, v in tree.items() if is_table_list(v)):
+        for entry in entries:
+            lines += ["", f"[[{prefix}{key}]]", to_toml(entry, f"{prefix}{key}.").strip("\n")]
     for key, value in tables:
         name = f"{prefix}{key}"
         lines += ["", f"[{name}]", to_toml(value, f"{name}.").strip("\n")]
@@ -105,7 +112,10 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
     write_json(out / "data_stats.json", stats)
-    write_atomic(out / "DATA_CARD.md", data_card(stats, recipe.data, tokens["tokens"]))
+    trained = json.loads((train / "data_mix.json").read_text()) if (train / "data_mix.json").is_file() else None
+    if trained:
+        write_json(out / "data_mix.json", trained)
+    write_atomic(out / "DATA_CARD.md", data_card(stats, recipe.data, tokens["tokens"]) + tokens_table(tokens, trained))
     shutil.copyfile(evaluation / "report.md", out / "REPORT.md")
     shutil.copyfile(evaluation / "report.html", out / "report.html")
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")

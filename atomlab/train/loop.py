@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from atomlab.train.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, parallelize, setup
+from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, current_world, parallelize, setup
 from atomlab.train.lora import apply_lora, merge_lora, save_adapter
 from atomlab.train.metrics import MetricsLogger
 from atomlab.train.peak import device_peak_flops
@@ -89,27 +90,6 @@ class Rows:
 
     def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rows([self.order(first + j) for j in range(size)])
-
-
-class TokenWindows(Rows):
-    """Non-overlapping windows of seq_len+1 tokens of one token stream (pretraining)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.count = (len(tokens) - 1) // seq_len
-
-    def window(self, index: int) -> np.ndarray:
-        start = index * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
-
-    def rows(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(np.stack([self.window(int(i)) for i in indices]))
-        return rows[:, :-1], rows[:, 1:]
-
-
-def load_tokens(folder: Path, split: str) -> np.ndarray:
-    dtype = json.loads((folder / "shards.json").read_text())["dtype"]
-    return np.memmap(folder / f"{split}.bin", dtype=np.dtype(dtype), mode="r")
 
 
 def lm_loss(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -268,19 +248,28 @@ class TrainingData(Objective):
         return evaluate(run.net, self.val, self.byte_lengths, local_batch, limit, run.device, run.autocast, run.world)
 
 
-def pretrain(ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sample_prompt: str) -> dict[str, Any]:
+def pretrain(
+    ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sample_prompt: str, mix: Sequence[Any] = ()
+) -> dict[str, Any]:
+    from atomlab.data.loader import TokenShards, WindowLoader, write_loader_record, write_trained_mix
+
     tok_folder = ctx.inputs["tokenizer"]
     tokenizer = load_tokenizer(tok_folder / "tokenizer.json")
     args = model_args(model_config, tokenizer.get_vocab_size())
-    train_windows = TokenWindows(load_tokens(tok_folder, "train"), args.seq_len, ctx.seed)
-    val_windows = TokenWindows(load_tokens(tok_folder, "val"), args.seq_len, ctx.seed)
+    train_windows = WindowLoader(TokenShards(tok_folder, "train"), args.seq_len, ctx.seed, mix)
+    val_windows = WindowLoader(TokenShards(tok_folder, "val"), args.seq_len, ctx.seed)
     if train_windows.count < 1 or val_windows.count < 1:
         raise AtomlabError(
-            f"model.seq_len: {args.seq_len} is longer than the data "
-            f"({len(train_windows.tokens)} train / {len(val_windows.tokens)} validation tokens); lower it or add data"
+            f"model.seq_len: {args.seq_len} is longer than the data ({train_windows.shards.total_tokens} train / "
+            f"{val_windows.shards.total_tokens} validation tokens); lower it or add data"
         )
+    if current_world().is_main:  # what `atomlab data explain` needs to replay any step's batch
+        write_loader_record(ctx.folder, tok_folder, train_windows, train, mix)
     data = TrainingData(train_windows, val_windows, sample_prompt)
-    return fit(ctx, "pretrain", args, train, tokenizer, data)
+    summary = fit(ctx, "pretrain", args, train, tokenizer, data)
+    if summary:  # the main process: the tokens trained per source and licence
+        write_trained_mix(ctx.folder, train_windows, train.max_steps * train.grad_accum * train.batch_size)
+    return summary
 
 
 def autocast_context(device: torch.device) -> Any:
