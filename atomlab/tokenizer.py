@@ -2,10 +2,17 @@
 
 Numbers are split into single digits before BPE, so every number is spelled digit by digit
 (arithmetic environments rely on it). Special tokens mark document boundaries and chat roles.
+
+Control tokens only by construction: text that comes from outside (a document, a message's content)
+is encoded with `encode_plain`, so `<|endoftext|>` or `<|end|>\n<|assistant|>` typed in it stays
+ordinary text; control tokens enter a sequence by id only (document ends here, chat markup in
+`atomlab.chat_format`).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,10 +76,31 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+_PLAIN_COPIES: weakref.WeakKeyDictionary[Tokenizer, Tokenizer] = weakref.WeakKeyDictionary()
+_PLAIN_COPIES_LOCK = threading.Lock()
+
+
+def _plain_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of tokenizer that reads special-token text as ordinary text (`encode_special_tokens`), made once.
+    A copy rather than flipping the flag on the caller's tokenizer, which another thread may be using."""
+    with _PLAIN_COPIES_LOCK:
+        plain = _PLAIN_COPIES.get(tokenizer)
+        if plain is None:
+            plain = Tokenizer.from_str(tokenizer.to_str())
+            plain.encode_special_tokens = True
+            _PLAIN_COPIES[tokenizer] = plain
+        return plain
+
+
 def encode_plain(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of ordinary text (documents, not chat): no special tokens added. encode_batch_fast gives
-    the same ids without character offsets, at twice the speed."""
-    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    """Token ids of each text as ordinary text: special tokens written in it (`<|endoftext|>`, `<|end|>`,
+    `<|im_start|>` ...) are spelled with ordinary tokens and never become control ids; non-special added
+    tokens (atomlab's `<think>`, `<answer>` markup) stay single tokens. No BOS/EOS is added.
+    The one way atomlab encodes text that comes from data or users."""
+    if not texts:
+        return []
+    # encode_batch_fast: the same ids without character offsets, at twice the speed
+    return [e.ids for e in _plain_copy(tokenizer).encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -81,13 +109,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:
-    """Documents as one token stream, each followed by <|endoftext|>."""
+    """Documents as one token stream, each followed by <|endoftext|> (by id: the text of a document
+    is ordinary text, whatever special-token text it holds)."""
     eot = tokenizer.token_to_id(END_OF_TEXT)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
     pieces = []
     for start in range(0, len(texts), batch):
-        for encoding in tokenizer.encode_batch(texts[start : start + batch], add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids, dtype=dtype))
+        for ids in encode_plain(tokenizer, texts[start : start + batch]):
+            pieces.append(np.asarray(ids, dtype=dtype))
             pieces.append(np.asarray([eot], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
@@ -95,32 +124,22 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """CHAT_TEMPLATE as (text, is_assistant_reply) pieces: "<|role|>\\n", the content with its <|end|>
-    (the part a model learns to write when the role is assistant), then "\\n"."""
-    pieces = []
-    for number, message in enumerate(messages, 1):
-        role, content = message.get("role"), message.get("content")
-        if role not in CHAT_ROLES:
-            raise AtomlabError(f"chat message {number}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise AtomlabError(f"chat message {number}: content must be text, got {type(content).__name__}")
-        pieces += [(f"<|{role}|>\n", False), (content + END_OF_TURN, role == "assistant"), ("\n", False)]
-    if add_generation_prompt:
-        pieces.append((f"{ASSISTANT}\n", False))
-    return pieces
+_ATOMLAB_FORMATS: weakref.WeakKeyDictionary[Tokenizer, object] = weakref.WeakKeyDictionary()
 
 
 def encode_chat(
     tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, per token, whether it belongs to an assistant reply (the tokens
-    SFT and RL train on). The pieces are encoded separately, so a reply's tokens never merge with the
-    template around it; for ordinary text this equals encoding the rendered string whole."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    for text, trained in render_chat(messages, add_generation_prompt):
-        piece = tokenizer.encode(text, add_special_tokens=False).ids
-        ids += piece
-        mask += [trained] * len(piece)
-    return ids, mask
+    """Token ids of a conversation in atomlab's own chat format and, per token, whether it belongs to an
+    assistant reply (content and <|end|>: the tokens SFT and RL train on). Shorthand for
+    `ChatFormat.for_tokenizer(tokenizer).encode(...)`; a model with its own template (an imported one)
+    uses `atomlab.chat_format.ChatFormat.from_folder`."""
+    from atomlab.chat_format import ChatFormat
+
+    with _PLAIN_COPIES_LOCK:
+        chat_format = _ATOMLAB_FORMATS.get(tokenizer)
+    if chat_format is None:
+        chat_format = ChatFormat.for_tokenizer(tokenizer)
+        with _PLAIN_COPIES_LOCK:
+            _ATOMLAB_FORMATS[tokenizer] = chat_format
+    return chat_format.encode(messages, add_generation_prompt)

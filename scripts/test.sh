@@ -14,6 +14,16 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "warning: chromium/chromedriver not found; the browser test will be skipped" >&2
   fi
 fi
+# The code sandbox's mount namespace (read-only minimal root, private /tmp) is tested where bubblewrap runs.
+if ! command -v bwrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q bubblewrap >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }) ||
+      echo "warning: could not install bubblewrap; the sandbox's mount-namespace tests will be skipped" >&2
+  else
+    echo "warning: bwrap not found; the sandbox's mount-namespace tests will be skipped" >&2
+  fi
+fi
 # The hub is tested on a real PostgreSQL too: Debian's postgresql, a throwaway server on loopback.
 if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -q postgresql >/dev/null 2>&1 ||

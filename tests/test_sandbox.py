@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import select
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,9 +69,10 @@ def test_network_is_blocked():
         code = f"import socket\ndef f():\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
         result = run_tests(code, "f", ONE, FAST)
         assert result.passed == 0 and "network access is not allowed" in result.error
-        if isolation().network:  # the kernel layer alone: the child's namespace has no loopback
+        if isolation().network:  # the kernel layer alone: the child's namespace has no loopback (or,
+            # under bubblewrap, a loopback of its own where nothing listens)
             bare = run_tests(code, "f", ONE, FAST, audit_hook=False)
-            assert bare.passed == 0 and "OSError" in bare.error
+            assert bare.passed == 0 and ("OSError" in bare.error or "ConnectionRefusedError" in bare.error)
         readable, _, _ = select.select([server], [], [], 0)
         assert not readable, "a connection reached the test server"
 
@@ -156,6 +162,132 @@ def test_ctypes_and_introspection_of_the_hook_are_refused():
     assert "importing ctypes is not allowed" in run_tests("import ctypes\ndef f():\n    return 1\n", "f", ONE).error
     gc_walk = "import gc\ndef f():\n    return len(gc.get_objects())\n"
     assert "gc.get_objects is not allowed" in run_tests(gc_walk, "f", ONE).error
+
+
+# The mount namespace (bubblewrap): the same attacks, with the audit hook off, as root and as an ordinary user
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_BWRAP = "bubblewrap is not installed (Debian: apt-get install bubblewrap; scripts/test.sh installs it as root)"
+# what the code tries, with the audit hook off: what it can see and read, where it can write, whom it can reach
+ATTACKS = """
+import os, socket
+
+def f(secret, planted_dir, repository, home_entries, port):
+    seen = {"root": [n for n in sorted(os.listdir("/")) if n not in ("usr", "bin", "sbin", "lib", "lib32", "lib64",
+                                                                      "libx32", "dev", "proc", "tmp")]}
+    seen["secret_readable"] = os.path.exists(secret) or os.path.exists(planted_dir)
+    seen["repository_visible"] = os.path.exists(repository)
+    seen["home_entries_visible"] = [e for e in home_entries if os.path.exists(e)]
+    seen["tmp"] = len(os.listdir("/tmp"))  # only the sandbox's own folder
+    written = []
+    for target in ("/usr/escaped", "/escaped", "/tmp/../escaped", planted_dir + "/escaped"):
+        try:
+            with open(target, "w") as out:
+                out.write("x")
+            written.append(target)
+        except OSError:
+            pass
+    seen["written"] = written
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        seen["connected"] = True
+    except OSError:
+        seen["connected"] = False
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        seen["forked"] = True
+    except OSError:
+        seen["forked"] = False
+    return seen
+"""
+HELD = {"root": [], "secret_readable": False, "repository_visible": False, "home_entries_visible": [], "tmp": 1,
+        "written": [], "connected": False, "forked": False}
+
+
+def attack_arguments(planted: Path, port: int, python: str) -> list:
+    """A world-readable secret in a folder of the machine's /tmp, this repository, the home folder's entries
+    (those not on the way to the interpreter, which the sandbox binds), and a listening port."""
+    home = Path(os.path.expanduser("~"))
+    interpreter = os.path.realpath(python)
+    entries = [str(e) for e in home.iterdir() if not interpreter.startswith(str(e) + "/")] if home.is_dir() else []
+    return [str(planted / "secret.txt"), str(planted), str(ROOT / "pyproject.toml"), entries[:20], port]
+
+
+@pytest.fixture
+def planted():
+    folder = Path(tempfile.mkdtemp(prefix="atomlab-secret-"))
+    folder.chmod(0o777)  # world-writable and readable: only the mount namespace keeps the code out
+    (folder / "secret.txt").write_text("the key")
+    (folder / "secret.txt").chmod(0o644)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_isolation_reports_which_layers_hold():
+    layers = isolation().layers()
+    assert set(layers) == {"mount_namespace", "network_namespace", "process_limit", "unprivileged_uid", "audit_hook"}
+    assert layers["mount_namespace"] == (isolation().filesystem == "bwrap")
+    assert ("mount namespace: read-only minimal root" in isolation().describe()) == layers["mount_namespace"]
+    if not shutil.which("bwrap"):
+        pytest.skip(NO_BWRAP)
+    assert all(layers.values()), isolation().describe()
+
+
+def test_mount_namespace_holds_without_the_audit_hook(planted):
+    if isolation().filesystem != "bwrap":
+        pytest.skip(NO_BWRAP if not shutil.which("bwrap") else "bubblewrap cannot make namespaces here")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        arguments = attack_arguments(planted, server.getsockname()[1], isolation().python)
+        result = run_tests(ATTACKS, "f", [(arguments, HELD)], FAST, audit_hook=False)
+    assert result.all_passed, result.error
+    assert sorted(p.name for p in planted.iterdir()) == ["secret.txt"]
+
+
+ORDINARY_USER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from atomlab.envs.sandbox import Limits, isolation, run_tests
+arguments, held, attacks = json.loads(sys.stdin.read())
+result = run_tests(attacks, "f", [(arguments, held)], Limits(cpu_seconds=2, wall_seconds=5), audit_hook=False)
+print(json.dumps({"layers": isolation().layers(), "describe": isolation().describe(), "error": result.error,
+                  "passed": result.all_passed}))
+"""
+
+
+def test_an_ordinary_user_gets_the_same_sandbox(planted):
+    """The attacks again, the whole sandbox (isolation() included) run by an unprivileged user: `nobody`,
+    entered with setpriv when the tests run as root; as an ordinary user the tests above already are that."""
+    if os.geteuid() != 0:
+        pytest.skip("the tests already run as an ordinary user: the tests above are this test")
+    if not shutil.which("bwrap"):
+        pytest.skip(NO_BWRAP)
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is missing: cannot become an unprivileged user")
+    user_python = next(
+        (p for p in (sys.executable, "/usr/bin/python3") if subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", p, "-c", "pass"],
+            capture_output=True).returncode == 0),
+        None,
+    )
+    if user_python is None:
+        pytest.skip("no Python here that the unprivileged user nobody can run")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        job = json.dumps([attack_arguments(planted, server.getsockname()[1], user_python), HELD, ATTACKS])
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", user_python, "-I", "-c", ORDINARY_USER,
+             str(ROOT)],
+            input=job, capture_output=True, text=True, timeout=120, cwd="/",
+        )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"], report
+    assert all(report["layers"].values()) and "as the current uid (65534)" in report["describe"], report
 
 
 # The `code` environment

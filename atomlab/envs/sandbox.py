@@ -11,6 +11,13 @@ object whose `__eq__` always says yes earns nothing.
 
 What is enforced, from the strongest layer down (`isolation()` says which apply on this machine):
 
+- Kernel, where bubblewrap (`bwrap`, Debian's `bubblewrap`) can make namespaces (as root, or as any
+  user where unprivileged user namespaces are allowed): the child runs in new mount, network, PID,
+  IPC and UTS namespaces whose root is a read-only minimal tree: /usr (and its /bin, /lib links),
+  the interpreter's own install folder when it lies elsewhere, a private /dev and /proc, and a
+  private, empty /tmp holding only the temporary folder. No home directory, no /etc, no /work,
+  nothing else of the machine exists there, so nothing else can be read, and nothing outside the
+  folder can be written, whatever gets past the layers below.
 - Kernel, always: `setrlimit` before the interpreter starts: CPU seconds (SIGXCPU, then SIGKILL a
   second later), address space (512 MiB by default: a memory hog gets MemoryError), largest file
   written, open files, no core dumps; a new session, and the whole process group is SIGKILLed on
@@ -33,10 +40,10 @@ What is enforced, from the strongest layer down (`isolation()` says which apply 
   interpreter's memory (crafted bytecode via marshal, say) can get past this layer; the kernel
   layers above are what still hold then.
 
-Not enforced: reading files (the standard library must be importable; anything `nobody`, or the
-current user, may read can be read), total disk use under world-writable folders by code that got
-past the audit hook (each file is capped in size), and CPU share (the code runs at the caller's
-priority).
+Not enforced: reading files without the mount namespace (the standard library must be importable;
+anything `nobody`, or the current user, may read can be read), total disk use under world-writable
+folders by code that got past the audit hook (each file is capped in size), and CPU share (the code
+runs at the caller's priority).
 """
 
 from __future__ import annotations
@@ -97,17 +104,32 @@ class Isolation:
 
     python: str
     uid: int | None  # the uid the child drops to (from root), or None to keep the current one
-    network: str  # "root" or "user": how the network namespace is made; "" when none could be
+    network: str  # "bwrap", "root" or "user": how the network namespace is made; "" when none could be
+    filesystem: str = ""  # "bwrap": a mount namespace with a read-only minimal root; "" when none
 
     @property
     def process_limit(self) -> bool:
         """Whether RLIMIT_NPROC binds: the kernel exempts root."""
         return self.uid is not None or os.geteuid() != 0
 
+    def layers(self) -> dict[str, bool]:
+        """Which layers hold here: a mount namespace with a read-only minimal root (no home directories,
+        a private /tmp), a network namespace, the kernel's process limit, an unprivileged uid; the audit
+        hook always does."""
+        return {
+            "mount_namespace": self.filesystem == "bwrap",
+            "network_namespace": bool(self.network),
+            "process_limit": self.process_limit,
+            "unprivileged_uid": self.uid is not None or os.geteuid() != 0,
+            "audit_hook": True,
+        }
+
     def describe(self) -> str:
         user = f"uid {self.uid}" if self.uid is not None else f"the current uid ({os.geteuid()})"
+        files = "read-only minimal root, private /tmp (bubblewrap)" if self.filesystem else "no (file permissions only)"
         return (
-            f"python {self.python} as {user}; network namespace: {'yes' if self.network else 'no (audit hook only)'}; "
+            f"python {self.python} as {user}; mount namespace: {files}; "
+            f"network namespace: {'yes' if self.network else 'no (audit hook only)'}; "
             f"process limit: {'kernel' if self.process_limit else 'audit hook only (root)'}"
         )
 
@@ -224,6 +246,9 @@ def main():
     with open(job_path, "rb") as handle:
         job = json.loads(handle.read().decode("utf-8"))
     os.remove(job_path)  # the arguments stay hidden from the file system, at least
+    if job.get("no_processes"):  # under bubblewrap, which forks after the parent set the other limits
+        import resource
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
     def send(message, _dumps=json.dumps, _write=os.write, _fd=fd):
         data = (_dumps(message) + "\n").encode("utf-8", "replace")
@@ -292,7 +317,7 @@ def _child_setup(isolation: Isolation, limits: Limits) -> Callable[[], None]:
     Only system calls, no locks, so a fork from a threaded parent cannot deadlock here."""
 
     def setup() -> None:
-        if isolation.network == "root":
+        if isolation.network == "root":  # (under bubblewrap, bwrap makes the namespaces)
             _unshare(CLONE_NEWNET)
         if isolation.uid is not None:
             os.setgroups([])
@@ -306,8 +331,9 @@ def _child_setup(isolation: Isolation, limits: Limits) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
         # No new processes or threads. Set after setuid: the kernel checks the count when changing
-        # user, and an exceeded limit then would make the exec fail.
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        # user, and an exceeded limit then would make the exec fail. bwrap must fork: its child sets it.
+        if isolation.filesystem != "bwrap":
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
     return setup
 
@@ -349,11 +375,49 @@ def _exited(pid: int, grace: float) -> bool:
     return True
 
 
+def _stop_contained(pid: int) -> None:
+    """Kill bwrap's child (the code) first and give bwrap a moment to reap it and exit: killed together, the
+    orphaned child would be left to the machine's init to reap, which in some containers never happens."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+            children = [int(child) for child in handle.read().split()]
+    except OSError:
+        return
+    for child in children:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _exited(pid, 2.0)
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _bwrap_command(folder: str, python: str) -> list[str]:
+    """bubblewrap's arguments for a child that sees only a read-only /usr (with the /bin, /lib links of a
+    merged-/usr system), the interpreter's install folder, a private /dev and /tmp, and `folder` (no /proc)."""
+    # All of --unshare-all but the PID namespace: its init would exit after reporting the code's status and
+    # could outlive bwrap as a zombie nobody reaps (the code then as init would ignore RLIMIT_CPU's signals)
+    command = [shutil.which("bwrap") or "bwrap", "--unshare-user-try", "--unshare-ipc", "--unshare-net"]
+    command += ["--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            command += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            command += ["--ro-bind", path, path]
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))  # .../bin/python3 -> its install folder
+    if prefix != "/usr" and not prefix.startswith("/usr/"):
+        command += ["--ro-bind", prefix, prefix]
+        if os.path.dirname(python) != os.path.join(prefix, "bin"):  # a venv's link to that interpreter
+            command += ["--ro-bind", os.path.dirname(python), os.path.dirname(python)]
+    command += ["--dev", "/dev", "--tmpfs", "/tmp", "--bind", folder, folder]
+    return [*command, "--remount-ro", "/", "--chdir", folder, "--"]
 
 
 def _execute(job: dict[str, Any], isolation: Isolation, limits: Limits) -> _Run:
@@ -364,12 +428,15 @@ def _execute(job: dict[str, Any], isolation: Isolation, limits: Limits) -> _Run:
             os.chown(folder, isolation.uid, isolation.uid)
         job_path = os.path.join(folder, ".job.json")
         with open(job_path, "w", encoding="utf-8") as handle:
-            json.dump({**job, "folder": folder}, handle)
+            json.dump({**job, "folder": folder, "no_processes": isolation.filesystem == "bwrap"}, handle)
         read_end, write_end = os.pipe()
         environment = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"}
+        command = [isolation.python, "-I", "-S", "-B", "-c", RUNNER, job_path, str(write_end)]
+        if isolation.filesystem == "bwrap":
+            command = [*_bwrap_command(folder, isolation.python), *command]
         started = time.monotonic()
         process = subprocess.Popen(
-            [isolation.python, "-I", "-S", "-B", "-c", RUNNER, job_path, str(write_end)],
+            command,
             cwd=folder,
             env=environment,
             stdin=subprocess.DEVNULL,
@@ -387,6 +454,8 @@ def _execute(job: dict[str, Any], isolation: Isolation, limits: Limits) -> _Run:
         finally:
             # Kill the group before reaping the leader: until it is reaped its id cannot be reused,
             # so the group is certainly ours. Anything the code left behind dies with it.
+            if isolation.filesystem == "bwrap":
+                _stop_contained(process.pid)
             _kill_group(process.pid)
             try:
                 process.wait(timeout=10)
@@ -396,6 +465,8 @@ def _execute(job: dict[str, Any], isolation: Isolation, limits: Limits) -> _Run:
                 if stream is not None:
                     stream.close()
         run.returncode = process.returncode
+        if isolation.filesystem == "bwrap" and run.returncode is not None and run.returncode > 128:
+            run.returncode = 128 - run.returncode  # bwrap exits 128 + the signal that killed the code
         return run
     finally:
         for fd in (read_end, write_end):
@@ -555,14 +626,18 @@ _isolation_lock = threading.Lock()
 
 
 def _candidates() -> list[Isolation]:
-    """Strongest first: an unprivileged uid (as root), then a network namespace, then the interpreter."""
+    """Strongest first: bubblewrap's namespaces (as nobody, from root), then an unprivileged uid (as root),
+    then a network namespace, then the interpreter alone."""
     pythons = [sys.executable]
     if os.path.realpath(FALLBACK_PYTHON) != os.path.realpath(sys.executable) and os.access(FALLBACK_PYTHON, os.X_OK):
         pythons.append(FALLBACK_PYTHON)
+    contained = [Isolation(p, NOBODY if os.geteuid() == 0 else None, "bwrap", "bwrap") for p in pythons]
+    if not shutil.which("bwrap"):
+        contained = []
     if os.geteuid() == 0:
         found = [Isolation(p, NOBODY, net) for net in ("root", "user", "") for p in pythons]
-        return found + [Isolation(sys.executable, None, net) for net in ("root", "")]
-    return [Isolation(sys.executable, None, net) for net in ("user", "")]
+        return contained + found + [Isolation(sys.executable, None, net) for net in ("root", "")]
+    return contained + [Isolation(sys.executable, None, net) for net in ("user", "")]
 
 
 def _works(isolation: Isolation) -> bool:

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from atomlab.chat_format import ChatFormat
 from atomlab.errors import AtomlabError
 from atomlab.model import KVCache, ModelArgs, Transformer
-from atomlab.tokenizer import END_OF_TEXT, END_OF_TURN, render_chat
+from atomlab.tokenizer import encode_plain
 
 MAX_LOGPROBS = 20  # the most likely tokens reported beside each sampled one, at most (OpenAI's limit)
 
@@ -47,7 +48,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before them, text excludes them
-    stop_token_ids: list[int] = field(default_factory=list)  # plus the model's eos (<|endoftext|>) and <|end|>
+    stop_token_ids: list[int] = field(default_factory=list)  # plus the chat format's (eos ids and end of turn)
     seed: int | None = None  # per-request seed: same seed + same prompt -> same output, whatever else is in the batch
     logprobs: int | None = None  # None: none; k: each sampled token's log-probability and the k most likely
 
@@ -505,7 +506,13 @@ class Engine:
     `from_bundle` loads fp32 weights on CPU and bf16 on CUDA.
     """
 
-    def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: tokenizers.Tokenizer,
+        device: torch.device,
+        chat_format: ChatFormat | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -514,8 +521,9 @@ class Engine:
         weight_dtype = model.embed_tokens.weight.dtype
         self.autocast = self.device.type == "cuda" and weight_dtype == torch.float32
         self.cache_dtype = torch.bfloat16 if self.autocast else weight_dtype
-        special = [tokenizer.token_to_id(token) for token in (END_OF_TEXT, END_OF_TURN)]
-        self.default_stop_token_ids = {token for token in special if token is not None}
+        # the model's chat template and stop tokens (atomlab's: <|endoftext|> and <|end|>)
+        self.chat_format = chat_format or ChatFormat.for_tokenizer(tokenizer)
+        self.default_stop_token_ids = set(self.chat_format.stop_token_ids)
         self._packed = _PackedLinears(self.model)
 
     @classmethod
@@ -537,22 +545,23 @@ class Engine:
             )
         chosen = resolve_device(device)
         model.to(chosen, dtype=torch.bfloat16 if chosen.type == "cuda" else torch.float32)
-        return cls(model, tokenizer, chosen)
+        return cls(model, tokenizer, chosen, ChatFormat.from_folder(folder, tokenizer))
 
     # text <-> tokens
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text; special tokens written in it (such as <|end|>) become their single ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of text as ordinary text: special-token text written in it (such as <|end|>) is spelled
+        with ordinary tokens, never a control id (`atomlab.tokenizer.encode_plain`)."""
+        return encode_plain(self.tokenizer, [text])[0]
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, special tokens left out."""
         return self.tokenizer.decode(ids)
 
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template of atomlab.tokenizer, rendered and encoded as Hugging Face's apply_chat_template
-        would: "<|role|>\ncontent<|end|>\n" per message, then "<|assistant|>\n"."""
-        return self.encode("".join(text for text, _ in render_chat(messages, add_generation_prompt)))
+        """The conversation in the model's chat template (`self.chat_format`), encoded as Hugging Face's
+        apply_chat_template would, special-token text in contents as plain text."""
+        return self.chat_format.encode(messages, add_generation_prompt)[0]
 
     # generation
 

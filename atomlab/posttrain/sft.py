@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomlab.chat_format import ChatFormat
 from atomlab.envs import Task
 from atomlab.envs.base import prompt_hash
 from atomlab.errors import AtomlabError
@@ -28,7 +29,7 @@ from atomlab.posttrain.tasks import (
 )
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import CHAT_ROLES, PAD, encode_chat, load_tokenizer, render_chat
+from atomlab.tokenizer import CHAT_ROLES, PAD, load_tokenizer
 from atomlab.train.loop import Rows, TrainingData, fit, model_args_from_folder
 
 IGNORE = -100  # target of tokens that carry no loss
@@ -166,12 +167,13 @@ def sft(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
     pad = tokenizer.token_to_id(PAD)
     seed = ctx.seed
     rng = np.random.default_rng(seed)
-    train_examples = [encode_chat(tokenizer, c) for c in chats["train"]]
+    chat_format = ChatFormat.for_tokenizer(tokenizer)
+    train_examples = chat_format.encode_many(chats["train"])
     train_examples = [train_examples[i] for i in rng.permutation(len(train_examples))]
     length = min(config.pack_length or args.seq_len, args.seq_len)
     train_rows = PackedChats(train_examples, length, seed, pad)
-    val_rows = PackedChats([encode_chat(tokenizer, c) for c in chats["val"]], length, seed, pad)
-    sample_prompt = "".join(text for text, _ in render_chat(first_prompt(chats["val"][0]), add_generation_prompt=True))
+    val_rows = PackedChats(chat_format.encode_many(chats["val"]), length, seed, pad)
+    sample_prompt = chat_format.render(first_prompt(chats["val"][0]), add_generation_prompt=True)
     write_trained_prompts(ctx.folder, {prompt_hash(first_prompt(c)) for c in chats["train"]})
     data_summary = {
         "sources": chats["sources"],
