@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from atomlab.errors import AtomlabError
-from atomlab.recipe import Recipe
-from atomlab.steps import Step
+from atomlab.recipe import Recipe, Section
+from atomlab.steps import MANIFEST, Step, load_manifest
 
 STEP_NAMES = ("prepare-data", "tokenizer", "pretrain", "sft", "rl", "evaluate", "release")
 
@@ -44,6 +44,7 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt),
         resumable=True,
         collective=True,
+        identity=hashed(train_config, train=recipe.train),
     )
     # post-training reads the held-out questions to keep them out of its training data
     held_out = {"evaluate_environments": recipe.evaluate.model_dump(include={"environments", "tasks", "difficulty"})}
@@ -51,28 +52,32 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
     if recipe.sft is not None:
         from atomlab.posttrain.sft import sft
 
+        sft_config = {
+            "sft": recipe.sft.model_dump(),
+            "seed": recipe.seed,
+            **held_out,
+            "data_content": sft_fingerprint(recipe, base),
+        }
         sft_step = Step(
             "sft",
-            {
-                "sft": recipe.sft.model_dump(),
-                "seed": recipe.seed,
-                **held_out,
-                "data_content": sft_fingerprint(recipe, base),
-            },
+            sft_config,
             [tokenizer, trained[-1]],
             lambda ctx: sft(ctx, recipe, base),
             resumable=True,
             collective=True,
+            identity=hashed(sft_config, sft=recipe.sft),
         )
         trained.append(sft_step)
     if recipe.rl is not None:
         from atomlab.posttrain.rl import rl
 
+        rl_config = {"rl": recipe.rl.model_dump(), "seed": recipe.seed, **held_out}
         rl_step = Step(
             "rl",
-            {"rl": recipe.rl.model_dump(), "seed": recipe.seed, **held_out},
+            rl_config,
             [tokenizer, trained[-1]],
             lambda ctx: rl(ctx, recipe),
+            identity=hashed(rl_config, rl=recipe.rl),
         )
         trained.append(rl_step)
     evaluate = Step(
@@ -81,13 +86,32 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         [prepare, tokenizer, *trained],
         lambda ctx: evaluate_step(ctx, recipe),
     )
+    release_config = {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()}
     release_step = Step(
         "release",
-        {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()},
+        release_config,
         [prepare, tokenizer, *trained, evaluate],
         lambda ctx: release(ctx, recipe),
+        identity={**release_config, "recipe": recipe.identity()},
     )
     return [prepare, tokenizer, *trained, evaluate, release_step]
+
+
+def hashed(config: dict, **sections: Section) -> dict:
+    """A step's config as its hash sees it: these recipe sections less their NOT_HASHED settings."""
+    return {**config, **{key: section.identity() for key, section in sections.items()}}
+
+
+def recipe_as_run(recipe: Recipe, inputs: dict[str, Path]) -> dict:
+    """The recipe with each section as the step that used it ran it (from its manifest). A reused step
+    may have run with other NOT_HASHED settings (say checkpoint_every) than this recipe's; a release
+    records the ones that made its files, so that re-deriving it from its recipe.toml gives the same."""
+    tree = recipe.to_dict()
+    for folder in inputs.values():
+        if (folder / MANIFEST).is_file():
+            ran = load_manifest(folder)["config"]
+            tree.update({key: ran[key] for key in tree if isinstance(tree[key], dict) and key in ran})
+    return tree
 
 
 def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:

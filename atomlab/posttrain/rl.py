@@ -39,7 +39,7 @@ from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import encode_chat, load_tokenizer
 from atomlab.train.checkpoint import save_weights
-from atomlab.train.loop import build_optimizer, learning_rate, pick_device
+from atomlab.train.loop import build_optimizer, learning_rate, pick_device, use_deterministic
 from atomlab.train.metrics import MetricsLogger
 
 
@@ -171,6 +171,7 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     start = ctx.inputs["sft"] if "sft" in ctx.inputs else ctx.inputs["pretrain"]
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"] / "tokenizer.json")
     device = pick_device(config.device)
+    use_deterministic(config.deterministic)
     if device.type == "cpu" and config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(ctx.seed)
