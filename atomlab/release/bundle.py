@@ -15,10 +15,14 @@ from typing import Any
 from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.errors import AtomlabError
+from atomlab.pipeline import recipe_as_run
 from atomlab.recipe import Recipe
 from atomlab.release.cards import model_card, openness
+from atomlab.release.reproduce import LINEAGE, lineage
+from atomlab.release.sign import SIGNATURE
 from atomlab.steps import MANIFEST, StepContext, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
+from atomlab.train.checkpoint import export_checkpoints
 
 
 def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
@@ -48,8 +52,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         if (train / name).exists():
             shutil.copyfile(train / name, out / ("train_log.jsonl" if name == "metrics.jsonl" else name))
     shutil.copyfile(data / "provenance.jsonl", out / "provenance.jsonl")
-    if (train / "checkpoints").is_dir():
-        shutil.copytree(train / "checkpoints", out / "checkpoints")
+    export_checkpoints(train, out)  # safetensors and JSON: a bundle holds no pickle (DCP's .metadata is one)
 
     model_config = json.loads((train / "config.json").read_text())
     tokens = json.loads((tok / "shards.json").read_text())
@@ -99,7 +102,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             for stage, scores in ((name, evaluated["stages"][name]) for name in evaluated["stage_order"])
         }
     write_json(out / "metrics.json", metrics)
-    write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
+    write_atomic(out / "recipe.toml", to_toml(recipe_as_run(recipe, ctx.inputs)))
     write_json(out / "data_stats.json", stats)
     write_atomic(out / "DATA_CARD.md", data_card(stats, recipe.data, tokens["tokens"]))
     shutil.copyfile(evaluation / "report.md", out / "REPORT.md")
@@ -107,6 +110,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
+    write_json(out / LINEAGE, lineage(ctx.inputs))  # every step's hash, settings, outputs: what reproduce checks
     grade = openness(out, stats)
     write_json(out / "openness.json", grade)
     write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, grade))
@@ -126,7 +130,8 @@ def verify_listed(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def verify_bundle(folder: Path) -> list[str]:
-    """Problems found (empty when the bundle is intact): changed, missing or unlisted files."""
+    """Problems found (empty when the bundle is intact): changed, missing or unlisted files.
+    manifest.sig, written after the manifest, is checked by `atomlab verify --trusted-keys`."""
     outputs = verify_listed(folder)
     problems = []
     for name, expected in sorted(outputs.items()):
@@ -137,6 +142,6 @@ def verify_bundle(folder: Path) -> list[str]:
             problems.append(f"changed: {name} (sha256 differs from the manifest)")
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel != MANIFEST and rel not in outputs:
+        if path.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in outputs:
             problems.append(f"unlisted: {rel} (not in the manifest)")
     return problems
