@@ -1,16 +1,23 @@
 """The transformer: a decoder-only model in plain PyTorch, read top to bottom.
 
-RoPE, RMSNorm, SwiGLU or ReLU^2 MLP, grouped-query attention, optional QK-norm, no biases.
+RoPE, RMSNorm, SwiGLU or ReLU^2 MLP, grouped-query attention, optional QK-norm, no biases by default.
 Parameter names and the RoPE convention (rotate-half) follow Hugging Face's Llama/Qwen3 so that
 export is a one-to-one copy of tensors: `embed_tokens`, `layers.N.self_attn.{q,k,v,o}_proj`,
 `layers.N.mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`,
 `lm_head`. Qwen3 adds `q_norm`/`k_norm`, exactly our optional QK-norm.
+
+The open families differ from atomlab's own model in a few switches, all off by default: an explicit
+head size (Qwen3-0.6B, Mistral Nemo), q/k/v biases (Qwen2/2.5), RoPE scaling (`linear`, Llama 3.1's
+`llama3`, `yarn`), a sliding attention window (Mistral 7B v0.1), layers without RoPE (SmolLM3), and
+OLMo 2's layout: the norms on the outputs of attention and MLP (`post_attention_layernorm`,
+`post_feedforward_layernorm`) instead of on their inputs, and QK-norm over the whole projection
+rather than per head.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +39,18 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # what the open families need (atomlab.release.hf); the defaults are atomlab's own architecture
+    head_dim: int = 0  # 0: d_model // n_heads
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    qk_norm_scope: str = "head"  # "head": one RMSNorm per head (Qwen3); "projection": over all heads (OLMo 2)
+    norm_placement: str = "pre"  # "pre": norms on the inputs of attention and MLP; "post": on their outputs
+    rope_scaling: dict | None = None  # {"type": "linear" | "llama3" | "yarn", "factor": ..., ...}, see rope_frequencies
+    sliding_window: int = 0  # 0: attend to the whole context; W: to the last W positions, itself included
+    nope_layers: list[int] = field(default_factory=list)  # layers without RoPE (SmolLM3: every fourth)
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,11 +71,49 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """RoPE's angular frequency per pair of dimensions, and the factor on cos and sin (YaRN's attention
+    scaling, 1 otherwise), computed as transformers' `modeling_rope_utils` does for each scaling type."""
+    dim, base = args.head_dim, args.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    scaling = args.rope_scaling
+    if not scaling:
+        return inv_freq, 1.0
+    kind, factor = scaling["type"], scaling["factor"]
+    if kind == "linear":  # positions interpolated: every frequency slowed by the factor
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        # wavelengths longer than original / low_freq_factor slow by the factor, shorter than original /
+        # high_freq_factor stay, those between blend smoothly (Llama 3.1)
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
+    if kind == "yarn":
+        # dimensions that turn more than beta_fast times over the original context keep their frequency,
+        # those that turn fewer than beta_slow times are interpolated, a linear ramp between
+        def dimension_of(turns: float) -> float:
+            return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dimension_of(scaling.get("beta_fast", 32.0)), dimension_of(scaling.get("beta_slow", 1.0))
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        span = (high - low) or 0.001  # as transformers: a ramp of almost no width where the two meet
+        ramp = ((torch.arange(dim // 2).float() - low) / span).clamp(0, 1)
+        attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp), attention_factor
+    raise ValueError(f"RoPE scaling type {kind!r} is not one of linear, llama3, yarn")
+
+
 def rope_tables(args: ModelArgs, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
-    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    inv_freq, scale = rope_frequencies(args)
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq.to(device))
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout, as in HF Llama
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,15 +123,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, rope: bool = True) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
-        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.rope = rope  # False: no position information at all in this layer (NoPE)
+        self.sliding_window = args.sliding_window
+        q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.d_model, q_width, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.d_model, kv_width, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.d_model, kv_width, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_width, args.d_model, bias=False)
+        # QK-norm per head (Qwen3) or over the whole projection (OLMo 2), before RoPE either way
+        self.norm_projection = args.qk_norm_scope == "projection"
+        q_norm_width, k_norm_width = (q_width, kv_width) if self.norm_projection else (args.head_dim, args.head_dim)
+        self.q_norm = RMSNorm(q_norm_width, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_width, args.norm_eps) if args.qk_norm else None
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -86,18 +145,31 @@ class Attention(nn.Module):
         """Queries, keys and values (batch, heads, length, head_dim), QK-norm and RoPE applied.
         The generation engine calls this too, around its KV cache."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and self.norm_projection:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.norm_projection:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if not self.rope:
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if self.sliding_window and length > self.sliding_window:
+            # a query sees the keys at most sliding_window - 1 positions back (Mistral's window)
+            positions = torch.arange(length, device=x.device)
+            back = positions.view(-1, 1) - positions.view(1, -1)
+            window = (back >= 0) & (back < self.sliding_window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=window, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -116,14 +188,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, index: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(args.d_model, args.norm_eps)
-        self.self_attn = Attention(args)
+        self.post_norms = args.norm_placement == "post"
+        if not self.post_norms:
+            self.input_layernorm = RMSNorm(args.d_model, args.norm_eps)
+        self.self_attn = Attention(args, rope=index not in args.nope_layers)
+        # pre: the MLP's input norm (Hugging Face's name for it); post: the norm on attention's output
         self.post_attention_layernorm = RMSNorm(args.d_model, args.norm_eps)
         self.mlp = MLP(args)
+        if self.post_norms:
+            self.post_feedforward_layernorm = RMSNorm(args.d_model, args.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.post_norms:  # OLMo 2: each sublayer's output is normalised before it joins the residual stream
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -133,7 +213,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, index) for index in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps)
         self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -148,6 +228,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
             else:
@@ -212,5 +294,5 @@ def count_parameters(model: Transformer) -> dict[str, int]:
 
 def flops_per_token(args: ModelArgs, params_matmul: int) -> int:
     """Training FLOPs per token: 6 per matmul weight (forward + backward), plus attention
-    scores and values, 12 * layers * width * context (the PaLM / nanoGPT accounting)."""
-    return 6 * params_matmul + 12 * args.n_layers * args.d_model * args.seq_len
+    scores and values, 12 * layers * attention width * context (the PaLM / nanoGPT accounting)."""
+    return 6 * params_matmul + 12 * args.n_layers * args.n_heads * args.head_dim * args.seq_len

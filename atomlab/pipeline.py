@@ -20,11 +20,25 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
 
     base = base or Path.cwd()
     data_config = {
-        "data": recipe.data.model_dump(),
+        # how many workers, and where, decide the speed of prepare-data but never its bytes
+        "data": recipe.data.model_dump(exclude=set(recipe.data.RUNTIME)),
         "seed": recipe.seed,
         "source_content": source_fingerprint(recipe.data, base),
     }
-    prepare = Step("prepare-data", data_config, [], lambda ctx: prepare_data(ctx, recipe.data, base))
+    # resumable: a rerun with --resume reuses the finished tasks of an interrupted prepare-data
+    if recipe.data.decontaminate_environments:  # held-out tasks are kept out of the training text
+        data_config["evaluate_environments"] = recipe.evaluate.model_dump(
+            include={"environments", "tasks", "difficulty"}
+        )
+    if recipe.data.decontaminate:
+        data_config["decontaminate_content"] = file_hashes(recipe.data.decontaminate, base)
+    prepare = Step(
+        "prepare-data",
+        data_config,
+        [],
+        lambda ctx: prepare_data(ctx, recipe.data, base, recipe.evaluate),
+        resumable=True,
+    )
     tokenizer = Step(
         "tokenizer",
         {"tokenizer": recipe.tokenizer.model_dump()},
@@ -114,15 +128,20 @@ def recipe_as_run(recipe: Recipe, inputs: dict[str, Path]) -> dict:
     return tree
 
 
-def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:
-    """Content hashes of the user's SFT files, so editing one reruns the step."""
+def file_hashes(files: list[str], base: Path) -> dict[str, str]:
+    """Content hashes of small files a step reads (SFT data, evaluation data), so editing one reruns it."""
     from atomlab.steps import sha256_file
 
     found = {}
-    for name in recipe.sft.data if recipe.sft else []:
+    for name in files:
         path = Path(name) if Path(name).is_absolute() else base / name
         found[name] = sha256_file(path) if path.is_file() else "missing"
     return found
+
+
+def sft_fingerprint(recipe: Recipe, base: Path) -> dict[str, str]:
+    """Content hashes of the user's SFT files, so editing one reruns the step."""
+    return file_hashes(recipe.sft.data if recipe.sft else [], base)
 
 
 def select(steps: list[Step], until: str | None) -> list[Step]:

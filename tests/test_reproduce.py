@@ -85,5 +85,5 @@ def test_a_changed_data_source_stops_before_anything_runs(tmp_path):
     lineage = {"prepare-data": {"config": {"source_content": source_fingerprint(recipe.data, tmp_path)}}}
     assert check_sources(lineage, recipe, tmp_path) == lineage["prepare-data"]["config"]["source_content"]
     (tmp_path / "corpus.txt").write_text("an edited text\n")
-    with pytest.raises(AtomlabError, match="data source corpus.txt: its content"):
+    with pytest.raises(AtomlabError, match="data source corpus.txt: its fingerprint"):
         check_sources(lineage, recipe, tmp_path)

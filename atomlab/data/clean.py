@@ -33,7 +33,7 @@ def quality_problem(text: str, min_chars: int, max_symbol_fraction: float, min_m
     """The reason a document fails the quality filters, or None when it passes."""
     if len(text) < min_chars:
         return "too short"
-    letters = sum(ch.isalnum() or ch.isspace() for ch in text)
+    letters = sum(map(str.isalnum, text)) + sum(map(str.isspace, text))  # disjoint classes; map is fast
     if 1 - letters / len(text) > max_symbol_fraction:
         return "mostly symbols"
     lines = [line for line in text.split("\n") if line.strip()]
@@ -50,14 +50,16 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 
 
 class MinHasher:
-    def __init__(self, permutations: int, seed: int) -> None:
+    def __init__(self, permutations: int, seed: int, ngram: int = 3) -> None:
         rng = np.random.default_rng(seed)
         self.a = rng.integers(1, 2**32, size=permutations, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 2**32, size=permutations, dtype=np.uint64)
+        self.ngram = ngram
 
     def signature(self, text: str) -> np.ndarray:
         words = _WORD.findall(text.lower())
-        shingles = {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+        n = self.ngram
+        shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
         hashes = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in shingles), dtype=np.uint64, count=len(shingles))
         signature = np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(hashes), 8192):  # bounded memory for long documents
@@ -76,12 +78,36 @@ def lsh_rows(permutations: int, threshold: float) -> int:
     return best
 
 
-def near_duplicates(signatures: list[np.ndarray], threshold: float) -> dict[int, tuple[int, float]]:
-    """index -> (index of the earlier document it duplicates, estimated Jaccard)."""
+def band_rows(permutations: int, threshold: float, bands: int) -> int:
+    """Rows per LSH band: permutations / bands when the bands are given, else chosen from the threshold."""
+    return permutations // bands if bands else lsh_rows(permutations, threshold)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_keys(signature: np.ndarray, rows: int) -> np.ndarray:
+    """One 64-bit key per band: equal bands of two documents give equal keys (different bands never
+    share one), so documents meet in a band's bucket wherever the key is sent."""
+    bands = signature.size // rows
+    grid = signature[: bands * rows].astype(np.uint64).reshape(bands, rows)
+    key = (np.arange(1, bands + 1, dtype=np.uint64) * _GOLDEN) ^ np.uint64(rows)
+    for column in range(rows):  # splitmix64-style mixing of each value into the key
+        key = (key ^ grid[:, column]) * np.uint64(0xBF58476D1CE4E5B9)
+        key ^= key >> np.uint64(31)
+    return key
+
+
+def near_duplicates(signatures: list[np.ndarray], threshold: float, bands: int = 0) -> dict[int, tuple[int, float]]:
+    """index -> (index of the earlier document it duplicates, estimated Jaccard).
+
+    Documents are visited in the given order; each is a duplicate of the most similar earlier
+    document that is kept, when that one is at least `threshold` alike. A duplicate never becomes
+    the original of later documents, so a chain A ~ B ~ C with A and C unlike keeps A and C."""
     if not signatures:
         return {}
     permutations = len(signatures[0])
-    rows = lsh_rows(permutations, threshold)
+    rows = band_rows(permutations, threshold, bands)
     buckets: dict[tuple[int, bytes], list[int]] = {}
     duplicates: dict[int, tuple[int, float]] = {}
     for index, signature in enumerate(signatures):

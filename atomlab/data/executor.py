@@ -169,8 +169,9 @@ def _run_ray(
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
                 started_here = True
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise AtomlabError(f"data.ray_address: cannot join Ray at {address or 'a new local node'}: {exc}") from None
+        except Exception as exc:  # Ray raises plain Exceptions too ("node timed out during startup")
+            where = address or "a new local node"
+            raise AtomlabError(f"data.ray_address: cannot start or join Ray at {where}: {exc}") from None
     # max_retries covers a worker process that dies; exceptions raised by the task are retried below
     remote = ray.remote(num_cpus=1, max_retries=retries)(function)
     results: list[Any] = [None] * len(tasks)

@@ -1,8 +1,14 @@
 """The prepare-data and tokenizer steps.
 
-prepare-data: read sources -> normalise -> quality filters -> exact dedup -> near-dup removal ->
-held-out validation split by document. Writes the cleaned documents, a provenance record for
-every input document (kept or why dropped) and a data card.
+prepare-data: the stages of `atomlab.data.stages` (map: normalise, filter, hash, MinHash -> exact
+dedup -> near-duplicate removal -> the held-out split), run as tasks on `data.executor` with
+`data.workers` at a time, in a work folder inside the step folder that is removed when the step
+is complete. Writes, whatever the number of workers, the same bytes:
+
+    splits.json               {"train": {"shards": ["train-00000.jsonl", ...], "documents": N, "bytes": B}, "val": ...}
+    train-00000.jsonl, ...    one document per line: id, text, source, license, sha256, origin, title, author
+    provenance-00000.parquet  every input record, kept (and its split) or why it was dropped (.jsonl without pyarrow)
+    data_stats.json, DATA_CARD.md
 
 tokenizer: train byte-level BPE on the training split, then encode both splits into token
 shards (`train.bin`, `val.bin`, flat little-endian arrays read with numpy memmap).
@@ -10,136 +16,249 @@ shards (`train.bin`, `val.bin`, flat little-endian arrays read with numpy memmap
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import os
+import shutil
+import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from atomlab.data.clean import MinHasher, content_hash, near_duplicates, normalize, quality_problem
-from atomlab.data.sources import ReadReport, read_sources, resolve_source
+from atomlab.data.executor import run_tasks
+from atomlab.data.filters import EvaluationText, contamination_table, evaluation_texts
+from atomlab.data.sources import InputFile, list_inputs, plan_pieces, stat_identity
+from atomlab.data.stages import (
+    LISTED,
+    Settings,
+    components,
+    exact_task,
+    keys_task,
+    lsh_task,
+    map_task,
+    resolve_task,
+    select_task,
+    write_task,
+)
 from atomlab.errors import AtomlabError
-from atomlab.recipe import DataConfig, TokenizerConfig
-from atomlab.steps import StepContext, sha256_file, write_atomic, write_json
+from atomlab.recipe import DataConfig, EvaluateConfig, TokenizerConfig
+from atomlab.steps import StepContext, write_atomic, write_json
 from atomlab.tokenizer import encode_documents, token_byte_lengths, train_tokenizer
+
+SPLITS = "splits.json"
+TASK_BYTES = 32 << 20  # input per map task, at most (a bigger compressed file is one task)
+PARTITION_BYTES = 128 << 20  # input per dedup partition
 
 
 def source_fingerprint(data: DataConfig, base: Path) -> dict[str, str]:
-    """Content hashes of the user's source files, so editing a file reruns prepare-data."""
-    fingerprint = {}
-    for source in data.sources:
-        if source.startswith("embedded:"):
-            continue  # versioned with atomlab itself
-        path = resolve_source(source, base)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        digest = hashlib.sha256()
-        for file in files:
-            if file.exists():
-                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
-                digest.update(sha256_file(file).encode())
-        fingerprint[source] = digest.hexdigest()
-    return fingerprint
+    """The identity of the user's source files, so editing one reruns prepare-data: a hash of each
+    file's name, size and modification time, from listings alone (no file is read)."""
+    return stat_identity(list_inputs(data.sources, base, data.on_error))
 
 
-def _split_key(seed: int, doc_id: str) -> str:
-    return hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()
+def plan(files: list[InputFile]) -> tuple[list, int]:
+    """Map tasks and the number of dedup partitions: decided by the input alone, never by the workers.
+    At least 16 tasks when the input allows, so small corpora still spread over the workers."""
+    total = sum(max(0, f.size) for f in files)
+    tasks = plan_pieces(files, min(TASK_BYTES, max(1 << 10, total // 16)))
+    partitions = min(256, max(4, math.ceil(total / PARTITION_BYTES)))
+    return tasks, partitions
 
 
-def prepare_data(ctx: StepContext, data: DataConfig, base: Path) -> dict[str, Any]:
-    report = ReadReport()
-    stages: list[dict[str, Any]] = []
-    provenance: list[dict[str, Any]] = []
-    kept: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    dropped: Counter = Counter()
-    read_docs = read_bytes = 0
-    for doc in read_sources(data.sources, data.text_field, data.license, report, base):
-        read_docs += 1
-        read_bytes += len(doc.text.encode("utf-8"))
-        record = {
-            "id": doc.id,
-            "source": doc.source,
-            "license": doc.license,
-            "sha256": doc.sha256,
-            "title": doc.title,
-            "author": doc.author,
-        }
-        text = normalize(doc.text)
-        problem = quality_problem(text, data.min_doc_chars, data.max_symbol_fraction, data.min_mean_line_chars)
-        if problem is None and (original := seen.get(content_hash(text))):
-            problem = f"exact duplicate of {original}"
-        if problem:
-            dropped["exact duplicate" if problem.startswith("exact") else problem] += 1
-            provenance.append({**record, "kept": False, "reason": problem})
-            continue
-        seen[content_hash(text)] = doc.id
-        kept.append({**record, "text": text})
-    stages.append({"stage": "read", "documents": read_docs, "bytes": read_bytes})
-    if report.skipped:
-        skipped = ", ".join(
-            f"{n} {reason} (e.g. {report.skipped_examples[reason]})" for reason, n in report.skipped.items()
+def prepare_data(
+    ctx: StepContext, data: DataConfig, base: Path, evaluate: EvaluateConfig | None = None
+) -> dict[str, Any]:
+    files = list_inputs(data.sources, base, data.on_error)
+    tasks, partitions = plan(files)
+    work = ctx.folder / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        work=str(work),
+        seed=ctx.seed,
+        partitions=partitions,
+        text_field=data.text_field,
+        license=data.license,
+        on_error=data.on_error,
+        permutations=data.minhash_permutations,
+        ngram=data.minhash_ngram,
+        bands=data.minhash_bands,
+        threshold=data.near_dup_threshold,
+        curation=curation_settings(data, base, work, evaluate, ctx.seed),
+    )
+    seconds: dict[str, float] = {}  # wall time per stage (in the step's summary, for benchmarks)
+
+    def run(function: Any, jobs: list, description: str) -> list:
+        started = time.perf_counter()
+        results = run_tasks(
+            function,
+            jobs,
+            executor=data.executor,
+            workers=data.workers,
+            ray_address=data.ray_address or None,
+            description=f"data: {description}",
         )
-        stages[-1]["skipped_files"] = dict(report.skipped)
-        print(f"skipped input: {skipped}")
+        seconds[description] = round(seconds.get(description, 0) + time.perf_counter() - started, 3)
+        return results
+
+    mapped = run(map_task, [(settings, i, pieces) for i, pieces in enumerate(tasks)], "map")
+    reused = sum(m["reused"] for m in mapped)
+    if reused:
+        print(f"prepare-data: reused {reused} of {len(mapped)} finished map tasks")
+    read_docs = sum(m["read"] for m in mapped)
+    skipped: Counter = Counter()
+    examples: dict[str, str] = {}
+    for m in mapped:
+        skipped.update(m["skipped"])
+        for reason, example in m["skipped_examples"].items():
+            examples.setdefault(reason, example)
+    stages: list[dict[str, Any]] = [
+        {"stage": "read", "documents": read_docs, "bytes": sum(m["read_bytes"] for m in mapped)}
+    ]
+    if skipped:
+        stages[-1]["skipped_files"] = dict(sorted(skipped.items()))
+        print("skipped input: " + ", ".join(f"{n} {r} (e.g. {examples[r]})" for r, n in sorted(skipped.items())))
     if not read_docs:
         raise AtomlabError(
             f"data.sources: no readable documents in {', '.join(data.sources)} "
-            f"({sum(report.skipped.values())} files skipped: empty, binary or not UTF-8)"
+            f"({sum(skipped.values())} files skipped: empty, binary or not UTF-8)"
         )
-    stages.append(_stage("normalise + quality filters + exact dedup", kept, dropped))
-
-    # Longest first, so of two editions the more complete one is kept.
-    kept.sort(key=lambda d: (-len(d["text"]), d["id"]))
-    hasher = MinHasher(data.minhash_permutations, ctx.seed)
-    signatures = [hasher.signature(d["text"]) for d in kept]
-    duplicates = near_duplicates(signatures, data.near_dup_threshold)
-    for index, (original, similarity) in sorted(duplicates.items()):
-        reason = f"near duplicate of {kept[original]['id']} (Jaccard ~{similarity:.2f})"
-        provenance.append({**{k: v for k, v in kept[index].items() if k != "text"}, "kept": False, "reason": reason})
-    kept = sorted((d for i, d in enumerate(kept) if i not in duplicates), key=lambda d: d["id"])
-    stages.append(_stage("near-duplicate removal", kept, Counter({"near duplicate": len(duplicates)})))
-
-    if len(kept) < 2:
+    run(exact_task, [(settings, p, len(tasks)) for p in range(partitions)], "exact dedup")
+    run(lsh_task, [(settings, p, len(tasks)) for p in range(partitions)], "near-dup pairs")
+    started = time.perf_counter()
+    components(settings)
+    seconds["components"] = round(time.perf_counter() - started, 3)
+    run(resolve_task, [(settings, p) for p in range(partitions)], "near-dup components")
+    keyed = run(keys_task, [(settings, t) for t in range(len(tasks))], "split keys")
+    kept = sum(k["kept"] for k in keyed)
+    if kept < 2:
         raise AtomlabError(
-            f"data.sources: only {len(kept)} document(s) left after filtering; need at least 2 "
+            f"data.sources: only {kept} document(s) left after filtering; need at least 2 "
             "(one to train on, one to validate): add data or relax data.min_doc_chars / data.near_dup_threshold"
         )
-    order = sorted(kept, key=lambda d: _split_key(ctx.seed, d["id"]))
-    n_val = min(len(kept) - 1, max(1, round(data.val_fraction * len(kept))))
-    val_ids = {d["id"] for d in order[:n_val]}
-    splits = {"train": [d for d in kept if d["id"] not in val_ids], "val": [d for d in kept if d["id"] in val_ids]}
-    for name, docs in splits.items():
-        lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
-        write_atomic(ctx.folder / f"{name}.jsonl", lines)
-        for d in docs:
-            provenance.append({**{k: v for k, v in d.items() if k != "text"}, "kept": True, "split": name})
-    provenance.sort(key=lambda r: r["id"])
-    write_atomic(ctx.folder / "provenance.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in provenance))
-
-    stats = {
-        "stages": stages,
-        "splits": {
-            n: {"documents": len(d), "bytes": sum(len(x["text"].encode()) for x in d)} for n, d in splits.items()
-        },
-        "sources": dict(
-            Counter(
-                r["source"].split("/")[0] if r["source"].startswith("pypi:") else r["source"]
-                for r in provenance
-                if r["kept"]
-            )
-        ),
-        "licenses": dict(Counter(r["license"] for r in provenance if r["kept"])),
-        "authors": dict(Counter(r["author"] for r in provenance if r["kept"] and r["author"])),
-        "val_documents": sorted(val_ids),
-        "dropped": [{"id": r["id"], "reason": r["reason"]} for r in provenance if not r["kept"]],
-    }
+    threshold = _val_threshold(run, settings, keyed, min(kept - 1, max(1, round(data.val_fraction * kept))))
+    written = run(write_task, [(settings, t, threshold) for t in range(len(tasks))], "shards")
+    splits, provenance = _place_shards(ctx.folder, work, written)
+    stats = _stats(stages, written, splits)
+    stats["provenance"] = provenance
+    write_json(ctx.folder / SPLITS, splits)
     write_json(ctx.folder / "data_stats.json", stats)
     write_atomic(ctx.folder / "DATA_CARD.md", data_card(stats, data))
+    shutil.rmtree(work)
     return {
-        "documents": {n: s["documents"] for n, s in stats["splits"].items()},
-        "bytes": {n: s["bytes"] for n, s in stats["splits"].items()},
+        "documents": {n: s["documents"] for n, s in splits.items()},
+        "bytes": {n: s["bytes"] for n, s in splits.items()},
+        "tasks": len(tasks),
+        "partitions": partitions,
+        "reused_tasks": reused,
+        "read_bytes": stages[0]["bytes"],
+        "seconds": seconds,
+    }
+
+
+def curation_settings(
+    data: DataConfig, base: Path, work: Path, evaluate: EvaluateConfig | None, seed: int
+) -> dict[str, Any]:
+    """The map stage's filters; evaluation data to keep out is turned into an n-gram table in `work`."""
+    settings: dict[str, Any] = {
+        name: getattr(data, name)
+        for name in (
+            "min_doc_chars",
+            "max_symbol_fraction",
+            "min_mean_line_chars",
+            "c4_lines",
+            "gopher_rules",
+            "languages",
+            "min_language_score",
+            "mask_pii",
+        )
+    }
+    texts = evaluation_texts(data.decontaminate, base)
+    if data.decontaminate_environments and evaluate is not None and evaluate.environments:
+        from atomlab.posttrain.tasks import held_out_tasks
+
+        for task in held_out_tasks(evaluate, seed):  # the questions (and answers) the run is judged on
+            question = " ".join(m["content"] for m in task.messages if m["role"] == "user")
+            texts.append(EvaluationText(task.id, f"{question} {task.answer}"))
+    if texts:
+        settings["decontaminate"] = contamination_table(texts, data.decontaminate_ngram, work / "decontaminate.json")
+    return settings
+
+
+def _val_threshold(run: Any, settings: Settings, keyed: list[dict[str, Any]], n_val: int) -> int:
+    """The n_val-th smallest split key over all tasks: a histogram finds its bin, then the bin's keys."""
+    cumulative = np.cumsum(np.sum([k["histogram"] for k in keyed], axis=0))
+    bin_index = int(np.searchsorted(cumulative, n_val))
+    below = int(cumulative[bin_index - 1]) if bin_index else 0
+    parts = run(select_task, [(settings, t, bin_index) for t in range(len(keyed))], "split")
+    candidates = np.sort(np.concatenate(parts))
+    return int(candidates[n_val - below - 1])
+
+
+def _place_shards(folder: Path, work: Path, written: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """Move each task's non-empty shards into the step folder, numbered in task order."""
+    splits: dict[str, Any] = {}
+    moves = []
+    for name in ("train", "val"):
+        shards = []
+        for task, stats in enumerate(written):
+            if stats["documents"][name]:
+                shards.append(f"{name}-{len(shards):05d}.jsonl")
+                moves.append((work / "out" / f"{task:05d}" / f"{name}.jsonl", folder / shards[-1]))
+        splits[name] = {
+            "shards": shards,
+            "documents": sum(s["documents"][name] for s in written),
+            "bytes": sum(s["bytes"][name] for s in written),
+        }
+    provenance = []
+    for task, stats in enumerate(written):
+        if stats["provenance"]["rows"]:
+            provenance.append(f"provenance-{len(provenance):05d}{Path(stats['provenance']['file']).suffix}")
+            moves.append((work / "out" / f"{task:05d}" / stats["provenance"]["file"], folder / provenance[-1]))
+    for source, target in moves:
+        if source.exists():  # a resumed run may have moved it already
+            os.replace(source, target)
+    return splits, provenance
+
+
+def _stats(stages: list[dict[str, Any]], written: list[dict[str, Any]], splits: dict[str, Any]) -> dict[str, Any]:
+    def total(key: str) -> Counter:
+        counter: Counter = Counter()
+        for stats in written:
+            counter.update(stats[key])
+        return counter
+
+    dropped = total("dropped")
+    near = dropped.pop("near duplicate", 0)
+    stages.append(
+        {
+            "stage": "normalise + quality filters + exact dedup",
+            "documents": sum(s["after_exact"][0] for s in written),
+            "bytes": sum(s["after_exact"][1] for s in written),
+            "dropped": dict(dropped),
+        }
+    )
+    stages.append(
+        {
+            "stage": "near-duplicate removal",
+            "documents": sum(s["documents"] for s in splits.values()),
+            "bytes": sum(s["bytes"] for s in splits.values()),
+            "dropped": {"near duplicate": near},
+        }
+    )
+    val_documents = sorted(d for s in written for d in s["val_documents"])[:LISTED]
+    dropped_documents = [d for s in written for d in s["dropped_documents"]][:LISTED]
+    return {
+        "stages": stages,
+        "splits": {n: {"documents": s["documents"], "bytes": s["bytes"]} for n, s in splits.items()},
+        "sources": dict(sorted(total("sources").items())),
+        "origins": dict(sorted(total("origins").items())),
+        "licenses": dict(sorted(total("licenses").items())),
+        "authors": dict(sorted(total("authors").items())),
+        "val_documents": val_documents,
+        "dropped": dropped_documents,
     }
 
 
@@ -174,10 +293,11 @@ def data_card(stats: dict[str, Any], data: DataConfig, tokens: dict[str, Any] | 
         lines.append(f"| {stage['stage']} | {stage['documents']} | {stage['bytes']:,} | {dropped} |")
     lines += [
         "",
-        f"Settings: Unicode NFC, minimum {data.min_doc_chars} characters, at most "
+        f"Settings (preset {data.preset!r}): Unicode NFC, minimum {data.min_doc_chars} characters, at most "
         f"{data.max_symbol_fraction:.0%} symbols, mean line length at least {data.min_mean_line_chars}, "
-        f"exact dedup by sha256, near-duplicates by MinHash ({data.minhash_permutations} permutations, "
-        f"word 3-grams, Jaccard >= {data.near_dup_threshold}).",
+        + "".join(f"{rule}, " for rule in _curation_rules(data))
+        + f"exact dedup by sha256, near-duplicates by MinHash ({data.minhash_permutations} permutations, "
+        f"word {data.minhash_ngram}-grams, Jaccard >= {data.near_dup_threshold}).",
     ]
     lines += ["", "## Splits", "", "| split | documents | bytes | tokens |", "|---|---|---|---|"]
     for name, split in stats["splits"].items():
@@ -190,13 +310,36 @@ def data_card(stats: dict[str, Any], data: DataConfig, tokens: dict[str, Any] | 
     ]
     if stats["dropped"]:
         lines += ["", "## Dropped documents", ""] + [f"- `{d['id']}`: {d['reason']}" for d in stats["dropped"]]
-    lines += ["", "Every input document, with its source, licence and sha256, is listed in `provenance.jsonl`.", ""]
+    listed = f"`{stats['provenance'][0]}`" if len(stats.get("provenance", [])) == 1 else "the `provenance-*` shards"
+    lines += ["", f"Every input document, with its source, licence and sha256, is listed in {listed}.", ""]
     return "\n".join(lines)
 
 
+def _curation_rules(data: DataConfig) -> list[str]:
+    rules = []
+    if data.languages:
+        rules.append(f"language {'/'.join(data.languages)} (py3langid, score >= {data.min_language_score})")
+    if data.gopher_rules:
+        rules.append("Gopher quality and repetition rules")
+    if data.c4_lines:
+        rules.append("C4 line rules")
+    if data.decontaminate_environments or data.decontaminate:
+        rules.append(f"decontamination ({data.decontaminate_ngram}-word n-grams of evaluation data)")
+    if data.mask_pii:
+        rules.append("e-mail and IP addresses masked")
+    return rules
+
+
+def read_split(folder: Path, name: str) -> Iterator[dict[str, Any]]:
+    """The documents of one split of a prepare-data folder, shard by shard, one at a time."""
+    for shard in json.loads((folder / SPLITS).read_text())[name]["shards"]:
+        with open(folder / shard, encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+
 def _read_split(folder: Path, name: str) -> list[str]:
-    with open(folder / f"{name}.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle]
+    return [doc["text"] for doc in read_split(folder, name)]
 
 
 def tokenize(ctx: StepContext, config: TokenizerConfig) -> dict[str, Any]:
@@ -216,3 +359,17 @@ def tokenize(ctx: StepContext, config: TokenizerConfig) -> dict[str, Any]:
     summary["dtype"] = "uint16" if tokenizer.get_vocab_size() <= 65536 else "uint32"
     write_json(ctx.folder / "shards.json", summary)
     return summary
+
+
+def read_provenance(folder: Path) -> Iterator[dict[str, Any]]:
+    """Every input record of a prepare-data folder (or a release bundle), in order, from its provenance shards."""
+    for shard in sorted(folder.glob("provenance-*")):
+        if shard.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(shard).iter_batches(batch_size=8192):
+                yield from batch.to_pylist()
+        else:
+            with open(shard, encoding="utf-8") as handle:
+                for line in handle:
+                    yield json.loads(line)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from atomlab.data.prepare import read_split
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
@@ -47,21 +48,19 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     eot = tokenizer.token_to_id(END_OF_TEXT)
     documents = []
-    with open(data / "val.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
-            nats, count = document_bits_per_byte(model, ids, byte_lengths)
-            documents.append(
-                {
-                    "id": doc["id"],
-                    "title": doc.get("title", ""),
-                    "tokens": len(ids),
-                    "bytes": count,
-                    "bits_per_byte": nats / math.log(2) / max(1, count),
-                    "nats": nats,
-                }
-            )
+    for doc in read_split(data, "val"):
+        ids = tokenizer.encode(doc["text"], add_special_tokens=False).ids + [eot]
+        nats, count = document_bits_per_byte(model, ids, byte_lengths)
+        documents.append(
+            {
+                "id": doc["id"],
+                "title": doc.get("title", ""),
+                "tokens": len(ids),
+                "bytes": count,
+                "bits_per_byte": nats / math.log(2) / max(1, count),
+                "nats": nats,
+            }
+        )
     total_bits = sum(d["nats"] for d in documents) / math.log(2)
     total_bytes = sum(d["bytes"] for d in documents)
 

@@ -272,6 +272,24 @@ def _decode_weights(model: Transformer) -> _Weights:
     return _Weights(layers, _Matrix(model.lm_head.weight.detach()))
 
 
+def _refuse_unsupported_layout(args: ModelArgs) -> None:
+    """The cached forward above knows atomlab's own layout, an explicit head size and RoPE scaling; for the
+    rest of what imported families bring it would compute wrong logits, so it says so instead."""
+    unsupported = [
+        name
+        for name, present in (
+            ("q/k/v biases (model.qkv_bias)", args.qkv_bias),
+            ("QK-norm over the whole projection (model.qk_norm_scope)", args.qk_norm and args.qk_norm_scope != "head"),
+            ("norms on the sublayer outputs (model.norm_placement)", args.norm_placement != "pre"),
+            ("a sliding attention window (model.sliding_window)", 0 < args.sliding_window < args.seq_len),
+            ("layers without RoPE (model.nope_layers)", bool(args.nope_layers)),
+        )
+        if present
+    ]
+    if unsupported:
+        raise AtomlabError(f"the generation engine does not support {', '.join(unsupported)} yet")
+
+
 def _weights_version(model: Transformer) -> list | None:
     """What changes when a parameter is replaced or written in place (its version counter); None when that
     cannot be told (parameters made under inference mode have no version counter). Walks the modules
@@ -404,6 +422,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer, device: torch.device) -> None:
+        _refuse_unsupported_layout(model.args)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer

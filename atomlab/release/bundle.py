@@ -51,7 +51,8 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     for name in ("metrics.jsonl", "samples.txt"):
         if (train / name).exists():
             shutil.copyfile(train / name, out / ("train_log.jsonl" if name == "metrics.jsonl" else name))
-    shutil.copyfile(data / "provenance.jsonl", out / "provenance.jsonl")
+    for shard in sorted(data.glob("provenance-*")):  # every input document: kept, or why it was dropped
+        shutil.copyfile(shard, out / shard.name)
     export_checkpoints(train, out)  # safetensors and JSON: a bundle holds no pickle (DCP's .metadata is one)
 
     model_config = json.loads((train / "config.json").read_text())

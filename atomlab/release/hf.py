@@ -1,9 +1,12 @@
-"""Hugging Face export and import: an atomlab bundle <-> a Llama or Qwen3 folder that transformers loads as is.
+"""Hugging Face export and import: an atomlab bundle <-> a folder that transformers loads as is, for the
+Llama (1, 2, 3.x, SmolLM2), SmolLM3, Mistral, Qwen2/2.5, Qwen3 and OLMo 2 families.
 
-atomlab's tensor names, RoPE convention (rotate-half) and QK-norm (RMSNorm per head, before RoPE) already
-follow Hugging Face Llama and Qwen3, so both directions rename tensors one to one (`model.` prefix) and
-translate config.json. A model with QK-norm becomes `Qwen3ForCausalLM` (its q_norm/k_norm are exactly ours),
-one without becomes `LlamaForCausalLM`. The ReLU^2 MLP has no counterpart in either and is refused.
+atomlab's tensor names, RoPE convention (rotate-half) and QK-norm (RMSNorm before RoPE) already follow
+Hugging Face, so both directions rename tensors one to one (`model.` prefix) and translate config.json.
+What a family's transformers code fixes (QK-norm, q/k/v biases, where the norms sit) maps to atomlab's
+switches in FAMILY_LAYOUT; what its config.json says (head_dim, RoPE base and scaling, sliding window,
+tied embeddings) maps to ModelArgs fields. Export picks the family a model came from when it can express
+the model, otherwise the first that can. The ReLU^2 MLP has no counterpart in any family and is refused.
 
 Neither direction imports transformers: only safetensors and JSON are read and written, so the extra is
 needed only to load the result (and by the tests that check the logits match).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -23,21 +27,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from atomlab import __version__
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, Transformer, count_parameters, flops_per_token
+from atomlab.recipe import FAMILY_DEFAULTS, RopeScaling
 from atomlab.release.bundle import verify_bundle
 from atomlab.steps import MANIFEST, code_version, host_info, list_files, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# What each family's modelling code fixes, whatever its config.json says, as atomlab's switches. The order
+# is export's preference for a model that did not come from one of them.
+FAMILY_LAYOUT: dict[str, dict[str, Any]] = {
+    "qwen3": {"qk_norm": True, "qk_norm_scope": "head", "qkv_bias": False, "norm_placement": "pre"},
+    "llama": {"qk_norm": False, "qkv_bias": False, "norm_placement": "pre"},
+    "mistral": {"qk_norm": False, "qkv_bias": False, "norm_placement": "pre"},
+    "qwen2": {"qk_norm": False, "qkv_bias": True, "norm_placement": "pre"},
+    "olmo2": {"qk_norm": True, "qk_norm_scope": "projection", "qkv_bias": False, "norm_placement": "post"},
+    "smollm3": {"qk_norm": False, "qkv_bias": False, "norm_placement": "pre"},  # Llama with NoPE layers
+}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+}
+# Mistral applies config.json's sliding_window to every layer; Qwen2/Qwen3 only to layers from
+# max_window_layers on, and only with use_sliding_window (off in every published Qwen2.5 and Qwen3 config)
+WINDOWED = ("mistral",)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# Defaults of transformers' LlamaConfig / Qwen3Config, for keys a config.json may leave out.
+GENERATION_CONFIG = "generation_config.json"
+# Defaults of transformers' config classes, for keys a config.json may leave out.
 HF_DEFAULTS = {"rms_norm_eps": 1e-6, "initializer_range": 0.02, "tie_word_embeddings": False, "rope_theta": 10000.0}
+RMS_NORM_EPS = {"olmo2": 1e-5}  # where a family's default differs from HF_DEFAULTS
+HEAD_DIM = {"qwen3": 128}  # Qwen3Config's default head_dim; the others default to hidden_size / heads
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -167,21 +196,61 @@ def _write_manifest(folder: Path, kind: str, source: dict[str, Any], started: fl
 
 
 def model_args_from_config(config: dict[str, Any], source: Path) -> ModelArgs:
-    """The ModelArgs fields of an atomlab config.json (the other keys are metadata)."""
+    """The ModelArgs fields of an atomlab config.json (the other keys are metadata). Bundles written before
+    the family switches existed lack them: they take their defaults, atomlab's own architecture."""
     names = [field.name for field in fields(ModelArgs)]
-    missing = [name for name in names if name not in config]
+    missing = [name for name in names if name not in config and name not in FAMILY_DEFAULTS]
     if missing:
         raise AtomlabError(f"{source}: not an atomlab model config (missing {', '.join(missing)})")
-    return ModelArgs(**{name: config[name] for name in names})
+    return ModelArgs(**{name: config[name] for name in names if name in config})
+
+
+def export_family(args: ModelArgs, config: dict[str, Any]) -> str:
+    """The transformers family (model_type) the model is written as: the one it was imported from when that
+    can express it, otherwise the first of FAMILY_LAYOUT that can; one line when none can."""
+    if args.mlp != "swiglu":
+        raise AtomlabError(
+            f"export: model.mlp = {args.mlp} has no equivalent in the transformers families; train with mlp = swiglu"
+        )
+    fitting = [
+        family
+        for family, layout in FAMILY_LAYOUT.items()
+        if all(
+            getattr(args, name) == value for name, value in layout.items() if name != "qk_norm_scope" or args.qk_norm
+        )
+        and (family in WINDOWED or not 0 < args.sliding_window < args.seq_len)
+        and (family == "smollm3" or not args.nope_layers)
+    ]
+    if not fitting:
+        raise AtomlabError(
+            f"export: no transformers family has this layout (qk_norm {args.qk_norm}, qk_norm_scope "
+            f"{args.qk_norm_scope}, qkv_bias {args.qkv_bias}, norm_placement {args.norm_placement}, "
+            f"sliding_window {args.sliding_window}, nope_layers {args.nope_layers}); see docs/huggingface.md"
+        )
+    source = (config.get("imported_from") or {}).get("model_type")
+    return source if source in fitting else fitting[0]
+
+
+def hf_rope(args: ModelArgs) -> dict[str, Any]:
+    """RoPE keys of config.json: transformers 5 reads rope_parameters, 4.x reads rope_theta and rope_scaling."""
+    scaling = {("rope_type" if key == "type" else key): value for key, value in (args.rope_scaling or {}).items()}
+    rope = {
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta, **scaling},
+    }
+    if scaling:
+        rope["rope_scaling"] = scaling
+    return rope
 
 
 def hf_config(args: ModelArgs, config: dict[str, Any]) -> dict[str, Any]:
-    """config.json for transformers: Qwen3 when the model has QK-norm, Llama otherwise."""
-    model_type = "qwen3" if args.qk_norm else "llama"
-    eos = config.get("eos_token_id")
+    """config.json for transformers, in the family export_family picks."""
+    family = export_family(args, config)
+    imported = config.get("imported_from") or {}
+    eos = imported.get("eos_token_id", config.get("eos_token_id"))
     hf = {
-        "architectures": [ARCHITECTURES[model_type]],
-        "model_type": model_type,
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": args.vocab_size,
         "hidden_size": args.d_model,
         "intermediate_size": args.hidden,
@@ -193,24 +262,30 @@ def hf_config(args: ModelArgs, config: dict[str, Any]) -> dict[str, Any]:
         "max_position_embeddings": args.seq_len,
         "initializer_range": args.init_std,
         "rms_norm_eps": args.norm_eps,
-        # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both
-        "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "attention_bias": False,
+        **hf_rope(args),
         "attention_dropout": 0.0,
         "tie_word_embeddings": args.tie_embeddings,
         "use_cache": True,
         # atomlab has no BOS token: each document follows the previous one's <|endoftext|>, which is
-        # therefore the natural start of a sequence (as in GPT-2 and Qwen)
-        "bos_token_id": eos,
+        # therefore the natural start of a sequence (as in GPT-2 and Qwen); an imported model keeps its own
+        "bos_token_id": imported.get("bos_token_id", config.get("eos_token_id")),
         "eos_token_id": eos,
         "pad_token_id": config.get("pad_token_id"),
         "torch_dtype": config.get("torch_dtype", "float32"),
         "dtype": config.get("torch_dtype", "float32"),
     }
-    if model_type == "llama":
-        hf.update(mlp_bias=False, pretraining_tp=1)
-    else:
+    if family in ("llama", "qwen3", "olmo2", "smollm3"):
+        hf["attention_bias"] = False
+    if family in ("llama", "smollm3"):
+        hf["mlp_bias"] = False
+    if family == "llama":
+        hf["pretraining_tp"] = 1
+    if family == "smollm3":  # 1: the layer has RoPE
+        no_rope_layers = [int(layer not in args.nope_layers) for layer in range(args.n_layers)]
+        hf.update(no_rope_layers=no_rope_layers, use_sliding_window=False, sliding_window=None)
+    if family == "mistral":
+        hf["sliding_window"] = args.sliding_window or None
+    if family in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.n_layers)
     return hf
 
@@ -231,7 +306,10 @@ def _tokenizer_config(bundle: Path, args: ModelArgs, special_ids: dict[str, int]
     return config
 
 
-def _generation_config(config: dict[str, Any], special_ids: dict[str, int]) -> dict[str, Any]:
+def _generation_config(bundle: Path, config: dict[str, Any], special_ids: dict[str, int]) -> dict[str, Any]:
+    """An imported model's own generation_config.json (its stop tokens), else atomlab's: <|endoftext|> and <|end|>."""
+    if (bundle / GENERATION_CONFIG).is_file():
+        return _read_json(bundle / GENERATION_CONFIG)
     eos = config.get("eos_token_id")
     stop = [eos] if eos is not None else []
     if END_OF_TURN in special_ids and special_ids[END_OF_TURN] not in stop:
@@ -263,10 +341,7 @@ def export_hf(bundle: Path, out: Path, force: bool = False) -> Path:
             raise AtomlabError(f"{bundle}: no {name}; not an atomlab release bundle")
     config = _read_json(bundle / "config.json")
     args = model_args_from_config(config, bundle / "config.json")
-    if args.mlp != "swiglu":
-        raise AtomlabError(
-            f"export: model.mlp = {args.mlp} has no Hugging Face Llama/Qwen3 equivalent; train with mlp = swiglu"
-        )
+    export_family(args, config)  # refuses, before anything is read, a model no family expresses
     if (bundle / MANIFEST).is_file():  # exporting a bundle that no longer matches its manifest would hide that
         problems = verify_bundle(bundle)
         if problems:
@@ -278,7 +353,7 @@ def export_hf(bundle: Path, out: Path, force: bool = False) -> Path:
         save_file({hf_tensor_name(name): t for name, t in tensors.items()}, str(staging / WEIGHTS), {"format": "pt"})
         write_json(staging / "config.json", hf_config(args, config))
         special_ids = _special_token_ids(bundle / "tokenizer.json")
-        write_json(staging / "generation_config.json", _generation_config(config, special_ids))
+        write_json(staging / GENERATION_CONFIG, _generation_config(bundle, config, special_ids))
         shutil.copyfile(bundle / "tokenizer.json", staging / "tokenizer.json")
         write_json(staging / "tokenizer_config.json", _tokenizer_config(bundle, args, special_ids))
         write_atomic(staging / "README.md", _readme(bundle, config))
@@ -292,67 +367,131 @@ def export_hf(bundle: Path, out: Path, force: bool = False) -> Path:
 # ---------------------------------------------------------------------------------------------- import
 
 
-def _rope_theta(hf: dict[str, Any], source: Path) -> float:
-    """RoPE base from rope_parameters (transformers 5) or rope_theta (4.x); any scaling is refused."""
+def _refuse(source: Path, what: str) -> AtomlabError:
+    return AtomlabError(f"{source}: {what}")
+
+
+def _rope(hf: dict[str, Any], source: Path) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and scaling as transformers resolves them: rope_scaling (4.x) over rope_parameters (5.x),
+    original_max_position_embeddings from the top level, the scaling dict, or max_position_embeddings."""
     parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    if any(isinstance(value, dict) for value in (*parameters.values(), *scaling.values())):
-        raise AtomlabError(f"{source}: RoPE parameters per layer type are not supported (atomlab has one RoPE)")
-    for settings in (parameters, scaling):
-        kind = settings.get("rope_type", settings.get("type", "default"))
-        if kind != "default":
-            raise AtomlabError(
-                f"{source}: RoPE scaling {kind!r} is not supported (atomlab's RoPE is unscaled); "
-                "import a checkpoint without rope_scaling"
-            )
-        if settings.get("partial_rotary_factor", 1.0) != 1.0:
-            raise AtomlabError(f"{source}: partial rotary embeddings are not supported")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise AtomlabError(f"{source}: partial rotary embeddings are not supported")
-    return float(parameters.get("rope_theta", hf.get("rope_theta", HF_DEFAULTS["rope_theta"])))
+    settings = hf.get("rope_scaling") or parameters
+    if any(isinstance(value, dict) for value in (*parameters.values(), *settings.values())):
+        raise _refuse(source, "RoPE parameters per layer type are not supported (atomlab has one RoPE)")
+    if settings.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _refuse(source, "partial rotary embeddings are not supported")
+    theta = float(
+        settings.get("rope_theta", parameters.get("rope_theta", hf.get("rope_theta", HF_DEFAULTS["rope_theta"])))
+    )
+    kind = settings.get("rope_type", settings.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ("linear", "llama3", "yarn"):
+        raise _refuse(source, f"RoPE scaling {kind!r} is not supported (atomlab computes linear, llama3 and yarn)")
+    names = set(RopeScaling.model_fields) - {"type"}
+    scaling: dict[str, Any] = {
+        "type": kind,
+        **{name: settings[name] for name in names if settings.get(name) is not None},
+    }
+    if kind != "linear":
+        original = hf.get("original_max_position_embeddings") or settings.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original or hf.get("max_position_embeddings")
+    if kind == "yarn":
+        if "factor" not in scaling and scaling["original_max_position_embeddings"]:
+            scaling["factor"] = hf.get("max_position_embeddings", 0) / scaling["original_max_position_embeddings"]
+        mscale, mscale_all_dim = settings.get("mscale"), settings.get("mscale_all_dim")
+        if "attention_factor" not in scaling and mscale and mscale_all_dim and scaling.get("factor", 0) > 1:
+            log_factor = math.log(scaling["factor"])  # DeepSeek's form of YaRN's attention factor
+            scaling["attention_factor"] = (0.1 * mscale * log_factor + 1.0) / (0.1 * mscale_all_dim * log_factor + 1.0)
+    try:
+        return theta, RopeScaling.model_validate(scaling).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        raise _refuse(source, f"rope_scaling{'.' + where if where else ''}: {message}") from None
+
+
+def _sliding_window(hf: dict[str, Any], family: str, source: Path) -> int:
+    """The attention window of every layer (0: none), as the family's transformers code applies it."""
+    if family in WINDOWED:  # transformers' Mistral gives every layer config.sliding_window (null: none)
+        return int(hf.get("sliding_window") or 0)
+    if hf.get("use_sliding_window"):  # Qwen2/Qwen3: a window on the layers from max_window_layers on
+        raise _refuse(
+            source,
+            "use_sliding_window (a window on some layers) is not supported; every published Qwen2.5/Qwen3 config "
+            "has it off",
+        )
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        raise _refuse(source, "layer_types other than full_attention are not supported (sliding-window layers)")
+    return 0
+
+
+def _nope_layers(hf: dict[str, Any], family: str, source: Path) -> list[int]:
+    """SmolLM3's layers without RoPE: no_rope_layers (1: RoPE, 0: none), else every no_rope_layer_interval-th."""
+    if family != "smollm3":
+        return []
+    layers = hf.get("num_hidden_layers", 0)
+    uses_rope = hf.get("no_rope_layers")
+    if uses_rope is None:
+        interval = hf.get("no_rope_layer_interval", 4)
+        uses_rope = [int((layer + 1) % interval != 0) for layer in range(layers)]
+    if not isinstance(uses_rope, list) or len(uses_rope) != layers:
+        raise _refuse(source, f"no_rope_layers must list one 0 or 1 for each of the {layers} layers")
+    return [layer for layer, rope in enumerate(uses_rope) if not rope]
 
 
 def model_args_from_hf(hf: dict[str, Any], source: Path) -> ModelArgs:
-    """ModelArgs for a Llama or Qwen3 config.json; one line naming what atomlab cannot represent."""
-    model_type = hf.get("model_type")
+    """ModelArgs for a config.json of one of the families; one line naming what atomlab cannot represent."""
+    family = hf.get("model_type")
     architectures = hf.get("architectures") or []
-    if model_type not in ARCHITECTURES or any(name not in ARCHITECTURES.values() for name in architectures):
+    if family not in FAMILY_LAYOUT or any(name != ARCHITECTURES[family] for name in architectures):
         named = ", ".join(architectures) or "none given"
-        raise AtomlabError(
-            f"{source}: architecture {named} (model_type {model_type}) is not supported; "
-            "atomlab imports LlamaForCausalLM and Qwen3ForCausalLM"
+        raise _refuse(
+            source,
+            f"architecture {named} (model_type {family}) is not supported; atomlab imports "
+            f"{', '.join(ARCHITECTURES.values())}",
         )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
-            raise AtomlabError(f"{source}: {key} is true; atomlab's model has no biases")
+            raise _refuse(source, f"{key} is true; atomlab's model has biases only on q/k/v (Qwen2's)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise AtomlabError(f"{source}: hidden_act {hf['hidden_act']!r}; atomlab's MLP is SwiGLU (silu)")
-    if hf.get("use_sliding_window") or any(kind != "full_attention" for kind in hf.get("layer_types") or []):
-        raise AtomlabError(f"{source}: sliding-window attention is not supported; atomlab attends to the whole context")
+        raise _refuse(source, f"hidden_act {hf['hidden_act']!r}; atomlab's MLP is SwiGLU (silu)")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [key for key in required if key not in hf]
     if missing:
-        raise AtomlabError(f"{source}: missing {', '.join(missing)}")
+        raise _refuse(source, f"missing {', '.join(missing)}")
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if d_model % n_heads or hf.get("head_dim", d_model // n_heads) != d_model // n_heads:
-        raise AtomlabError(
-            f"{source}: head_dim {hf.get('head_dim')} is not hidden_size / num_attention_heads "
-            f"({d_model} / {n_heads}); atomlab derives the head size from the width"
+    head_dim = hf.get("head_dim") or HEAD_DIM.get(family)
+    if head_dim is None and d_model % n_heads:
+        raise _refuse(
+            source, f"hidden_size {d_model} is not a multiple of num_attention_heads {n_heads} and no head_dim"
         )
+    head_dim = head_dim or d_model // n_heads
+    if head_dim % 2:
+        raise _refuse(source, f"head_dim {head_dim} is odd; RoPE needs an even head size")
+    n_kv_heads = hf.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv_heads:
+        raise _refuse(source, f"num_key_value_heads {n_kv_heads} does not divide num_attention_heads {n_heads}")
+    rope_theta, rope_scaling = _rope(hf, source)
     return ModelArgs(
         vocab_size=hf["vocab_size"],
         d_model=d_model,
         n_layers=hf["num_hidden_layers"],
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        n_kv_heads=n_kv_heads,
         mlp="swiglu",
         hidden=hf["intermediate_size"],
-        qk_norm=model_type == "qwen3",
         tie_embeddings=hf.get("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"]),
         seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=_rope_theta(hf, source),
-        norm_eps=hf.get("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"]),
+        rope_theta=rope_theta,
+        norm_eps=hf.get("rms_norm_eps", RMS_NORM_EPS.get(family, HF_DEFAULTS["rms_norm_eps"])),
         init_std=hf.get("initializer_range", HF_DEFAULTS["initializer_range"]),
+        head_dim=head_dim,
+        rope_scaling=rope_scaling,
+        sliding_window=_sliding_window(hf, family, source),
+        nope_layers=_nope_layers(hf, family, source),
+        **FAMILY_LAYOUT[family],
     )
 
 
@@ -391,23 +530,26 @@ def _read_hf_tensors(files: list[Path], args: ModelArgs) -> dict[str, torch.Tens
 
 
 def _import_tokenizer_config(folder: Path, special_ids: dict[str, int]) -> dict[str, Any]:
-    """The HF tokenizer's own special tokens and chat template; atomlab's template when it has our tokens."""
+    """The source's tokenizer_config.json as is (special tokens, chat template, BOS/EOS settings), its special
+    tokens as plain strings, the chat template inlined when transformers 5 wrote it apart, and without
+    `auto_map` (custom tokenizer code, which atomlab does not carry); atomlab's template when it has our tokens."""
     path = folder / "tokenizer_config.json"
-    hf = _read_json(path) if path.is_file() else {}
-    config: dict[str, Any] = {}
+    config = {key: value for key, value in (_read_json(path) if path.is_file() else {}).items() if key != "auto_map"}
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        if _token_text(hf.get(key)):
-            config[key] = _token_text(hf[key])
-    template = hf.get("chat_template")
-    if template is None and (folder / "chat_template.jinja").is_file():  # transformers 5 writes it apart
+        if key in config:
+            config[key] = _token_text(config[key])
+            if not config[key]:
+                del config[key]
+    template = config.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None and all(token in special_ids for token in SPECIAL_TOKENS):
         template = CHAT_TEMPLATE
     if template is not None:
         config["chat_template"] = template
-    extra = hf.get("additional_special_tokens") or hf.get("extra_special_tokens")
-    if isinstance(extra, list) and extra:
-        config["additional_special_tokens"] = [_token_text(token) for token in extra]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        if isinstance(config.get(key), list):
+            config[key] = [_token_text(token) for token in config[key]]
     return config
 
 
@@ -446,6 +588,15 @@ def _import_tokenizer(
 
 def _import_card(folder: Path, hf: dict[str, Any], args: ModelArgs, params: dict[str, int], tokenizer_note: str) -> str:
     architecture = (hf.get("architectures") or [hf.get("model_type")])[0]
+    extras = [
+        f"QK-norm {'over the whole projection' if args.qk_norm_scope == 'projection' else 'per head'}" * args.qk_norm,
+        "q/k/v biases" * args.qkv_bias,
+        f"sliding window of {args.sliding_window}" * bool(args.sliding_window),
+        f"no RoPE on layers {', '.join(map(str, args.nope_layers))}" * bool(args.nope_layers),
+    ]
+    attention_extras = "".join(f", {extra}" for extra in extras if extra)
+    scaling = dict(args.rope_scaling or {})
+    rope = f"{scaling.pop('type')} scaling ({json.dumps(scaling)[1:-1]})" if scaling else "unscaled"
     return (
         f"# {folder.name}\n\n"
         f"Imported by atomlab {__version__} from the Hugging Face checkpoint `{folder.name}` "
@@ -456,8 +607,10 @@ def _import_card(folder: Path, hf: dict[str, Any], args: ModelArgs, params: dict
         "| | |\n|---|---|\n"
         f"| parameters | {params['total']:,} ({params['non_embedding']:,} non-embedding) |\n"
         f"| layers x width | {args.n_layers} x {args.d_model} |\n"
-        f"| attention | {args.n_heads} heads, {args.n_kv_heads} key/value heads, RoPE theta {args.rope_theta:g}"
-        f"{', QK-norm' if args.qk_norm else ''} |\n"
+        f"| attention | {args.n_heads} heads of {args.head_dim}, {args.n_kv_heads} key/value heads"
+        f"{attention_extras} |\n"
+        f"| RoPE | theta {args.rope_theta:g}, {rope} |\n"
+        f"| norms | RMSNorm {'on the outputs of' if args.norm_placement == 'post' else 'before'} attention and MLP |\n"
         f"| MLP | swiglu, hidden {args.hidden} |\n"
         f"| context | {args.seq_len} tokens |\n"
         f"| vocabulary | {args.vocab_size} |\n"
@@ -467,7 +620,7 @@ def _import_card(folder: Path, hf: dict[str, Any], args: ModelArgs, params: dict
 
 
 def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
-    """Turn a local Llama or Qwen3 checkpoint (safetensors, one file or sharded) into an atomlab bundle."""
+    """Turn a local checkpoint of one of the families (safetensors, one file or sharded) into an atomlab bundle."""
     started = time.time()
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
@@ -495,16 +648,29 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
         "model_name": folder.name,
         "atomlab_version": __version__,
         "torch_dtype": dtype,
-        "imported_from": {"architecture": (hf.get("architectures") or [None])[0], "model_type": hf["model_type"]},
+        # the source's own BOS and EOS ids (EOS may be a list of stop tokens), written back by export
+        "imported_from": {
+            "architecture": (hf.get("architectures") or [None])[0],
+            "model_type": hf["model_type"],
+            "bos_token_id": hf.get("bos_token_id"),
+            "eos_token_id": hf.get("eos_token_id"),
+        },
     }
+    generation = _read_json(folder / GENERATION_CONFIG) if (folder / GENERATION_CONFIG).is_file() else None
     sources = [folder / "config.json", folder / "tokenizer.json", *weight_files]
-    sources += [folder / name for name in ("tokenizer_config.json", WEIGHTS_INDEX) if (folder / name).is_file()]
+    sources += [
+        folder / name
+        for name in ("tokenizer_config.json", "chat_template.jinja", GENERATION_CONFIG, WEIGHTS_INDEX)
+        if (folder / name).is_file()
+    ]
 
     with staged_output(out, force, protect=folder) as staging:
         save_file(tensors, str(staging / WEIGHTS), {"format": "pt"})
         write_json(staging / "config.json", config)
         shutil.copyfile(folder / "tokenizer.json", staging / "tokenizer.json")
         write_json(staging / "tokenizer_config.json", tokenizer_config)
+        if generation is not None:  # the source's stop tokens and sampling defaults
+            write_json(staging / GENERATION_CONFIG, generation)
         write_atomic(staging / "MODEL_CARD.md", _import_card(folder, hf, args, params, tokenizer_note))
         if (folder / "README.md").is_file():  # the source's card carries its data and licence terms
             shutil.copyfile(folder / "README.md", staging / "SOURCE_README.md")
@@ -541,7 +707,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
         help="write a release bundle in another format (hf: a folder transformers loads as is)",
-        description="Export a release bundle as a Hugging Face Llama (no QK-norm) or Qwen3 (QK-norm) folder.",
+        description="Export a release bundle as a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3 or OLMo 2).",
     )
     export.add_argument("bundle", help="the release bundle folder")
     export.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")
@@ -551,8 +717,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     imported = commands.add_parser(
         "import",
-        help="turn a local Hugging Face Llama or Qwen3 checkpoint into a release bundle",
-        description="Import a local Hugging Face Llama/Qwen3 checkpoint (safetensors) as an atomlab bundle.",
+        help="turn a local Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, OLMo 2) into a release bundle",
+        description="Import a local Hugging Face checkpoint (safetensors) of a supported family as an atomlab bundle.",
     )
     imported.add_argument("hf_folder", help="local folder with config.json, tokenizer.json and safetensors weights")
     imported.add_argument("out", help="the bundle folder to write (must not exist or be empty)")

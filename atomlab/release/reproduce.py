@@ -259,7 +259,7 @@ def check_sources(bundle_lineage: dict[str, Any], recipe: Any, base: Path) -> di
     for source, digest in recorded.items():
         if current.get(source) != digest:
             raise AtomlabError(
-                f"data source {source}: its content (sha256 {str(current.get(source))[:12]}) is not the "
+                f"data source {source}: its fingerprint ({str(current.get(source))[:12]}) is not the "
                 f"recorded one ({digest[:12]}); reproduce needs the original file, relative to {base}"
             )
     return recorded
