@@ -21,7 +21,7 @@ from atomlab.hub import client as hub_cli
 from atomlab.infer import chat, server
 from atomlab.pipeline import STEP_NAMES, build_steps, select
 from atomlab.recipe import load_recipe
-from atomlab.release import hf, openness
+from atomlab.release import hf, openness, reproduce, sign
 from atomlab.steps import execute, plan
 from atomlab.train.distributed import cleanup, current_world, setup
 
@@ -68,22 +68,6 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
-    from atomlab.release.bundle import verify_bundle, verify_listed
-
-    folder = Path(args.bundle)
-    if not folder.is_dir():
-        raise AtomlabError(f"{folder}: not a folder (give the path of a release bundle)")
-    problems = verify_bundle(folder)
-    for problem in problems[1:]:
-        print(f"{folder}: {problem}", file=sys.stderr)
-    if problems:
-        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
-        raise AtomlabError(f"{folder}: {problems[0]}{more}; the bundle does not match its manifest")
-    print(f"verify: all {len(verify_listed(folder))} files in {folder} match its manifest")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="atomlab", description="Build truly open language models.")
     top.add_argument("--version", action="version", version=f"atomlab {__version__}")
@@ -105,9 +89,8 @@ def parser() -> argparse.ArgumentParser:
     stage("run", "run every step: prepare-data, tokenizer, pretrain, evaluate, release").set_defaults(until=None)
     for name in STEP_NAMES:
         stage(name, f"run the steps up to {name}").set_defaults(until=name)
-    verify = commands.add_parser("verify", help="recheck every file of a release bundle against its manifest")
-    verify.add_argument("bundle")
-    verify.set_defaults(handler=_verify)
+    sign.register(commands)  # keygen, sign, verify
+    reproduce.register(commands)
     launch.register(commands)
     plan_command.register(commands)
     chat.register(commands)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from atomlab.errors import AtomlabError
-from atomlab.recipe import Recipe
-from atomlab.steps import Step, StepContext
+from atomlab.recipe import Recipe, Section
+from atomlab.steps import MANIFEST, Step, StepContext, load_manifest
 
 STEP_NAMES = ("init", "prepare-data", "tokenizer", "pretrain", "sft", "dpo", "rl", "evaluate", "release")
 
@@ -77,6 +77,7 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
             lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt, recipe.data.mix),
             resumable=True,
             collective=True,
+            identity=hashed(train_config, train=recipe.train),
         )
         trained = [pretrain_step]
     vocabulary = tokenizer or trained[0]  # the tokenizer step's, or the imported model's own
@@ -88,7 +89,8 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         if data is not None:
             config["data_content"] = file_hashes(data, base)
         inputs = [trained[-1]] if trained[-1] is vocabulary else [vocabulary, trained[-1]]
-        return Step(name, config, inputs, run, resumable=True, collective=True)
+        identity = hashed(config, **{name: getattr(recipe, name)})
+        return Step(name, config, inputs, run, resumable=True, collective=True, identity=identity)
 
     if recipe.sft is not None:
         from atomlab.posttrain.sft import sft
@@ -109,13 +111,32 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
         [*sources, *trained],
         lambda ctx: evaluate_step(ctx, recipe),
     )
+    release_config = {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()}
     release_step = Step(
         "release",
-        {"release": recipe.release.model_dump(), "recipe": recipe.to_dict()},
+        release_config,
         [*sources, *trained, evaluate],
         lambda ctx: release(ctx, recipe),
+        identity={**release_config, "recipe": recipe.identity()},
     )
     return [*sources, *trained, evaluate, release_step]
+
+
+def hashed(config: dict, **sections: Section) -> dict:
+    """A step's config as its hash sees it: these recipe sections less their NOT_HASHED settings."""
+    return {**config, **{key: section.identity() for key, section in sections.items()}}
+
+
+def recipe_as_run(recipe: Recipe, inputs: dict[str, Path]) -> dict:
+    """The recipe with each section as the step that used it ran it (from its manifest). A reused step
+    may have run with other NOT_HASHED settings (say checkpoint_every) than this recipe's; a release
+    records the ones that made its files, so that re-deriving it from its recipe.toml gives the same."""
+    tree = recipe.to_dict()
+    for folder in inputs.values():
+        if (folder / MANIFEST).is_file():
+            ran = load_manifest(folder)["config"]
+            tree.update({key: ran[key] for key in tree if isinstance(tree[key], dict) and key in ran})
+    return tree
 
 
 def file_hashes(files: list[str], base: Path) -> dict[str, str]:

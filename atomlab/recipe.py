@@ -19,6 +19,19 @@ from atomlab.errors import AtomlabError
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Settings a step records in its manifest but leaves out of its hash (its identity): they change how a
+    # run is watched, checkpointed or scheduled on the machine, not the weights or figures it produces, so
+    # changing one reuses the finished step. Every other setting is hashed. See `identity`.
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset()
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that a step's hash covers: all but NOT_HASHED, in nested sections too."""
+        tree = self.model_dump(exclude=set(self.NOT_HASHED))
+        for name in tree:
+            value = getattr(self, name)
+            if isinstance(value, Section):
+                tree[name] = value.identity()
+        return tree
 
 
 # The settings `data.preset = "web"` stands for (FineWeb-style curation of web text); any of them
@@ -246,6 +259,16 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
+    # Not hashed (also for [sft] and [rl]): TensorBoard/W&B mirroring; how often checkpoints are written
+    # and how many are kept (saving reads the state, never changes it: a resumed run is bitwise equal);
+    # CPU threads (on CPU a matmul's rounding can depend on the thread count: `atomlab reproduce` would
+    # show such a difference as within tolerance). Hashed although they leave the weights alone:
+    # eval_every, eval_batches, sample_every, sample_tokens, since they shape the released training log
+    # and samples; device, parallel, compile and activation_checkpointing, since they can change rounding.
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset(
+        {"tensorboard", "wandb", "checkpoint_every", "keep_checkpoints", "threads"}
+    )
+
     max_steps: int = Field(1000, ge=1)
     # Sequences per micro-batch over all processes (each of N processes takes batch_size / N), so the
     # global batch, the data order and the step's hash do not depend on how many processes run it.
@@ -272,6 +295,9 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False  # torch.compile the model (GPU speed; works on CPU with a C++ compiler)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # PyTorch's deterministic algorithms (and cuBLAS's fixed workspace on GPU): the same weights on every rerun
+    # on one machine kind, at some cost in speed on GPU. CPU training is deterministic without it.
+    deterministic: bool = False
     tensorboard: bool = False
     wandb: bool = False
 

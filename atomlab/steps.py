@@ -1,14 +1,23 @@
 """The step graph: hashed output folders, skip-if-done, manifests, atomic completion.
 
 A step is a function of (its config slice, its inputs' outputs). Its folder is
-`{out_dir}/{name}-{hash}` where the hash covers the step name, its config slice, the hashes of
-its inputs and the atomlab version, so a rerun reuses finished steps and a changed setting
-reruns only what depends on it. A step works in `{folder}.partial` and is renamed into place
+`{out_dir}/{name}-{hash}` where the hash covers the step name, the settings of its config slice
+that change results (recipe.py marks the others NOT_HASHED), the hashes of its inputs and the code
+that runs (a digest of the atomlab package's files plus the major versions of torch and
+tokenizers), so a rerun reuses finished steps and a changed setting or source file reruns only
+what depends on it. A step works in `{folder}.partial` and is renamed into place
 when complete, with `manifest.json` listing every output file with its sha256 and size.
+
+Several runs may share one runs folder: a run holds the lock `.{name}-{hash}.lock` beside a step's
+folder (an flock, released by the kernel when the process dies) while it decides whether the step
+is finished and, if not, runs it. A second run that needs the same step waits for the lock, then
+finds the step finished and reuses it; nobody deletes or replaces a folder another run is writing.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import getpass
 import hashlib
 import json
@@ -19,7 +28,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +78,43 @@ def list_files(folder: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def package_digest(root: Path) -> str:
+    """sha256 over every file of a package folder (relative path and content; caches and hidden files
+    aside): the same for an installed wheel and a checkout of the same sources, wherever they lie."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and "__pycache__" not in rel.parts and not any(p.startswith(".") for p in rel.parts):
+            digest.update(f"{rel.as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def major_version(version: str) -> str:
+    """'2.13.0+cpu' -> '2'; a 0.x version keeps its minor ('0.22.1' -> '0.22'), where semver breaks."""
+    parts = version.split("+")[0].split(".")
+    return parts[0] if parts[0] != "0" else ".".join(parts[:2])
+
+
+@functools.cache
+def code_identity() -> dict[str, str]:
+    """What a step's hash records of the code that runs it (computed once per process)."""
+    import tokenizers
+    import torch
+
+    return {
+        "atomlab_source": package_digest(Path(__file__).resolve().parent),
+        "torch": major_version(torch.__version__),
+        "tokenizers": major_version(tokenizers.__version__),
+    }
+
+
 def code_version() -> dict[str, Any]:
-    """The atomlab version and, when run from a git checkout, its commit and whether it is dirty."""
-    info: dict[str, Any] = {"atomlab": __version__, "python": sys.version.split()[0]}
+    """The atomlab version and source digest and, from a git checkout, its commit and whether it is dirty."""
+    info: dict[str, Any] = {
+        "atomlab": __version__,
+        "atomlab_source": code_identity()["atomlab_source"],
+        "python": sys.version.split()[0],
+    }
     try:
         import torch
 
@@ -115,14 +159,16 @@ class Step:
     run: Callable[[StepContext], dict[str, Any] | None]
     resumable: bool = False
     collective: bool = False  # run by every process of a torchrun job, not rank 0 alone
+    # the part of config the hash covers (config less the NOT_HASHED settings); None: all of config
+    identity: dict[str, Any] | None = None
     hash: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         payload = {
             "step": self.name,
-            "config": self.config,
+            "config": self.config if self.identity is None else self.identity,
             "inputs": {s.name: s.hash for s in self.inputs},
-            "atomlab": __version__,
+            "code": code_identity(),
         }
         self.hash = hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
@@ -155,18 +201,34 @@ class PlanEntry:
     status: str  # "reuse", "run", "resume"
 
 
+def status_of(step: Step, folder: Path) -> str:
+    if is_complete(folder):
+        return "reuse"
+    if Path(f"{folder}.partial").exists():
+        return "resume" if step.resumable else "run"
+    return "run"
+
+
 def plan(steps: list[Step], out_dir: Path) -> list[PlanEntry]:
-    entries = []
-    for step in steps:
-        folder = out_dir / step.dirname
-        if is_complete(folder):
-            status = "reuse"
-        elif Path(f"{folder}.partial").exists():
-            status = "resume" if step.resumable else "run"
-        else:
-            status = "run"
-        entries.append(PlanEntry(step, folder, status))
-    return entries
+    return [PlanEntry(step, out_dir / step.dirname, status_of(step, out_dir / step.dirname)) for step in steps]
+
+
+@contextmanager
+def step_lock(folder: Path, log: Callable[[str], None], enabled: bool = True) -> Iterator[None]:
+    """Hold the step folder's lock for the block, waiting (and saying so) while another run holds it."""
+    if not enabled:  # the other processes of a torchrun job: rank 0 holds the lock for the job
+        yield
+        return
+    with open(folder.with_name(f".{folder.name}.lock"), "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[wait]  {folder.name}: another run is working on this step; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fresh_folder(partial: Path, step: Step, keep: bool, restart: bool) -> None:
@@ -252,26 +314,25 @@ def execute(
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
-    entries = plan(steps, out_dir)
-    # rank 0's view of the disk decides for all: the others may look only after it has changed
-    statuses = broadcast_object([entry.status for entry in entries]) if world.distributed else None
-    for index, entry in enumerate(entries):
-        step, folder = entry.step, entry.folder
-        status = statuses[index] if statuses else entry.status
-        if status == "reuse":
-            log(f"[reuse] {step.name:<13} {folder}")
+    for step in steps:
+        folder = out_dir / step.dirname
+        with step_lock(folder, log, enabled=world.is_main):
+            # decided under the lock (another run may have just finished the step), by rank 0 for all
+            status = _run_on_main(world, lambda: status_of(step, folder))  # noqa: B023 - called at once
+            if status == "reuse":
+                log(f"[reuse] {step.name:<13} {folder}")
+                done[step.name] = folder
+                continue
+            partial = Path(f"{folder}.partial")
+            keep_partial = step.resumable and resume
+            _run_on_main(world, lambda: _fresh_folder(partial, step, keep_partial, restart))  # noqa: B023
+            log(f"[run]   {step.name:<13} {folder}")
+            started = time.time()
+            ctx = StepContext(step, partial, {s.name: done[s.name] for s in step.inputs}, resume, seed)
+            summary = None
+            if step.collective:
+                summary = step.run(ctx) or {}
+                barrier()
+            _run_on_main(world, lambda: _finish(ctx, folder, done, summary, started, world))  # noqa: B023
             done[step.name] = folder
-            continue
-        partial = Path(f"{folder}.partial")
-        keep_partial = step.resumable and resume
-        _run_on_main(world, lambda: _fresh_folder(partial, step, keep_partial, restart))  # noqa: B023 - called at once
-        log(f"[run]   {step.name:<13} {folder}")
-        started = time.time()
-        ctx = StepContext(step, partial, {s.name: done[s.name] for s in step.inputs}, resume, seed)
-        summary = None
-        if step.collective:
-            summary = step.run(ctx) or {}
-            barrier()
-        _run_on_main(world, lambda: _finish(ctx, folder, done, summary, started, world))  # noqa: B023
-        done[step.name] = folder
     return done

@@ -96,10 +96,10 @@ def test_verify_names_missing_and_unlisted_files(bundle_copy):
 
 
 def test_rerun_reuses_every_step(smoke_run):
-    before = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (smoke_run / "runs").iterdir()}
+    before = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (smoke_run / "runs").iterdir() if p.is_dir()}
     result = atomlab("run", "smoke", cwd=smoke_run)
     assert result.stdout.count("[reuse]") == 5 and "[run]" not in result.stdout
-    after = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (smoke_run / "runs").iterdir()}
+    after = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (smoke_run / "runs").iterdir() if p.is_dir()}
     assert before == after
 
 

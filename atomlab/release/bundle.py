@@ -17,11 +17,15 @@ from atomlab.data.prepare import data_card
 from atomlab.data.tokens import tokens_table
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.step import POST_TRAINING
+from atomlab.pipeline import recipe_as_run
 from atomlab.recipe import Recipe
 from atomlab.release.cards import STAGES, environment_figures, model_card, released_metrics
 from atomlab.release.openness import grade, read_bundle
+from atomlab.release.reproduce import LINEAGE, lineage
+from atomlab.release.sign import SIGNATURE
 from atomlab.steps import MANIFEST, StepContext, code_version, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
+from atomlab.train.checkpoint import export_checkpoints
 
 
 def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
@@ -78,8 +82,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
             shutil.copyfile(train / name, out / ("train_log.jsonl" if name == "metrics.jsonl" else name))
     for shard in sorted(data.glob("provenance-*")):  # every input document: kept, or why it was dropped
         shutil.copyfile(shard, out / shard.name)
-    if (train / "checkpoints").is_dir():
-        shutil.copytree(train / "checkpoints", out / "checkpoints")
+    export_checkpoints(train, out)  # safetensors and JSON: a bundle holds no pickle (DCP's .metadata is one)
 
     model_config = json.loads((train / "config.json").read_text())
     tokens = json.loads((tok / "shards.json").read_text())
@@ -110,7 +113,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     evaluated = json.loads((evaluation / "eval.json").read_text())
     metrics = released_metrics(recipe, stages_run, summary, evaluated)
     write_json(out / "metrics.json", metrics)
-    write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
+    write_atomic(out / "recipe.toml", to_toml(recipe_as_run(recipe, ctx.inputs)))
     write_json(out / "data_stats.json", stats)
     trained = json.loads((train / "data_mix.json").read_text()) if (train / "data_mix.json").is_file() else None
     if trained:
@@ -121,6 +124,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(evaluation / "eval.json", out / "eval.json")
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
+    write_json(out / LINEAGE, lineage(ctx.inputs))  # every step's hash, settings, outputs: what reproduce checks
     # the card is a graded component, so grade with it in place, then write it with the grade
     # the manifest is written after this step returns: grade with the code version it will record
     write_atomic(out / "MODEL_CARD.md", "")
@@ -173,7 +177,7 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     if "stages" in evaluated:
         metrics["environment_accuracy"] = environment_accuracy(evaluated)
     write_json(out / "metrics.json", metrics)
-    write_atomic(out / "recipe.toml", to_toml(recipe.to_dict()))
+    write_atomic(out / "recipe.toml", to_toml(recipe_as_run(recipe, ctx.inputs)))
     for name in ("report.md", "report.html", "eval.json"):
         shutil.copyfile(evaluation / name, out / ("REPORT.md" if name == "report.md" else name))
     for plot in sorted(evaluation.glob("*.png")):
@@ -211,7 +215,8 @@ def verify_listed(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def verify_bundle(folder: Path) -> list[str]:
-    """Problems found (empty when the bundle is intact): changed, missing or unlisted files."""
+    """Problems found (empty when the bundle is intact): changed, missing or unlisted files.
+    manifest.sig, written after the manifest, is checked by `atomlab verify --trusted-keys`."""
     outputs = verify_listed(folder)
     problems = []
     for name, expected in sorted(outputs.items()):
@@ -222,6 +227,6 @@ def verify_bundle(folder: Path) -> list[str]:
             problems.append(f"changed: {name} (sha256 differs from the manifest)")
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel != MANIFEST and rel not in outputs:
+        if path.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in outputs:
             problems.append(f"unlisted: {rel} (not in the manifest)")
     return problems

@@ -7,6 +7,12 @@ A checkpoint is a folder `checkpoints/step_NNNNNNN/` holding
 - `checkpoint.json`: the step, RNG state and data position, and the sha256 of every file above.
 It is written as `step_NNNNNNN.partial` and renamed when complete (the completion marker), so a
 kill at any moment leaves the previous checkpoint intact; on load every hash is checked.
+
+DCP's `.metadata` is a pickle, which is fine for a run resuming from its own files but not for
+files someone downloads: `export_checkpoint` turns a checkpoint into the form a release holds,
+safetensors and JSON only (`model.safetensors`, `optimizer.safetensors` with one tensor per
+parameter and state, named `{parameter}.{state}`, and `checkpoint.json` with the step, RNG and
+data position and the optimizer's param groups); `load_exported_checkpoint` reads it back.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from atomlab.errors import AtomlabError
 from atomlab.model import Transformer
@@ -38,6 +46,7 @@ from atomlab.train.distributed import SINGLE_PROCESS, World, barrier, broadcast_
 CHECKPOINTS = "checkpoints"
 # DCP works without a process group (one process) but warns that it assumes so at every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized, assuming")
 
 
 def full_weights(model: Transformer) -> dict[str, torch.Tensor]:
@@ -158,3 +167,64 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(torch.tensor(verdict["torch_rng"], dtype=torch.uint8))
     return verdict
+
+
+EXPORTED_FORMAT = "atomlab-checkpoint-safetensors-v1"
+
+
+def export_checkpoint(source: Path, target: Path) -> None:
+    """Write checkpoint `source` (DCP shards) to `target` as safetensors plus JSON, no pickle anywhere."""
+    meta = check_checkpoint(source)
+    # DCP loads the whole state into this process without a model to shape it (our own run's files)
+    optimizer = _load_state_dict_from_keys(checkpoint_id=str(source / "sharded"))["optimizer"]
+    tensors, scalars = {}, {}
+    for parameter, entries in optimizer["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{parameter}.{key}"] = value.detach().to("cpu").contiguous()
+            else:  # an optimizer may keep a plain number (e.g. "step" with capturable=False in old torch)
+                scalars[f"{parameter}.{key}"] = value
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()} for group in optimizer["param_groups"]
+    ]
+    target.mkdir(parents=True)
+    shutil.copyfile(source / "model.safetensors", target / "model.safetensors")
+    save_file(tensors, str(target / "optimizer.safetensors"), metadata={"format": "pt"})
+    kept = {key: value for key, value in meta.items() if key != "files"}
+    write_json(
+        target / "checkpoint.json",
+        {
+            **kept,
+            "format": EXPORTED_FORMAT,
+            "optimizer_param_groups": groups,
+            "optimizer_scalars": scalars,
+            "files": {name: entry["sha256"] for name, entry in list_files(target).items() if name != "checkpoint.json"},
+        },
+    )
+
+
+def export_checkpoints(source_folder: Path, target_folder: Path) -> None:
+    """Every complete checkpoint of a step folder, exported under target_folder/checkpoints/."""
+    for checkpoint in complete_checkpoints(source_folder):
+        export_checkpoint(checkpoint, target_folder / CHECKPOINTS / checkpoint.name)
+
+
+def load_exported_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer (one process) from an exported checkpoint; returns its metadata."""
+    meta = check_checkpoint(path)
+    if meta.get("format") != EXPORTED_FORMAT:
+        raise AtomlabError(f"{path}: not an exported checkpoint (checkpoint.json has no format {EXPORTED_FORMAT!r})")
+    load_weights(model, path / "model.safetensors", model.args.tie_embeddings)
+    try:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on damage
+        raise AtomlabError(f"{path}/optimizer.safetensors: cannot read optimizer state ({exc})") from None
+    state: dict[str, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["optimizer_scalars"].items()]:
+        parameter, key = name.rsplit(".", 1)
+        state.setdefault(parameter, {})[key] = value
+    groups = [
+        {k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in meta["optimizer_param_groups"]
+    ]
+    set_optimizer_state_dict(model, optimizer, optim_state_dict={"state": state, "param_groups": groups})
+    return meta

@@ -145,6 +145,15 @@ def pick_device(name: str) -> torch.device:
         raise AtomlabError(f"train.device: {exc}") from None
 
 
+def use_deterministic(enabled: bool) -> None:
+    """train.deterministic: kernels that give the same result on every run (an error where none exists)."""
+    if enabled:
+        # cuBLAS reads this when it creates its handle, at the first matmul: it must be set before
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
 def build_optimizer(model: Transformer, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     trained = [p for p in model.parameters() if p.requires_grad]  # all but what LoRA freezes
     decay = [p for p in trained if p.dim() >= 2]
@@ -298,6 +307,7 @@ def fit(
     loaded from init_weights), trained on `data`'s objective under train's schedule, with periodic
     validation, samples and checkpoints."""
     device = pick_device(train.device)
+    use_deterministic(train.deterministic)
     world = setup(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
