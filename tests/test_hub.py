@@ -4,7 +4,6 @@ and nothing lost when the hub restarts."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
@@ -27,7 +26,11 @@ from atomlab.errors import AtomlabError  # noqa: E402
 from atomlab.hub.client import HubClient  # noqa: E402
 from atomlab.release.openness import grade_path  # noqa: E402
 from atomlab.steps import list_files, write_json  # noqa: E402
-from tests.conftest import atomlab, free_port  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    atomlab,
+    free_port,
+    step_folder,  # noqa: E402
+)
 
 
 def make_bundle(folder: Path, weights: bytes = b"\x00" * 4096) -> Path:
@@ -42,12 +45,6 @@ def make_bundle(folder: Path, weights: bytes = b"\x00" * 4096) -> Path:
     )
     write_json(folder / "manifest.json", {"step": "release", "outputs": list_files(folder), "summary": {}})
     return folder
-
-
-def sign(folder: Path, private_key, signer: str) -> None:
-    manifest = (folder / "manifest.json").read_bytes()
-    signature = {"signer": signer, "signature": base64.b64encode(private_key.sign(manifest)).decode()}
-    (folder / "manifest.sig").write_text(json.dumps(signature))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -99,19 +96,17 @@ def new_institution(work: Path, name: str, database: str) -> str:
 
 
 def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, database):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from atomlab.release.sign import keygen, sign_bundle
 
     work = tmp_path
     admin_a, admin_b = new_institution(work, "lab-a", database), new_institution(work, "uni-b", database)
     bundle = make_bundle(work / "bundle")
-    key = Ed25519PrivateKey.generate()
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_key, public_key = keygen(work / "keys", "lab-a-release")
     with hub_server(work, database) as url:
         with HubClient(url, admin_a) as a_admin, HubClient(url, admin_b) as b_admin:
             writer_a = a_admin.create_token("lab-a", "write", member="ana", days=30)
             reader_b = b_admin.create_token("uni-b", "read")
-            a_admin.register_key("lab-a", "lab-a-release", pem.decode())
+            a_admin.register_key("lab-a", "lab-a-release", public_key.read_text())
             # another institution's admin cannot hand out lab-a's tokens
             with pytest.raises(AtomlabError, match="403 token of uni-b cannot write to lab-a"):
                 b_admin.create_token("lab-a", "admin")
@@ -121,7 +116,7 @@ def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, d
             with pytest.raises(AtomlabError, match="422 lab-a registered signing keys"):
                 a.push(bundle, "lab-a/tiny")  # unsigned, while lab-a signs its releases
             assert a.models() == []  # its files were received, but no version became visible
-            sign(bundle, key, "lab-a-release")
+            sign_bundle(bundle, private_key)
             pushed = a.push(bundle, "lab-a/tiny")
             assert pushed["version"] == 1 and pushed["signer"] == "lab-a-release"
             # the refused push left its files on the hub: nothing is sent twice
@@ -133,7 +128,7 @@ def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, d
             # a file changed together with its manifest: the hashes agree, the signature does not
             tampered = make_bundle(work / "tampered", weights=b"\x01" * 4096)
             (tampered / "manifest.sig").write_text((bundle / "manifest.sig").read_text())
-            with pytest.raises(AtomlabError, match="422 manifest.sig: the manifest is not signed"):
+            with pytest.raises(AtomlabError, match="422 manifest.json: changed since lab-a-release signed it"):
                 a.push(tampered, "lab-a/tiny")
             assert [m["atomlab"]["version"] for m in a.models()] == [1]
 
@@ -315,3 +310,39 @@ def test_pages_in_headless_chromium(tmp_path):
                     == client.info("lab-a/tiny")["atomlab"]["manifest_sha256"]
                 )
     assert (work / "model-page.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_another_institution_reproduces_a_bundle_and_its_signed_claim_shows(smoke_run, tmp_path):
+    import shutil
+
+    from atomlab.hub.client import reproduce_and_claim
+    from atomlab.release.sign import keygen
+
+    work, database = tmp_path, str(tmp_path / "hub.db")
+    admin_a, admin_b = new_institution(work, "lab-a", database), new_institution(work, "uni-b", database)
+    bundle = work / "bundle"
+    shutil.copytree(step_folder(smoke_run, "release"), bundle)
+    private_key, public_key = keygen(work / "keys", "uni-b-claims")
+    with hub_server(work, database) as url:
+        with HubClient(url, admin_a) as a, HubClient(url, admin_b) as b:
+            a.push(bundle, "lab-a/smoke")
+            b.register_key("uni-b", "uni-b-claims", public_key.read_text())
+            # the smoke recipe's sources are relative to the folder it ran in
+            cwd = os.getcwd()
+            os.chdir(smoke_run)
+            try:
+                result = reproduce_and_claim(b, "lab-a/smoke", work / "reproduction", private_key)
+            finally:
+                os.chdir(cwd)
+            assert result["verdict"] in ("bitwise", "timings-aside"), result["report"]["counts"]
+            claims = a.info("lab-a/smoke")["atomlab"]["claims"]
+            assert [(c["institution"], c["verdict"], c["report"]["signed_by"]) for c in claims] == [
+                ("uni-b", result["verdict"], "uni-b-claims")
+            ]
+            with pytest.raises(AtomlabError, match="422"):  # a claim uni-b did not sign, now that it has keys
+                b.claim("lab-a/smoke", "bitwise", json.dumps({"files": []}))
+        page = httpx.get(f"{url}/lab-a/smoke").text
+        assert "reproduced bitwise by 1 institution" in page, page[
+            page.find("reproduced") - 200 : page.find("reproduced") + 200
+        ]

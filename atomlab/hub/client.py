@@ -283,6 +283,43 @@ def _mirror(args: argparse.Namespace) -> int:
     return 0
 
 
+def claim_verdict(report: dict[str, Any]) -> str:
+    """The claim a reproduction report supports: bitwise, bitwise but for speed figures, within the
+    declared tolerance, or different."""
+    verdicts = {file["verdict"] for file in report["files"]}
+    if verdicts <= {"bitwise"}:
+        return "bitwise"
+    if verdicts <= {"bitwise", "measurements"}:
+        return "timings-aside"
+    return "within-tolerance" if report.get("reproduced_ok") else "different"
+
+
+def reproduce_and_claim(client: HubClient, name: str, work: Path, key: Path | None = None) -> dict[str, Any]:
+    """Pull NAME, re-derive it with `atomlab reproduce` in `work`, and post the signed verdict."""
+    from atomlab.release.reproduce import reproduce
+    from atomlab.release.sign import sign_subject
+
+    bundle = client.pull(name, work / "bundle")
+    report = reproduce(bundle, work / "reproduction")
+    report["manifest_sha256"] = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    signature = sign_subject("reproduction.json", hashlib.sha256(text.encode()).hexdigest(), key) if key else None
+    verdict = claim_verdict(report)
+    client.claim(name, verdict, text, signature)
+    return {"verdict": verdict, "report": report}
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    work = Path(args.out or f"reproduce-{split_name(args.name)[1]}")
+    if work.exists() and any(work.iterdir()):
+        raise AtomlabError(f"{work}: not empty; reproduce works in a fresh folder (pass another --out)")
+    with _client(args) as client:
+        result = reproduce_and_claim(client, args.name, work, Path(args.key) if args.key else None)
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(result["report"]["counts"].items()))
+    print(f"reproduced {args.name}: {result['verdict']} ({counts}); claim posted to {args.url}")
+    return 0 if result["verdict"] != "different" else 1
+
+
 def _counts(counts: dict[str, int]) -> str:
     return f"{counts['models']} models, {counts['model_versions']} versions, {counts['blobs']} files"
 
@@ -313,7 +350,7 @@ def _ls(args: argparse.Namespace) -> int:
     for model in models:
         version = model["atomlab"]
         grade = version["openness"].get("label") or "-"
-        reproduced = sum(c["verdict"] == "bitwise" for c in version["claims"])
+        reproduced = sum(c["verdict"] in ("bitwise", "timings-aside") for c in version["claims"])
         table.add_row(
             model["id"],
             str(version["version"]),
@@ -392,6 +429,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--metric", required=True, help="e.g. pass@1")
     evaluate.add_argument("--value", type=float, required=True)
     evaluate.set_defaults(handler=_evaluate)
+
+    reproduce = remote("reproduce", "pull NAME, re-derive it with atomlab reproduce, post the (signed) verdict")
+    reproduce.add_argument("name", help="INSTITUTION/NAME[@VERSION]")
+    reproduce.add_argument("--out", help="a fresh folder to work in (default reproduce-NAME)")
+    reproduce.add_argument("--key", help="sign the claim with this private key (atomlab keygen)")
+    reproduce.set_defaults(handler=_reproduce)
 
     mirror_command = remote("mirror", "copy the public models of another hub into this one (--url), re-verified")
     mirror_command.add_argument("source", help="the URL of the hub to copy from")

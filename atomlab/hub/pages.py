@@ -59,11 +59,12 @@ def grade_badge(openness: dict[str, Any]) -> str:
 
 
 def reproduced_badge(claims: list[Claim]) -> str:
-    bitwise = {c.institution_id for c in claims if c.verdict == "bitwise"}
+    exact = {c.institution_id for c in claims if c.verdict == "bitwise"}
+    bitwise = exact | {c.institution_id for c in claims if c.verdict == "timings-aside"}
     if bitwise:
-        return (
-            f"<span class='badge ok'>reproduced bitwise by {len(bitwise)} institution{'s' * (len(bitwise) > 1)}</span>"
-        )
+        aside = "" if exact == bitwise else " (speed figures aside)"
+        plural = "s" * (len(bitwise) > 1)
+        return f"<span class='badge ok'>reproduced bitwise by {len(bitwise)} institution{plural}{aside}</span>"
     if claims:
         return f"<span class='badge warn'>{len(claims)} reproduction claim(s), none bitwise</span>"
     return "<span class='badge'>not reproduced yet</span>"

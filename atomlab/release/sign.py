@@ -109,14 +109,43 @@ def sign_bundle(bundle: Path, key_path: Path, name: str | None = None) -> dict[s
     problems = verify_bundle(bundle)
     if problems:  # signing vouches for the files: never sign a bundle that does not match its manifest
         raise AtomlabError(f"{bundle}: {problems[0]}; fix the bundle (atomlab verify) before signing it")
+    text = sign_subject(MANIFEST, sha256_file(bundle / MANIFEST), key_path, name)
+    write_atomic(bundle / SIGNATURE, text)
+    return json.loads(base64.b64decode(json.loads(text)["payload"]))
+
+
+def check_signature(bundle: Path, trusted_folder: Path) -> tuple[str, str]:
+    """(signer name, key fingerprint) when manifest.sig is a valid signature by a trusted key over this
+    manifest.json; otherwise an AtomlabError saying which check failed."""
+    keys = trusted_keys(trusted_folder)
+    path = bundle / SIGNATURE
+    if not path.is_file():
+        raise AtomlabError(f"{bundle}: not signed (no {SIGNATURE}); sign it with `atomlab sign {bundle} --key KEY`")
+    return verify_envelope(path.read_text(encoding="utf-8"), sha256_file(bundle / MANIFEST), keys, str(path),
+                           f"in {trusted_folder}")
+
+
+def public_keys(pems: dict[str, str]) -> dict[str, tuple[str, Any]]:
+    """fingerprint -> (name, public key) for named PEM public keys (a hub's registered keys)."""
+    serialization, ed25519 = _crypto()
+    found = {}
+    for name, pem in pems.items():
+        key = serialization.load_pem_public_key(pem.encode())
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            found[fingerprint(key)] = (name, key)
+    return found
+
+
+def sign_subject(name: str, sha256: str, key_path: Path, signer: str | None = None) -> str:
+    """A DSSE envelope (JSON text) over an in-toto statement naming one file and its sha256."""
     key = _load_private(key_path)
     keyid = fingerprint(key.public_key())
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": MANIFEST, "digest": {"sha256": sha256_file(bundle / MANIFEST)}}],
+        "subject": [{"name": name, "digest": {"sha256": sha256}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "signer": name or key_path.stem,
+            "signer": signer or key_path.stem,
             "key": keyid,
             "signed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
@@ -127,27 +156,24 @@ def sign_bundle(bundle: Path, key_path: Path, name: str | None = None) -> dict[s
         "payload": base64.b64encode(payload).decode(),
         "signatures": [{"keyid": keyid, "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode()}],
     }
-    write_atomic(bundle / SIGNATURE, json.dumps(envelope, indent=2) + "\n")
-    return statement
+    return json.dumps(envelope, indent=2) + "\n"
 
 
-def check_signature(bundle: Path, trusted_folder: Path) -> tuple[str, str]:
-    """(signer name, key fingerprint) when manifest.sig is a valid signature by a trusted key over this
-    manifest.json; otherwise an AtomlabError saying which check failed."""
-    keys = trusted_keys(trusted_folder)
+def verify_envelope(
+    text: str, subject_sha256: str, keys: dict[str, tuple[str, Any]], where: str, trusted: str = ""
+) -> tuple[str, str]:
+    """(signer name, key fingerprint) when `text` is a DSSE envelope signed by one of `keys` over a
+    statement whose subject has `subject_sha256`; otherwise an AtomlabError saying which check failed."""
     from cryptography.exceptions import InvalidSignature
 
-    path = bundle / SIGNATURE
-    if not path.is_file():
-        raise AtomlabError(f"{bundle}: not signed (no {SIGNATURE}); sign it with `atomlab sign {bundle} --key KEY`")
     try:
-        envelope = json.loads(path.read_text(encoding="utf-8"))
+        envelope = json.loads(text)
         payload = base64.b64decode(envelope["payload"], validate=True)
         statement = json.loads(payload)
         signed_digest = statement["subject"][0]["digest"]["sha256"]
         signatures = [(s["keyid"], base64.b64decode(s["sig"], validate=True)) for s in envelope["signatures"]]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise AtomlabError(f"{path}: corrupt signature file (not the DSSE envelope atomlab sign writes)") from None
+        raise AtomlabError(f"{where}: corrupt signature file (not the DSSE envelope atomlab sign writes)") from None
     for keyid, signature in signatures:
         if keyid not in keys:
             continue
@@ -155,14 +181,15 @@ def check_signature(bundle: Path, trusted_folder: Path) -> tuple[str, str]:
         try:
             public_key.verify(signature, pae(envelope["payloadType"], payload))
         except InvalidSignature:
-            raise AtomlabError(f"{path}: the signature by {name} ({keyid}) does not match its statement") from None
+            raise AtomlabError(f"{where}: the signature by {name} ({keyid}) does not match its statement") from None
         if envelope["payloadType"] != PAYLOAD_TYPE or statement.get("_type") != STATEMENT_TYPE:
-            raise AtomlabError(f"{path}: signed, but not an in-toto statement about the manifest")
-        if signed_digest != sha256_file(bundle / MANIFEST):
-            raise AtomlabError(f"{bundle / MANIFEST}: changed since {name} signed it (sha256 differs from {path.name})")
+            raise AtomlabError(f"{where}: signed, but not an in-toto statement about the signed file")
+        if signed_digest != subject_sha256:
+            subject = statement["subject"][0].get("name", "the signed file")
+            raise AtomlabError(f"{subject}: changed since {name} signed it (sha256 differs from {where})")
         return name, keyid
     known = ", ".join(keyid for keyid, _ in signatures) or "none"
-    raise AtomlabError(f"{path}: signed by no trusted key in {trusted_folder} (signed by {known})")
+    raise AtomlabError(f"{where}: signed by no trusted key{' ' + trusted if trusted else ''} (signed by {known})")
 
 
 def _keygen_command(args: argparse.Namespace) -> int:
