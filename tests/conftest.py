@@ -75,14 +75,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(bundle: Path, *options: str):
-    """A real `atomlab serve` of bundle on a free port, for as long as the block runs: yields its URL."""
+def running_server(arguments: list[str], health: str):
+    """A real `atomlab ...` server started with `arguments` plus a free `--port`, for as long as the block
+    runs, once `health` (a path) answers 200: yields its URL."""
     import time
     import urllib.request
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "atomlab.cli", "serve", str(bundle), "--port", str(port), *options],
+        [sys.executable, "-m", "atomlab.cli", *arguments, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -91,7 +92,7 @@ def serving(bundle: Path, *options: str):
     deadline = time.time() + 120
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{health}", timeout=2) as response:
                 if response.status == 200:
                     break
         except OSError:
@@ -105,6 +106,13 @@ def serving(bundle: Path, *options: str):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def serving(bundle: Path, *options: str):
+    """A real `atomlab serve` of bundle on a free port, for as long as the block runs: yields its URL."""
+    with running_server(["serve", str(bundle), *options], "/health") as url:
+        yield url
 
 
 @contextmanager

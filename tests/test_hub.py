@@ -8,10 +8,7 @@ import hashlib
 import http.client
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,11 +23,7 @@ from atomlab.errors import AtomlabError  # noqa: E402
 from atomlab.hub.client import HubClient  # noqa: E402
 from atomlab.release.openness import grade_path  # noqa: E402
 from atomlab.steps import list_files, write_json  # noqa: E402
-from tests.conftest import (  # noqa: E402
-    atomlab,
-    free_port,
-    step_folder,  # noqa: E402
-)
+from tests.conftest import atomlab, headless_chromium, running_server, step_folder  # noqa: E402
 
 
 def make_bundle(folder: Path, weights: bytes = b"\x00" * 4096) -> Path:
@@ -66,28 +59,9 @@ def database(request, tmp_path) -> str:
 
 @contextmanager
 def hub_server(work: Path, database: str):
-    port = free_port()
-    command = [sys.executable, "-m", "atomlab.cli", "hub", "serve", "--db", database]
-    command += ["--store", str(work / "store"), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"hub did not start: {process.stdout.read()}")
-        time.sleep(0.2)
-    try:
+    """A real `atomlab hub serve` on a free port, its blobs under work/store: yields its URL."""
+    with running_server(["hub", "serve", "--db", database, "--store", str(work / "store")], "/api/health") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def new_institution(work: Path, name: str, database: str) -> str:
@@ -261,8 +235,6 @@ def test_uploads_that_do_not_match_are_refused(tmp_path):
 
 def test_pages_in_headless_chromium(tmp_path):
     from selenium.webdriver.common.by import By
-
-    from tests.conftest import headless_chromium
 
     work, database = tmp_path, str(tmp_path / "hub.db")
     admin = new_institution(work, "lab-a", database)

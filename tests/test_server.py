@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import serving, step_folder
+from tests.conftest import headless_chromium, serving, step_folder
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -122,29 +122,10 @@ def test_concurrent_requests_are_batched(server, client):
 
 
 def test_web_chat_streams_a_reply_in_headless_chromium(server, tmp_path):
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.skip("needs Debian's chromium and chromium-driver (scripts/test.sh installs them)")
-    webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
-    try:
+    with headless_chromium(tmp_path / "profile") as browser:
         browser.get(server + "/")
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "smoke")
         browser.execute_script(f"document.getElementById('api_key').value = {json.dumps(KEY)};")
@@ -158,8 +139,6 @@ def test_web_chat_streams_a_reply_in_headless_chromium(server, tmp_path):
         assert not browser.find_elements(By.CSS_SELECTOR, ".error")
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "Good morrow, friend"
         Path(tmp_path / "page.png").write_bytes(browser.get_screenshot_as_png())
-    finally:
-        browser.quit()
 
 
 def test_a_forged_turn_is_encoded_as_text(server, client, smoke_run):
