@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from atomlab.errors import AtomlabError
 from atomlab.model import Transformer
@@ -175,8 +176,12 @@ EXPORTED_FORMAT = "atomlab-checkpoint-safetensors-v1"
 def export_checkpoint(source: Path, target: Path) -> None:
     """Write checkpoint `source` (DCP shards) to `target` as safetensors plus JSON, no pickle anywhere."""
     meta = check_checkpoint(source)
-    # DCP loads the whole state into this process without a model to shape it (our own run's files)
-    optimizer = _load_state_dict_from_keys(checkpoint_id=str(source / "sharded"))["optimizer"]
+    # DCP loads the whole state into this process without a model to shape it (our own run's files), with
+    # no collective: under torchrun only rank 0 writes the release, while the other ranks wait for it
+    state: dict[str, Any] = {}
+    reader = dcp.FileSystemReader(str(source / "sharded"))
+    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    optimizer = state["optimizer"]
     tensors, scalars = {}, {}
     for parameter, entries in optimizer["state"].items():
         for key, value in entries.items():
