@@ -88,7 +88,8 @@ def test_two_processes_match_one_process(smoke_run, single, tmp_path, parallel):
     theirs = load_file(str(step_folder(single, "pretrain") / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
+        # gradients summed across processes in another order: float rounding, amplified a little by AdamW
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=5e-5)
 
 
 def descendants(pid: int) -> list[int]:
@@ -180,7 +181,7 @@ def test_launch_local_runs_the_whole_recipe_on_two_processes(smoke_run, tmp_path
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("validation bits per byte") == 1  # printed by rank 0 only
+    assert result.stdout.count("held-out bits per byte of the released") == 1  # printed by rank 0 only
     bundle = step_folder(work, "release")
     manifest = json.loads((step_folder(work, "pretrain") / "manifest.json").read_text())
     assert manifest["processes"] == 2
