@@ -419,12 +419,18 @@ def create_app(
             )
         results: dict[int, tuple[Completion, list[TokenLogprob]]] = {}
         try:
+            checked = time.monotonic()
             while len(results) < n:
                 try:
                     event = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except TimeoutError:
+                    event = None
+                # text pieces keep arriving while the sequence runs: look for a gone client every 0.5 s anyway
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return None
+                if event is None:
                     continue
                 if event[0] == "error":
                     raise APIError(500, f"generation failed: {event[2]}", kind="server_error")
