@@ -140,6 +140,17 @@ def code_version() -> dict[str, Any]:
     return info
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as benchmarks report the machine a figure came from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def host_info() -> dict[str, Any]:
     return {
         "hostname": socket.gethostname(),

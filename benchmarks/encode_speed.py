@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,17 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atomlab.data.executor import run_tasks  # noqa: E402
 from atomlab.data.sources import read_embedded  # noqa: E402
 from atomlab.data.tokens import encode_splits  # noqa: E402
+from atomlab.steps import cpu_model
 from atomlab.tokenizer import encode_plain, load_tokenizer, train_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "encode_speed.json"
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def cpu_seconds() -> float:

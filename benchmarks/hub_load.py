@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from atomlab.hub.client import HubClient
-from atomlab.steps import list_files, write_json
+from atomlab.steps import cpu_model, list_files, write_json
 
 RESULTS = Path(__file__).parent / "results" / "hub_load.json"
 
@@ -40,14 +39,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_bundle(folder: Path, weights: bytes, tag: str) -> int:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from atomlab.steps import cpu_model
 
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 PROMPTS = ["Speak, friend.", "Who is there?", "What news?", "Tell me of the king.", "Sing of the sea."]
@@ -161,14 +162,6 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
