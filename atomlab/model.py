@@ -20,6 +20,7 @@ so the generation engine (atomlab.infer.engine) runs these modules, called whole
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -141,6 +142,12 @@ class Attention(nn.Module):
         q_norm_width, k_norm_width = (q_width, kv_width) if self.norm_projection else (args.head_dim, args.head_dim)
         self.q_norm = RMSNorm(q_norm_width, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(k_norm_width, args.norm_eps) if args.qk_norm else None
+        # Inference only, set by the generation engine while it runs the model (copies of weights it keeps),
+        # None otherwise: x -> q, k and v side by side in one matrix multiply; per-head QK-norm's weights,
+        # q_norm's for each query head then k_norm's for each key head (heads + kv_heads, 1, head_dim)
+        self.fused_qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.fused_qk_norm: torch.Tensor | None = None
+        self.widths = [q_width, kv_width, kv_width]
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -148,7 +155,12 @@ class Attention(nn.Module):
         """Queries, keys and values (batch, heads, length, head_dim), QK-norm and RoPE applied.
         The generation engine calls this too, around its KV cache."""
         batch, length, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.fused_qkv is not None and not self.norm_projection:
+            return self._project_fused(x, cos, sin)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x).split(self.widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None and self.norm_projection:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(batch, length, self.n_heads, self.head_dim)
@@ -161,6 +173,21 @@ class Attention(nn.Module):
             return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _project_fused(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """project() as the generation engine runs it, the same numbers in fewer operations: q, k and v from
+        one matrix multiply, then the queries and keys normalised per head and rotated together."""
+        batch, length, _ = x.shape
+        heads = self.n_heads + self.n_kv_heads
+        qkv = self.fused_qkv(x).view(batch, length, heads + self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([heads, self.n_kv_heads], dim=1)
+        if self.q_norm is not None:  # RMSNorm's weight multiplies the normalised vector: one weight per head
+            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * self.fused_qk_norm
+        if self.rope:
+            qk = apply_rope(qk, cos, sin)
+        return qk[:, : self.n_heads], qk[:, self.n_heads :], v
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
@@ -170,7 +197,12 @@ class Attention(nn.Module):
         if cache is not None:  # the cache's mask holds the sliding window, if any
             keys, values = cache.update(k, v)
             out = F.scaled_dot_product_attention(
-                q.to(keys.dtype), keys, values, attn_mask=cache.mask, is_causal=cache.causal, enable_gqa=gqa
+                q if q.dtype == keys.dtype else q.to(keys.dtype),
+                keys,
+                values,
+                attn_mask=cache.mask,
+                is_causal=cache.causal,
+                enable_gqa=gqa,
             )
         elif self.sliding_window and length > self.sliding_window:
             # a query sees the keys at most sliding_window - 1 positions back (Mistral's window)
@@ -190,8 +222,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.d_model, args.hidden, bias=False) if args.mlp == "swiglu" else None
         self.up_proj = nn.Linear(args.d_model, args.hidden, bias=False)
         self.down_proj = nn.Linear(args.hidden, args.d_model, bias=False)
+        # Inference only, as Attention.fused_qkv: x -> gate and up side by side in one matrix multiply
+        self.fused_gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         if self.gate_proj is not None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.relu(self.up_proj(x)).square())
@@ -290,9 +327,14 @@ class LayerCache:
         the keys and values of every slot up to the newest."""
         cache = self.cache
         keys, values = cache.keys[self.index], cache.values[self.index]
-        slots = cache.write_slots.expand(-1, k.shape[1], -1, k.shape[3])
-        keys.scatter_(2, slots, k.to(keys.dtype))
-        values.scatter_(2, slots, v.to(values.dtype))
+        k, v = (k, v) if k.dtype == keys.dtype else (k.to(keys.dtype), v.to(values.dtype))
+        if cache.first_slot is not None:  # every row writes at the same slots (one row, rows of one length)
+            keys.narrow(2, cache.first_slot, k.shape[2]).copy_(k)
+            values.narrow(2, cache.first_slot, v.shape[2]).copy_(v)
+        else:
+            slots = cache.write_slots.expand(-1, k.shape[1], -1, k.shape[3])
+            keys.scatter_(2, slots, k)
+            values.scatter_(2, slots, v)
         return keys.narrow(2, 0, cache.end), values.narrow(2, 0, cache.end)
 
     @property
@@ -346,16 +388,23 @@ class KVCache:
     def begin(self, length: int) -> torch.Tensor:
         """Prepare a forward call of `length` tokens per row; their positions (rows, length)."""
         device = self.lengths.device
-        slots = self.lengths.unsqueeze(1) + torch.arange(length, device=device)  # (rows, length)
-        self.end = int(slots.max()) + 1
+        # one host sync for every figure the call needs: the highest slot written, whether the rows are
+        # aligned, the highest position
+        longest, shortest, padded, furthest = torch.stack(
+            [self.lengths.max(), self.lengths.min(), self.start.max(), (self.lengths - self.start).max()]
+        ).tolist()
+        self.end = longest + length
         if self.end > self.slots:
             raise ValueError(f"KV cache: {self.end} slots needed, {self.slots} allocated")
+        self.max_position = max(furthest + length - 1, 0)
+        slots = self.lengths.unsqueeze(1) + torch.arange(length, device=device)  # (rows, length)
         self.write_slots = slots.view(slots.shape[0], 1, length, 1)
+        self.first_slot = longest if shortest == longest else None
         # rows without padding and of one length (one row; RL's samples of one prompt) need no mask: a step
         # sees every slot, a first call is causal; otherwise a query sees its row's slots from the row's
         # start to itself, and a padding query (before the start) itself only, so that its softmax is
         # defined (its output is never used)
-        aligned = not bool(self.start.any()) and bool((self.lengths == self.lengths[0]).all())
+        aligned = padded == 0 and shortest == longest
         self.mask, self.causal = None, False
         if aligned and (length == 1 or self.end == length) and not (self.window and self.end > self.window):
             self.causal = length > 1
@@ -365,10 +414,11 @@ class KVCache:
             seen = (keys >= self.start.view(-1, 1, 1)) & (keys <= query)
             if self.window:  # a row's slots are its positions, shifted: the window counts slots back
                 seen &= query - keys < self.window
-            self.mask = (seen | (keys == query)).unsqueeze(1)
-        positions = (slots - self.start.unsqueeze(1)).clamp(min=0)
-        self.max_position = int(positions.max())
-        return positions
+            if length > 1:
+                seen |= keys == query
+            # an additive mask, made once for every layer (sdpa turns a boolean one into this at each call)
+            self.mask = torch.where(seen, 0.0, float("-inf")).to(self.keys[0].dtype).unsqueeze(1)
+        return (slots - self.start.unsqueeze(1)).clamp_(min=0) if padded else slots
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)

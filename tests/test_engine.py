@@ -3,6 +3,7 @@ stop strings and tokens, streaming, context limits, the chat template, and the c
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -403,28 +404,59 @@ def test_engine_follows_weight_updates_made_after_it_was_built(smoke):
 # one forward: the model's own, with a KV cache; continuous batching
 
 
-@pytest.mark.parametrize("model", ["smoke", "untrained", "untrained_gqa", "scripted"])
-def test_cached_forward_logits_equal_the_plain_forward(model, request):
+@pytest.fixture(scope="module")
+def untrained_families(smoke) -> Engine:
+    """What the imported families add: q/k/v biases, QK-norm over the whole projection, norms after the
+    sublayers (OLMo 2), a layer without RoPE (SmolLM3); biases made non-zero so that they count."""
+    engine = untrained_engine(
+        smoke,
+        n_heads=4,
+        n_kv_heads=2,
+        qkv_bias=True,
+        qk_norm_scope="projection",
+        norm_placement="post",
+        nope_layers=[1],
+        init_std=0.4,
+    )
+    with torch.no_grad():
+        for name, param in engine.model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    return engine
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["modules", "engine-fast-path"])
+@pytest.mark.parametrize("model", ["smoke", "untrained", "untrained_gqa", "scripted", "untrained_families"])
+def test_cached_forward_logits_equal_the_plain_forward(model, fast, request):
     """Prefill of left-padded prompts then decode steps through Transformer.forward(tokens, cache): each row's
     logits are those of the plain forward over its whole sequence (every architecture option: GQA or not,
-    QK-norm or not, SwiGLU or ReLU^2, tied or not)."""
+    QK-norm per head or over the projection or none, SwiGLU or ReLU^2, tied or not, biases, post-norms, NoPE),
+    with the modules as trained and with the engine's fast path (fused q/k/v and gate/up, oneDNN packing)."""
     from atomlab.model import KVCache
 
     engine = request.getfixturevalue(model)
     model = engine.model
+    engine._fast.refresh()
+    if fast:
+        assert engine._fast.fused, "the fast path is prepared for plain CPU fp32 weights"
+    applied = engine._fast.applied if fast else contextlib.nullcontext
     prompts = [engine.encode(text)[:12] for text in PROMPTS]
     longest = max(map(len, prompts))
     cache = KVCache(model.args, len(prompts), longest + 8, torch.float32)
     cache.start.copy_(torch.tensor([longest - len(p) for p in prompts]))
     rows = [p + [5 + i for i in range(8)] for p in prompts]  # the tokens the steps feed
     with torch.no_grad():
-        logits = model(torch.tensor([[0] * (longest - len(p)) + p for p in prompts]), cache)[:, -1]
+        with applied():
+            logits = model(torch.tensor([[0] * (longest - len(p)) + p for p in prompts]), cache)[:, -1]
         for step in range(8):
             for row, sequence in enumerate(rows):
                 expected = model(torch.tensor([sequence[: len(prompts[row]) + step]]))[0, -1]
                 assert torch.allclose(logits[row], expected, atol=1e-5, rtol=1e-5), (row, step)
-            logits = model(torch.tensor([[5 + step]] * len(prompts)), cache)[:, -1]
+            with applied():
+                logits = model(torch.tensor([[5 + step]] * len(prompts)), cache)[:, -1]
     assert cache.lengths.tolist() == [longest + 8] * len(prompts)
+    # outside the engine's calls the modules are the training ones again
+    assert all(layer.self_attn.fused_qkv is None and layer.mlp.fused_gate_up is None for layer in model.layers)
 
 
 def test_sequences_joining_a_running_batch_decode_as_alone(untrained_gqa):
