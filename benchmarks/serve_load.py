@@ -103,8 +103,10 @@ def serve_and_load(options: argparse.Namespace, batching: str) -> dict:
                 time.sleep(0.2)
         else:
             raise SystemExit(f"server did not start: {server.stderr.read()}")
+        load_before = os.getloadavg()[0]  # the servers run one after the other: say what each shared the CPU with
         results, elapsed = asyncio.run(load(url, options.clients, options.seconds, options.max_tokens))
         health = httpx.get(f"{url}/health").json()
+        load_after = os.getloadavg()[0]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -122,6 +124,7 @@ def serve_and_load(options: argparse.Namespace, batching: str) -> dict:
         "median_tokens_per_request": statistics.median(r["tokens"] for r in done),
         "mean_batch_per_step": health["mean_batch"],
         "largest_batch": health["largest_batch"],
+        "load_average_1min_before_after": [round(load_before, 1), round(load_after, 1)],
     }
 
 
@@ -160,8 +163,6 @@ def main() -> None:
     options.output.parent.mkdir(exist_ok=True)
     options.output.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-
-
 
 
 if __name__ == "__main__":
