@@ -23,7 +23,7 @@ from atomlab.ecosystem import metrics, policy  # noqa: E402
 from atomlab.ecosystem.regions import DISAGREEMENTS_WITH_ATOM, ORG_REGIONS, load_regions  # noqa: E402
 from atomlab.ecosystem.report import build_report, mof_classes  # noqa: E402
 from atomlab.ecosystem.snapshot import load_parameters, population, take_snapshot, write_snapshot  # noqa: E402
-from atomlab.ecosystem.synthetic import SyntheticHub, synthetic_world  # noqa: E402
+from atomlab.ecosystem.synthetic import SyntheticHub, synthetic_world, write_synthetic_snapshot  # noqa: E402
 from atomlab.errors import AtomlabError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "ecosystem"
@@ -79,6 +79,12 @@ def test_snapshot_pages_backs_off_and_caches(world, tmp_path):
         assert hub.requests == served  # every page came from the cache
         assert json.loads((again / "provenance.json").read_text())["cache_hits"] == record["requests"] - 2
         assert pq.read_table(again / "models.parquet").equals(pq.read_table(first / "models.parquet"))
+        # the benchmark's snapshots, written without HTTP, hold the same rows as those taken through the client
+        direct = write_synthetic_snapshot(world, DAY, 3, tmp_path / "direct")
+        for name, key in (("models", "model_id"), ("derivatives", "derivative_id")):
+            def rows(folder, name=name, key=key):
+                return sorted(pq.read_table(folder / f"{name}.parquet").to_pylist(), key=lambda r: r[key])
+            assert rows(direct) == rows(first), name
         with pytest.raises(AtomlabError, match="already exists"):
             take_snapshot(tmp_path / "first", hub.endpoint, _orgs(world), cache=tmp_path / "pages")
     finally:

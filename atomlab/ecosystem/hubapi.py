@@ -26,7 +26,7 @@ SYNTHETIC_HEADER = "X-Atomlab-Synthetic"  # sent by `atomlab ecosystem serve-syn
 _KEPT_HEADERS = ("content-type", "link", SYNTHETIC_HEADER.lower())
 
 
-def _http_module() -> Any:
+def http_module() -> Any:
     """The httpx flavour the installed huggingface_hub is built on (httpx2 in 2.x, httpx in 1.x)."""
     try:
         from huggingface_hub.utils import _http
@@ -89,7 +89,7 @@ def _caching_transport(http: Any, cache: Path | None, stats: CacheStats) -> Any:
 @contextlib.contextmanager
 def cached_hub(cache: Path | None) -> Iterator[CacheStats]:
     """Within the block, every request huggingface_hub makes goes through the page cache in `cache`."""
-    http = _http_module()
+    http = http_module()
     from huggingface_hub.utils import _http as hub_http
 
     if cache is not None:

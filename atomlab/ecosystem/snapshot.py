@@ -21,7 +21,7 @@ from typing import Any
 
 from atomlab import __version__
 from atomlab.ecosystem import policy
-from atomlab.ecosystem.hubapi import cached_hub
+from atomlab.ecosystem.hubapi import cached_hub, http_module
 from atomlab.ecosystem.regions import load_regions, region_of
 from atomlab.errors import AtomlabError
 
@@ -165,6 +165,7 @@ def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] |
                   regions_csv: Path | None = None, parameters_csv: Path | None = None, cache: Path | None = None,
                   derivatives: bool = True, min_downloads: int = 0) -> Path:
     """Query the Hub at `endpoint` and write the snapshot folder `out`."""
+    http = http_module()  # first: without huggingface_hub this says what to install
     from huggingface_hub import HfApi
     from huggingface_hub import __version__ as hub_version
     from huggingface_hub.errors import HfHubHTTPError
@@ -187,7 +188,7 @@ def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] |
     except HfHubHTTPError as exc:
         raise AtomlabError(f"{endpoint}: the Hub answered {str(exc).splitlines()[0]}; rerun: pages already "
                            "fetched come from the page cache") from None
-    except OSError as exc:
+    except (OSError, http.TransportError) as exc:  # after huggingface_hub's own retries
         raise AtomlabError(f"{endpoint}: cannot reach the Hub ({exc}); rerun later, the page cache keeps "
                            "what was fetched") from None
     synthetic = stats.synthetic

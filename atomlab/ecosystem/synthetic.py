@@ -17,14 +17,17 @@ import hashlib
 import json
 import math
 import threading
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
 
+from atomlab.ecosystem import policy
 from atomlab.ecosystem.hubapi import SYNTHETIC_HEADER
 from atomlab.ecosystem.regions import ORG_REGIONS
 
@@ -84,7 +87,7 @@ def synthetic_world(models: int, seed: int, start: dt.date, end: dt.date) -> lis
     world: list[SyntheticModel] = []
     for index in range(models):
         org = orgs[rng.choice(len(orgs), p=weights)]
-        family = "".join(ch for ch in org.title() if ch.isalpha())[:10] or "Model"
+        family = "".join(ch for ch in org.title() if ch.isalpha()) or "Model"
         size = float(rng.choice(SIZES_B))
         size_name = f"{size:g}B".replace(".", "_") if size < 1 else f"{size:g}B"
         kind = rng.choice(["", "-Instruct", "-Base", "-Chat"])
@@ -117,6 +120,26 @@ def synthetic_world(models: int, seed: int, start: dt.date, end: dt.date) -> lis
                 float(rng.lognormal(2.0, 1.5)), 60.0,
             ))
     return world
+
+
+def write_synthetic_snapshot(world: list[SyntheticModel], on: dt.date, seed: int, out: Path) -> Path:
+    """The snapshot `atomlab ecosystem snapshot` would take of the synthetic Hub on `on`, without HTTP
+    (the same population filter, rows and files; for benchmarks of the report over long histories)."""
+    from huggingface_hub.hf_api import ModelInfo
+
+    from atomlab.ecosystem.snapshot import derivative_rows, population, write_snapshot
+
+    listed = [(m, ModelInfo(**m.as_hub_json(on))) for m in world if m.created <= on]
+    first_party = [info for m, info in listed if info.author in ORG_REGIONS]
+    models, excluded = population(first_party, ORG_REGIONS, {})
+    children = defaultdict(list)
+    for _, info in listed:
+        for _, base in policy.base_relations(info.tags):
+            children[base].append(info)
+    derivatives = [row for base in models for row in derivative_rows(base, children[base["model_id"]])]
+    provenance = {"endpoint": None, "client": "none (written directly from the synthetic world)",
+                  "snapshot_date": on.isoformat(), "synthetic": f"seed={seed}; date={on.isoformat()}"}
+    return write_snapshot(out, {"models": models, "derivatives": derivatives, "excluded": excluded}, provenance)
 
 
 # ---------------------------------------------------------------- the loopback Hub
