@@ -22,7 +22,13 @@ pytest.importorskip("pyarrow")
 from atomlab.ecosystem import metrics, policy  # noqa: E402
 from atomlab.ecosystem.regions import DISAGREEMENTS_WITH_ATOM, ORG_REGIONS, load_regions  # noqa: E402
 from atomlab.ecosystem.report import build_report, mof_classes  # noqa: E402
-from atomlab.ecosystem.snapshot import load_parameters, population, take_snapshot, write_snapshot  # noqa: E402
+from atomlab.ecosystem.snapshot import (  # noqa: E402
+    load_parameters,
+    load_release_dates,
+    population,
+    take_snapshot,
+    write_snapshot,
+)
 from atomlab.ecosystem.synthetic import SyntheticHub, synthetic_world, write_synthetic_snapshot  # noqa: E402
 from atomlab.errors import AtomlabError  # noqa: E402
 
@@ -217,6 +223,25 @@ def test_size_buckets_against_model_parameters():
     assert (row["params_total_b"], row["params_active_b"], row["params_source"]) == (671, 37, "curated")
     (row,), _ = population([info], ORG_REGIONS, {})
     assert row["params_source"] == "hub safetensors" and row["size_bucket"] == "250B+"
+
+
+@needs_shared
+def test_release_date_corrections(tmp_path):
+    from huggingface_hub.hf_api import ModelInfo
+
+    corrections = load_release_dates(SHARED / "release_date_corrections.csv")
+    info = ModelInfo(id="moonshotai/Kimi-K2.5", pipeline_tag="image-text-to-text", tags=[],
+                     createdAt="2026-01-01T09:30:00.000Z", downloadsAllTime=1000)
+    (row,), _ = population([info], ORG_REGIONS, {}, release_dates=corrections)
+    assert row["created_at"].date() == dt.date(2026, 1, 1)  # the Hub's date stays as it was
+    assert row["released_at"].date() == dt.date(2026, 1, 27)  # "26 days early"
+    write_snapshot(tmp_path / "s", {"models": [row]}, {"snapshot_date": "2026-02-26", "synthetic": None})
+    ram = metrics.relative_adoption(metrics.load_snapshots([tmp_path / "s"]), max_gap=None)
+    assert ram["moonshotai/Kimi-K2.5"]["age_days"] == 30  # from the launch, not from created_at
+    bad = tmp_path / "dates.csv"
+    bad.write_text("# a comment\nmodel_id,hf_created_at,actual_release_date\nx/y,2026-01-01,soon\n")
+    with pytest.raises(AtomlabError, match="x/y: actual_release_date must be YYYY-MM-DD"):
+        load_release_dates(bad)
 
 
 # ---------------------------------------------------------------- metrics on a hand-made snapshot

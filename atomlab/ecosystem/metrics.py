@@ -56,7 +56,7 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for name in columns:
         column = table.column(name)
-        if name == "created_at":  # days since the epoch, as integers (parquet may have stored milliseconds)
+        if name in ("created_at", "released_at"):  # days since the epoch (parquet may have stored milliseconds)
             seconds = column.cast(pa.timestamp("s", tz="UTC")).cast(pa.int64())
             out[name] = seconds.to_numpy(zero_copy_only=False) // 86400
         else:
@@ -64,8 +64,8 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-MODEL_COLUMNS = ["model_id", "org", "region", "family", "created_at", "downloads_30d", "downloads_all_time",
-                 "likes", "size_bucket", "license"]
+MODEL_COLUMNS = ["model_id", "org", "region", "family", "created_at", "released_at", "downloads_30d",
+                 "downloads_all_time", "likes", "size_bucket", "license"]
 
 
 def load_snapshot(folder: Path) -> Snapshot:
@@ -79,8 +79,12 @@ def load_snapshot(folder: Path) -> Snapshot:
             raise AtomlabError(f"{folder}: {name} is missing; the snapshot is incomplete, take it again")
         if (folder / name).stat().st_size != record["files"][name]["bytes"]:
             raise AtomlabError(f"{folder / name}: its size differs from provenance.json; the file was changed")
+    models = _read_parquet(folder / "models.parquet", MODEL_COLUMNS)
+    # ages count from the launch date; where no correction was given it is the Hub's created_at
+    released = models["released_at"].astype(float)
+    models["released_at"] = np.where(np.isnan(released), models["created_at"], released).astype(np.int64)
     return Snapshot(folder, dt.date.fromisoformat(record["snapshot_date"]), record.get("synthetic"), record,
-                    _read_parquet(folder / "models.parquet", MODEL_COLUMNS), folder / "derivatives.parquet")
+                    models, folder / "derivatives.parquet")
 
 
 def load_snapshots(folders: list[Path]) -> list[Snapshot]:
@@ -144,13 +148,11 @@ def derivative_share(snapshot: Snapshot, relations: tuple[str, ...] = NEW_WORK_R
 def download_curves(snapshots: list[Snapshot]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per model: (ages in days, cumulative downloads), starting at (0, 0) on its release day."""
     points: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    released: dict[str, int] = {}
     for snapshot in snapshots:
         today = _epoch_day(snapshot.date)
         m = snapshot.models
-        for model, created, all_time in zip(m["model_id"], m["created_at"], m["downloads_all_time"], strict=True):
-            released[model] = int(created)
-            points[model].append((today - int(created), int(all_time)))
+        for model, released, all_time in zip(m["model_id"], m["released_at"], m["downloads_all_time"], strict=True):
+            points[model].append((today - int(released), int(all_time)))
     curves = {}
     for model, seen in points.items():
         ordered = [(0, 0)] + sorted(p for p in seen if p[0] > 0)
@@ -185,7 +187,7 @@ def relative_adoption(snapshots: list[Snapshot], top: int = 10, max_gap: float |
     for bucket in sorted(set(m["size_bucket"].tolist())):
         members = np.flatnonzero(m["size_bucket"] == bucket)
         ids = m["model_id"][members]
-        ages = today - m["created_at"][members].astype(float)
+        ages = today - m["released_at"][members].astype(float)
         downloads = m["downloads_all_time"][members].astype(float)
         if bucket == "unknown":
             values = np.full((len(members), len(members)), np.nan)

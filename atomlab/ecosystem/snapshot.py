@@ -51,6 +51,26 @@ def load_parameters(path: Path | None) -> dict[str, tuple[float, float | None]]:
     return table
 
 
+def load_release_dates(path: Path | None) -> dict[str, dt.datetime]:
+    """Launch dates where the Hub's created_at is wrong (the ATOM's release_date_corrections.csv format:
+    model_id,hf_created_at,actual_release_date,notes; lines starting with # are comments)."""
+    if path is None:
+        return {}
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    except OSError as exc:
+        raise AtomlabError(f"{path}: cannot read the release dates ({exc.strerror})") from None
+    table = {}
+    for row in csv.DictReader(lines):
+        try:
+            day = dt.date.fromisoformat((row.get("actual_release_date") or "").strip())
+        except ValueError:
+            raise AtomlabError(f"{path}: {row.get('model_id')}: actual_release_date must be YYYY-MM-DD "
+                               f"(columns model_id,hf_created_at,actual_release_date)") from None
+        table[row["model_id"]] = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+    return table
+
+
 def _license(info: Any) -> str | None:
     for tag in info.tags or []:
         if tag.startswith("license:"):
@@ -61,8 +81,10 @@ def _license(info: Any) -> str | None:
 
 
 def population(infos: Iterable[Any], regions: dict[str, str], curated: dict[str, tuple[float, float | None]],
-               min_downloads: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+               min_downloads: int = 0, release_dates: dict[str, dt.datetime] | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(population rows, excluded rows) from the Hub's ModelInfo objects of the tracked publishers."""
+    release_dates = release_dates or {}
     rows, excluded = [], []
     for info in infos:
         reason = policy.exclusion(info.id, info.pipeline_tag, info.tags, info.library_name)
@@ -79,6 +101,7 @@ def population(infos: Iterable[Any], regions: dict[str, str], curated: dict[str,
         rows.append({
             "model_id": info.id, "org": org, "region": region_of(org, regions), "family": policy.family_of(info.id),
             "pipeline_tag": info.pipeline_tag, "created_at": info.created_at,
+            "released_at": release_dates.get(info.id, info.created_at),
             "downloads_30d": int(info.downloads or 0), "downloads_all_time": all_time, "likes": int(info.likes or 0),
             "params_total_b": total_b, "params_active_b": active_b,
             "params_source": "curated" if info.id in curated else ("hub safetensors" if hub_total else "unknown"),
@@ -110,8 +133,9 @@ def _schemas() -> dict[str, Any]:
     return {
         "models": pa.schema([
             ("model_id", pa.string()), ("org", pa.string()), ("region", pa.string()), ("family", pa.string()),
-            ("pipeline_tag", pa.string()), ("created_at", when), ("downloads_30d", pa.int64()),
-            ("downloads_all_time", pa.int64()), ("likes", pa.int64()), ("params_total_b", pa.float64()),
+            ("pipeline_tag", pa.string()), ("created_at", when), ("released_at", when),
+            ("downloads_30d", pa.int64()), ("downloads_all_time", pa.int64()), ("likes", pa.int64()),
+            ("params_total_b", pa.float64()),
             ("params_active_b", pa.float64()), ("params_source", pa.string()), ("size_bucket", pa.string()),
             ("license", pa.string()), ("base_models", pa.list_(pa.string())), ("base_relation", pa.string()),
         ]),
@@ -163,7 +187,7 @@ def _file_record(path: Path | None) -> dict[str, str] | str:
 
 def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] | None = None,
                   regions_csv: Path | None = None, parameters_csv: Path | None = None, cache: Path | None = None,
-                  derivatives: bool = True, min_downloads: int = 0) -> Path:
+                  derivatives: bool = True, min_downloads: int = 0, release_dates_csv: Path | None = None) -> Path:
     """Query the Hub at `endpoint` and write the snapshot folder `out`."""
     http = http_module()  # first: without huggingface_hub this says what to install
     from huggingface_hub import HfApi
@@ -172,6 +196,7 @@ def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] |
 
     regions = load_regions(regions_csv)
     curated = load_parameters(parameters_csv)
+    release_dates = load_release_dates(release_dates_csv)
     orgs = orgs or sorted(regions)
     taken_at = dt.datetime.now(dt.UTC)
     # tokens go to the Hub only, never to another endpoint
@@ -179,7 +204,7 @@ def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] |
     try:
         with cached_hub(cache) as stats:
             infos = [info for org in orgs for info in api.list_models(author=org, expand=EXPAND)]
-            models, excluded = population(infos, regions, curated, min_downloads)
+            models, excluded = population(infos, regions, curated, min_downloads, release_dates)
             children = []
             if derivatives:
                 for base in models:
@@ -204,6 +229,7 @@ def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] |
                                    "expand": DERIVATIVE_EXPAND} if derivatives else None),
                   "min_downloads": min_downloads},
         "filter": policy.rules(), "regions": _file_record(regions_csv), "parameters": _file_record(parameters_csv),
+        "release_dates": _file_record(release_dates_csv),
         "requests": stats.requests, "cache_hits": stats.cache_hits,
         "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
         "cache": str(cache) if cache else None,
@@ -222,7 +248,7 @@ def _snapshot(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else Path(args.cache) if args.cache else _default_cache(args.endpoint)
     out = take_snapshot(Path(args.out), args.endpoint, args.orgs, Path(args.regions) if args.regions else None,
                         Path(args.parameters) if args.parameters else None, cache, not args.no_derivatives,
-                        args.min_downloads)
+                        args.min_downloads, Path(args.release_dates) if args.release_dates else None)
     record = json.loads((out / "provenance.json").read_text())
     label = "SYNTHETIC " if record["synthetic"] else ""
     print(f"{label}snapshot {record['snapshot_date']} -> {out}: {record['rows']['models']} models, "
@@ -238,6 +264,8 @@ def add_snapshot_command(commands: Any) -> None:
     sub.add_argument("--orgs", nargs="+", help="publishers to track (default: every one in the region table)")
     sub.add_argument("--regions", help="CSV hf_org,region overriding or extending the built-in region table")
     sub.add_argument("--parameters", help="CSV model_id,total_params_b,active_params_b of curated parameter counts")
+    sub.add_argument("--release-dates", help="CSV model_id,hf_created_at,actual_release_date: launch dates where "
+                     "the Hub's created_at is wrong (ages for the Relative Adoption Metric count from these)")
     sub.add_argument("--cache", help="page cache folder (default ~/.cache/atomlab/hub-pages/<host>/<UTC date>)")
     sub.add_argument("--no-cache", action="store_true", help="ask the Hub for every page")
     sub.add_argument("--no-derivatives", action="store_true", help="skip listing each model's derivatives")
