@@ -337,7 +337,11 @@ def test_truly_open_share(fixture_snapshots):
 
 
 def test_report_of_real_looking_data_is_not_stamped_synthetic(fixture_snapshots, tmp_path):
-    data = build_report(fixture_snapshots, tmp_path / "report", top=3)
+    data = build_report(fixture_snapshots, tmp_path / "report", track=["allenai"], top=3)
+    (olmo,) = data["tracked"]["allenai"]["models"]
+    # 30-day downloads 5200, 600, 300, 200: OLMo ranks first; one derivative that is new work (the merge)
+    assert (olmo["model_id"], olmo["rank_30d"], olmo["derivatives"]) == ("allenai/OLMo-2-7B-D", 1, 1)
+    assert data["tracked"]["allenai"]["downloads_all_time_over_time"] == [10000, 10400]
     page = (tmp_path / "report" / "report.html").read_text()
     assert "SYNTHETIC" not in page and "snapshots 2026-11-21 to 2026-12-01 (2)" in page
     assert [row["model_id"] for row in data["top_models"]] == ["allenai/OLMo-2-7B-D", "meta-llama/Llama-3-8B-B",

@@ -96,9 +96,12 @@ def cached_hub(cache: Path | None) -> Iterator[CacheStats]:
         cache.mkdir(parents=True, exist_ok=True)
     stats = CacheStats()
 
+    # the hook huggingface_hub puts on its own client (offline mode, request ids), where this version has it
+    hooks = [hub_http.hf_request_event_hook] if hasattr(hub_http, "hf_request_event_hook") else []
+
     def factory() -> Any:
-        return http.Client(event_hooks={"request": [hub_http.hf_request_event_hook]}, follow_redirects=True,
-                           timeout=60, transport=_caching_transport(http, cache, stats))
+        return http.Client(event_hooks={"request": hooks}, follow_redirects=True, timeout=60,
+                           transport=_caching_transport(http, cache, stats))
 
     hub_http.set_client_factory(factory)
     try:
