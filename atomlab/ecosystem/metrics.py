@@ -52,7 +52,13 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=columns)
+    present = set(pq.read_schema(path).names)
+    missing = [c for c in columns if c not in present and c != "released_at"]  # released_at: added later
+    if missing:
+        raise AtomlabError(f"{path}: no column {missing[0]}; not a snapshot of atomlab ecosystem, take it again")
+    table = pq.read_table(path, columns=[c for c in columns if c in present])
+    if "released_at" in columns and "released_at" not in present:
+        table = table.append_column("released_at", pa.nulls(len(table), pa.timestamp("s", tz="UTC")))
     out = {}
     for name in columns:
         column = table.column(name)

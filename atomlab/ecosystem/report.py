@@ -74,13 +74,13 @@ class Figures:
     def figure(self, rows: int = 1, width: float = 8, height: float = 4.2) -> tuple[Any, Any]:
         return self.plt.subplots(rows, 1, figsize=(width, height * rows), squeeze=False)
 
-    def save(self, name: str, fig: Any, title: str) -> None:
+    def save(self, name: str, fig: Any, title: str, left: float = 0.22, bottom: float = 0.16) -> None:
         prefix = "SYNTHETIC DATA - " if self.synthetic else ""
         fig.suptitle(f"{prefix}{title}\n{self.dates}", fontsize=11)
         if self.synthetic:
             fig.text(0.5, 0.5, "SYNTHETIC", fontsize=60, color="red", alpha=0.15, ha="center", va="center",
                      rotation=30)
-        fig.subplots_adjust(left=0.22, right=0.97, top=0.86, bottom=0.16, hspace=0.45)  # tight_layout costs seconds
+        fig.subplots_adjust(left=left, right=0.97, top=0.86, bottom=bottom, hspace=0.45)  # tight_layout costs seconds
         path = self.out / f"{name}.png"
         # the stamp goes into the PNG's text chunks too, so a copied plot still says what it shows
         fig.savefig(path, dpi=90, metadata={"Title": title, "Description": f"{prefix}{self.dates}"})
@@ -143,13 +143,13 @@ def plot_derivatives(fig: Figures, share: dict[str, Any], shown: int = 6, months
 def plot_ram(fig: Figures, ram: dict[str, dict[str, Any]], method: str, shown: int = 20) -> None:
     canvas, axes = fig.figure(height=5.5)
     ranked = sorted((m for m in ram if np.isfinite(ram[m]["ram_v1"])), key=lambda m: -ram[m]["ram_v1"])[:shown]
-    axes[0][0].barh([m[-45:] for m in ranked][::-1], [ram[m]["ram_v1"] for m in ranked][::-1])
+    axes[0][0].barh([m[-50:] for m in ranked][::-1], [ram[m]["ram_v1"] for m in ranked][::-1])
     axes[0][0].axvline(1.0, color="grey", lw=0.8)
-    axes[0][0].set_xlabel("Relative Adoption Metric v1 (1 = median of the top 10 at the same age)")
+    axes[0][0].set_xlabel("RAM v1 (1 = median of the top 10 of the size bucket at the same age)")
     axes[0][0].tick_params(axis="y", labelsize=6)
-    label = "APPROXIMATION (one snapshot: linear growth since release assumed)" if method == "approximation" \
+    label = "APPROXIMATION\n(one snapshot: linear growth since release assumed)" if method == "approximation" \
         else "measured from dated snapshots"
-    fig.save("relative_adoption", canvas, f"Relative Adoption Metric, {label}")
+    fig.save("relative_adoption", canvas, f"Relative Adoption Metric, {label}", left=0.4)
 
 
 def plot_open_share(fig: Figures, share: dict[str, Any]) -> None:
@@ -165,8 +165,8 @@ def plot_open_share(fig: Figures, share: dict[str, Any]) -> None:
         axes[0][0].barh(measures, widths, left=left, label=label)
         left += widths
     axes[0][0].set_xlabel("share (%) by MOF class; 'unknown': no MOF file given")
-    axes[0][0].legend(fontsize=7, ncol=5, loc="lower center", bbox_to_anchor=(0.5, -0.6))
-    fig.save("truly_open_share", canvas, "Where use goes: the truly open share (MOF Class I/II)")
+    axes[0][0].legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.save("truly_open_share", canvas, "Where use goes: the truly open share (MOF Class I/II)", bottom=0.32)
 
 
 def plot_tracked(fig: Figures, org: str, series: list[int], dates: list[str], models: list[dict[str, Any]]) -> None:
