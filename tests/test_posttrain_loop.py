@@ -357,6 +357,7 @@ def test_posttrain_recipe_starts_from_an_imported_model(smoke_run, tmp_path):
     assert "<|start_header_id|>assistant<|end_header_id|>" in samples  # sampled from a prompt in the template
     # the bundle's tokenizer is the imported model's, byte for byte
     assert (bundle / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    assert json.loads((bundle / "generation_config.json").read_text())["eos_token_id"] == eos  # chat stops there too
     assert atomlab("verify", str(bundle), cwd=tmp_path).returncode == 0
 
 
