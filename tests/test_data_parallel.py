@@ -136,3 +136,28 @@ def test_killed_worker_is_retried_to_the_same_bytes(corpus, monkeypatch):
     reference = prepared(base, "reference-retry", sources=["web"], **WEB)
     monkeypatch.setenv("ATOMLAB_TEST_EXIT_IN_MAP", "2")  # the worker process running map task 2 dies, once
     assert prepared(base, "retried", sources=["web"], workers=2, **WEB) == reference
+
+
+def test_connected_components_match_union_find():
+    import numpy as np
+
+    from atomlab.data.stages import connected_components
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 3000, 2500) * 7919, rng.integers(0, 3000, 2500) * 7919  # sparse ids, many components
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        rx, ry = root(x), root(y)
+        parent[max(rx, ry)] = min(rx, ry)
+    nodes, roots = connected_components(a, b)
+    assert nodes.tolist() == sorted(parent) and roots.tolist() == [root(int(n)) for n in nodes]
+    assert len(set(roots.tolist())) > 100
+    shuffled = rng.permutation(len(a))  # edge order and direction do not matter
+    again = connected_components(b[shuffled], a[shuffled])
+    assert again[0].tolist() == nodes.tolist() and again[1].tolist() == roots.tolist()
