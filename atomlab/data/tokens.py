@@ -170,9 +170,12 @@ def encode_shard(task: dict[str, Any]) -> dict[str, Any]:
         for origin in sorted(staging):
             group = staging[origin]
             group["handle"].close()
-            with open(group["path"], "rb") as piece:
-                shutil.copyfileobj(piece, tokens_out, 16 << 20)
-            group["path"].unlink()
+            if len(staging) == 1:  # the usual case, one origin a shard: its file is the shard, not copied
+                os.replace(group["path"], tmp[token_path])
+            else:
+                with open(group["path"], "rb") as piece:
+                    shutil.copyfileobj(piece, tokens_out, 16 << 20)
+                group["path"].unlink()
             lengths = np.asarray(group["lengths"], dtype=np.int64)
             ends = position + np.cumsum(lengths)
             offsets.append(np.stack([ends - lengths, ends], axis=1))
