@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from atomlab.corpora import corpus_metadata, data_languages
-from atomlab.data.executor import run_tasks
+from atomlab.data.executor import cpu_seconds, run_tasks
 from atomlab.data.filters import EvaluationText, contamination_table, evaluation_texts
 from atomlab.data.sources import (
     SOURCES,
@@ -91,9 +91,10 @@ def prepare_data(
     work = ctx.folder / "work"
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}  # wall time per stage (in the step's summary, for benchmarks)
+    cpu: dict[str, float] = {}  # CPU seconds per stage, of this process and the local workers
 
     def run(function: Any, jobs: list, description: str) -> list:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         results = run_tasks(
             function,
             jobs,
@@ -103,6 +104,7 @@ def prepare_data(
             description=f"data: {description}",
         )
         seconds[description] = round(seconds.get(description, 0) + time.perf_counter() - started, 3)
+        cpu[description] = round(cpu.get(description, 0) + cpu_seconds() - cpu_started, 3)
         return results
 
     # one streaming read per file, in parallel, skipped when the cache knows the file: its sha256 for
@@ -148,9 +150,10 @@ def prepare_data(
         )
     run(exact_task, [(settings, p, len(tasks)) for p in range(partitions)], "exact dedup")
     run(lsh_task, [(settings, p, len(tasks)) for p in range(partitions)], "near-dup pairs")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     components(settings)
     seconds["components"] = round(time.perf_counter() - started, 3)
+    cpu["components"] = round(cpu_seconds() - cpu_started, 3)
     run(resolve_task, [(settings, p) for p in range(partitions)], "near-dup components")
     keyed = run(keys_task, [(settings, t) for t in range(len(tasks))], "split keys")
     kept = sum(k["kept"] for k in keyed)
@@ -177,6 +180,7 @@ def prepare_data(
         "reused_tasks": reused,
         "read_bytes": stages[0]["bytes"],
         "seconds": seconds,
+        "cpu_seconds": cpu,
     }
 
 
