@@ -7,7 +7,7 @@ near copies at known Jaccard), then runs the prepare-data step of the web preset
 sha256 cache emptied before each, so each hashes its sources), then the tokenizer step on that
 output (BPE on a 32 MB sample, every shard encoded), and checks that all give the same bytes. Peak
 memory is the summed RSS of the run's whole process tree (driver, workers and Ray's processes),
-sampled every 0.2 s. When datatrove is installed (`pip install datatrove`, a benchmark-only
+sampled every 0.2 s. When datatrove is installed (`pip install datatrove orjson`, benchmark-only
 dependency), its reader + `MinhashDedupSignature` (5-grams, 14 buckets x 8) runs on the same files
 with the same worker count, and the MB/s per core of both are set side by side.
 
@@ -299,7 +299,7 @@ def run_datatrove(base: Path, files: int, workers: int, mb: float) -> dict:
     try:
         import datatrove
     except ImportError:
-        return {"error": "not installed (pip install datatrove): its MinHash stage was not run for a ratio"}
+        return {"error": "not installed (pip install datatrove orjson): its MinHash stage was not run for a ratio"}
     out = base / "out-datatrove"
     shutil.rmtree(out, ignore_errors=True)
     result = run_child(
