@@ -36,6 +36,33 @@ def test_local_1_and_2_workers_and_ray_give_the_same_bytes(corpus):
     assert prepared(base, "two", sources=["web"], workers=2, **WEB) == one
 
 
+@pytest.fixture(scope="module")
+def split_corpus(tmp_path_factory) -> Path:
+    """One big uncompressed JSONL file (split into byte ranges) beside a compressed one (one task)."""
+    base = tmp_path_factory.mktemp("split")
+    write_corpus(base / "web", files=1, docs_per_file=120, seed=7, words=(120, 300))
+    write_corpus(base / "web" / "small", files=1, docs_per_file=10, seed=8, compress="zst", words=(120, 300))
+    return base
+
+
+def test_a_big_jsonl_file_spreads_over_tasks_with_the_same_bytes_on_1_and_2_workers(split_corpus):
+    from atomlab.data.sources import read_sources
+
+    one = prepared(split_corpus, "one", sources=["web"], **WEB)
+    shards = [f for f in one if f.startswith("train-")]
+    assert len(shards) >= 8  # the one big file was read by many tasks
+    assert prepared(split_corpus, "two", sources=["web"], workers=2, **WEB) == one
+    ids = [r["id"] for r in read_provenance(split_corpus / "one")]
+    assert ids == [d.id for d in read_sources(["web"], "text", "x", split_corpus)]  # ids as one reader gives
+
+
+@pytest.mark.slow
+def test_a_big_jsonl_file_gives_the_same_bytes_on_ray(split_corpus):
+    pytest.importorskip("ray")
+    one = prepared(split_corpus, "one-for-ray", sources=["web"], **WEB)
+    assert prepared(split_corpus, "ray", sources=["web"], executor="ray", workers=2, **WEB) == one
+
+
 @pytest.mark.slow
 def test_ray_2_workers_gives_the_same_bytes(corpus):
     pytest.importorskip("ray")
@@ -109,3 +136,28 @@ def test_killed_worker_is_retried_to_the_same_bytes(corpus, monkeypatch):
     reference = prepared(base, "reference-retry", sources=["web"], **WEB)
     monkeypatch.setenv("ATOMLAB_TEST_EXIT_IN_MAP", "2")  # the worker process running map task 2 dies, once
     assert prepared(base, "retried", sources=["web"], workers=2, **WEB) == reference
+
+
+def test_connected_components_match_union_find():
+    import numpy as np
+
+    from atomlab.data.stages import connected_components
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 3000, 2500) * 7919, rng.integers(0, 3000, 2500) * 7919  # sparse ids, many components
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        rx, ry = root(x), root(y)
+        parent[max(rx, ry)] = min(rx, ry)
+    nodes, roots = connected_components(a, b)
+    assert nodes.tolist() == sorted(parent) and roots.tolist() == [root(int(n)) for n in nodes]
+    assert len(set(roots.tolist())) > 100
+    shuffled = rng.permutation(len(a))  # edge order and direction do not matter
+    again = connected_components(b[shuffled], a[shuffled])
+    assert again[0].tolist() == nodes.tolist() and again[1].tolist() == roots.tolist()

@@ -164,3 +164,64 @@ def test_identity_from_listings_never_reads_the_data(tmp_path):
     with open(huge, "r+b") as handle:
         handle.truncate(41 << 30)  # an edit changes the identity, so prepare-data reruns
     assert source_fingerprint(DataConfig(sources=["huge.txt"]), tmp_path) != first
+
+
+def ragged_jsonl(path: Path) -> list[str]:
+    """A JSONL file with lines of very different lengths, blank lines and one line longer than a range."""
+    texts = [distinct_text(i, 12 * (1 + i % 7)) for i in range(60)]
+    texts[17] = distinct_text(99, 1200)
+    lines = []
+    for i, text in enumerate(texts):
+        lines.append(json.dumps({"text": text}))
+        if i % 9 == 4:
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return texts
+
+
+@pytest.mark.parametrize("target", [300, 1000, 4096, 10**9])
+def test_big_jsonl_is_split_into_byte_ranges_at_line_starts(tmp_path, target):
+    from atomlab.data.sources import digest_files
+
+    texts = ragged_jsonl(tmp_path / "big.jsonl")
+    files = list_inputs(["big.jsonl"], tmp_path)
+    whole = documents(read_sources(["big.jsonl"], "text", "x", tmp_path))
+    tasks = plan_pieces(files, target, digest_files(files, target))
+    pieces = [piece for task in tasks for piece in task]
+    assert len(pieces) == max(1, -(-files[0].size // target))  # ranges of at most `target` bytes
+    docs = [d for p in pieces for d in documents(read_piece(p, "text", "x", "error"))]
+    # the same documents with the same ids (file:line, blank lines counted) as one reader gives
+    assert [(d.id, d.text, d.sha256) for d in docs] == [(d.id, d.text, d.sha256) for d in whole]
+    assert [d.text for d in docs] == texts
+
+
+def test_source_sha256s_are_recorded_once_and_cached_by_path_size_and_mtime(tmp_path):
+    import hashlib
+    import os
+
+    from atomlab.data.sources import SOURCES, digest_files, source_digests
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(rows(30)))
+    (tmp_path / "web" / "b.jsonl").write_bytes(rows(30, 100))
+    out = tmp_path / "runs" / "prepare-data"
+    out.mkdir(parents=True)
+    prepare_data(StepContext(None, out, {}, False, 1), DataConfig(sources=["web"], min_doc_chars=10), tmp_path)
+    recorded = source_digests(out)
+    assert recorded == {
+        f"web/{name}": hashlib.sha256((tmp_path / "web" / name).read_bytes()).hexdigest()
+        for name in ("a.jsonl.zst", "b.jsonl")
+    }
+    assert (out / SOURCES).is_file()
+    cache = tmp_path / "runs" / ".cache" / "source-digests.json"
+    assert cache.is_file()
+    # same path, size and mtime but other bytes: the cache answers, so nothing was read
+    path = tmp_path / "web" / "b.jsonl"
+    stat = path.stat()
+    path.write_bytes(rows(30, 200)[: stat.st_size].ljust(stat.st_size, b" "))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    files = list_inputs(["web"], tmp_path)
+    assert digest_files(files, cache=cache)[str(path)]["sha256"] == recorded["web/b.jsonl"]
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # touched: hashed again
+    fresh = digest_files(list_inputs(["web"], tmp_path), cache=cache)[str(path)]["sha256"]
+    assert fresh == hashlib.sha256(path.read_bytes()).hexdigest() != recorded["web/b.jsonl"]

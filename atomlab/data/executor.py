@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +34,13 @@ from atomlab.progress import progress_bar
 
 Executor = Literal["local", "ray"]
 EXECUTORS = ("local", "ray")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the local executor's workers,
+    joined at the end of every stage; Ray's workers are not children, so they are not counted)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_tasks(

@@ -26,9 +26,17 @@ from typing import Any
 import numpy as np
 
 from atomlab.corpora import corpus_metadata, data_languages
-from atomlab.data.executor import run_tasks
+from atomlab.data.executor import cpu_seconds, run_tasks
 from atomlab.data.filters import EvaluationText, contamination_table, evaluation_texts
-from atomlab.data.sources import InputFile, list_inputs, plan_pieces, stat_identity
+from atomlab.data.sources import (
+    SOURCES,
+    InputFile,
+    digest_files,
+    list_inputs,
+    plan_pieces,
+    source_listing,
+    stat_identity,
+)
 from atomlab.data.stages import (
     LISTED,
     Settings,
@@ -51,27 +59,59 @@ PARTITION_BYTES = 128 << 20  # input per dedup partition
 
 
 def source_fingerprint(data: DataConfig, base: Path) -> dict[str, str]:
-    """The identity of the user's source files, so editing one reruns prepare-data: a hash of each
-    file's name, size and modification time, from listings alone (no file is read)."""
+    """The identity of the user's source files in the step graph, so editing one reruns prepare-data: a
+    hash of each file's name, size and modification time, from listings alone (no file is read, on any
+    rank, nor on --dry-run). Their content sha256s are the step's own work (`sources.json`)."""
     return stat_identity(list_inputs(data.sources, base, data.on_error))
 
 
-def plan(files: list[InputFile]) -> tuple[list, int]:
-    """Map tasks and the number of dedup partitions: decided by the input alone, never by the workers.
-    At least 16 tasks when the input allows, so small corpora still spread over the workers."""
+def task_bytes(files: list[InputFile]) -> int:
+    """Input per map task: at least 16 tasks when the input allows, so small corpora still spread over
+    the workers; decided by the input alone, never by the workers."""
+    return min(TASK_BYTES, max(1 << 10, sum(max(0, f.size) for f in files) // 16))
+
+
+def plan(files: list[InputFile], digests: dict[str, dict[str, Any]] | None = None) -> tuple[list, int]:
+    """Map tasks and the number of dedup partitions: decided by the input alone, never by the workers."""
     total = sum(max(0, f.size) for f in files)
-    tasks = plan_pieces(files, min(TASK_BYTES, max(1 << 10, total // 16)))
+    tasks = plan_pieces(files, task_bytes(files), digests)
     partitions = min(256, max(4, math.ceil(total / PARTITION_BYTES)))
     return tasks, partitions
+
+
+def digest_cache(ctx: StepContext) -> Path:
+    """The runs folder's cache of source sha256s (beside the step folders, shared by every run there)."""
+    return ctx.folder.parent / ".cache" / "source-digests.json"
 
 
 def prepare_data(
     ctx: StepContext, data: DataConfig, base: Path, evaluate: EvaluateConfig | None = None
 ) -> dict[str, Any]:
     files = list_inputs(data.sources, base, data.on_error)
-    tasks, partitions = plan(files)
     work = ctx.folder / "work"
     work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}  # wall time per stage (in the step's summary, for benchmarks)
+    cpu: dict[str, float] = {}  # CPU seconds per stage, of this process and the local workers
+
+    def run(function: Any, jobs: list, description: str) -> list:
+        started, cpu_started = time.perf_counter(), cpu_seconds()
+        results = run_tasks(
+            function,
+            jobs,
+            executor=data.executor,
+            workers=data.workers,
+            ray_address=data.ray_address or None,
+            description=f"data: {description}",
+        )
+        seconds[description] = round(seconds.get(description, 0) + time.perf_counter() - started, 3)
+        cpu[description] = round(cpu.get(description, 0) + cpu_seconds() - cpu_started, 3)
+        return results
+
+    # one streaming read per file, in parallel, skipped when the cache knows the file: its sha256 for
+    # reproduce, and where the lines start at the byte ranges a big JSONL file is split into
+    digests = digest_files(files, task_bytes(files), digest_cache(ctx), run)
+    write_json(ctx.folder / SOURCES, source_listing(files, digests))
+    tasks, partitions = plan(files, digests)
     settings = Settings(
         work=str(work),
         seed=ctx.seed,
@@ -86,21 +126,6 @@ def prepare_data(
         curation=curation_settings(data, base, work, evaluate, ctx.seed),
         exclude=tuple(getattr(data, "exclude", ())),
     )
-    seconds: dict[str, float] = {}  # wall time per stage (in the step's summary, for benchmarks)
-
-    def run(function: Any, jobs: list, description: str) -> list:
-        started = time.perf_counter()
-        results = run_tasks(
-            function,
-            jobs,
-            executor=data.executor,
-            workers=data.workers,
-            ray_address=data.ray_address or None,
-            description=f"data: {description}",
-        )
-        seconds[description] = round(seconds.get(description, 0) + time.perf_counter() - started, 3)
-        return results
-
     mapped = run(map_task, [(settings, i, pieces) for i, pieces in enumerate(tasks)], "map")
     reused = sum(m["reused"] for m in mapped)
     if reused:
@@ -125,9 +150,10 @@ def prepare_data(
         )
     run(exact_task, [(settings, p, len(tasks)) for p in range(partitions)], "exact dedup")
     run(lsh_task, [(settings, p, len(tasks)) for p in range(partitions)], "near-dup pairs")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     components(settings)
     seconds["components"] = round(time.perf_counter() - started, 3)
+    cpu["components"] = round(cpu_seconds() - cpu_started, 3)
     run(resolve_task, [(settings, p) for p in range(partitions)], "near-dup components")
     keyed = run(keys_task, [(settings, t) for t in range(len(tasks))], "split keys")
     kept = sum(k["kept"] for k in keyed)
@@ -149,10 +175,12 @@ def prepare_data(
         "documents": {n: s["documents"] for n, s in splits.items()},
         "bytes": {n: s["bytes"] for n, s in splits.items()},
         "tasks": len(tasks),
+        "source_files": len(files),
         "partitions": partitions,
         "reused_tasks": reused,
         "read_bytes": stages[0]["bytes"],
         "seconds": seconds,
+        "cpu_seconds": cpu,
     }
 
 

@@ -22,8 +22,9 @@ import hashlib
 import io
 import json
 import lzma
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -68,11 +69,14 @@ class InputFile:
 
 @dataclass(frozen=True)
 class Piece:
-    """A task's share of one file: all of it, or a range of a parquet file's row groups."""
+    """A task's share of one file: all of it, a range of a parquet file's row groups, or a byte range of
+    an uncompressed JSONL file (its lines that start inside the range)."""
 
     file: InputFile
     row_groups: tuple[int, int] | None = None  # [start, stop) row groups
     first_row: int = 0  # row number of the first row of row group `start`
+    byte_range: tuple[int, int] | None = None  # [start, stop) bytes of a .jsonl file
+    newlines_before: int = 0  # newlines in the file's bytes before the range's start: its line numbers
 
 
 def _sha(raw: bytes) -> str:
@@ -177,30 +181,60 @@ def list_inputs(sources: list[str], base: Path, on_error: str = "error") -> list
     return files
 
 
-def plan_pieces(files: list[InputFile], target_bytes: int) -> list[list[Piece]]:
+def batches(sizes: list[int], target_bytes: int) -> list[list[int]]:
+    """Consecutive indices grouped into batches of about `target_bytes` (an item bigger than that alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if groups and groups[-1] and total + max(size, 1) <= target_bytes:
+            groups[-1].append(index)
+            total += max(size, 1)
+        else:
+            groups.append([index])
+            total = max(size, 1)
+    return groups
+
+
+def splittable(file: InputFile) -> bool:
+    """An uncompressed JSONL file can be read from any byte (a compressed stream cannot be entered midway)."""
+    return file.location.endswith(".jsonl") and not file.location.startswith("embedded:")
+
+
+def range_starts(size: int, target_bytes: int) -> list[int]:
+    """Where the byte ranges of a file of `size` bytes begin after the first: equal ranges of at most
+    `target_bytes`, decided by the size alone."""
+    count = -(-size // max(1, target_bytes))
+    return [i * size // count for i in range(1, count)]
+
+
+def plan_pieces(
+    files: list[InputFile], target_bytes: int, digests: dict[str, dict[str, Any]] | None = None
+) -> list[list[Piece]]:
     """Group the input into tasks of about `target_bytes` each: small files together, a big parquet
-    file split between row groups, any other big file alone (a compressed stream cannot be split).
-    Only parquet footers are read. The grouping depends on the input alone, never on the workers."""
+    file split between row groups, a big uncompressed JSONL file split into byte ranges at line starts
+    (which needs its newline counts in `digests`, from `digest_files`), any other big file alone (a
+    compressed stream cannot be split). Only parquet footers are read. The grouping depends on the
+    input alone, never on the workers."""
     tasks: list[list[Piece]] = []
-    current: list[Piece] = []
-    current_bytes = 0
+    whole: list[InputFile] = []
 
     def close() -> None:
-        nonlocal current, current_bytes
-        if current:
-            tasks.append(current)
-        current, current_bytes = [], 0
+        tasks.extend([Piece(whole[i]) for i in group] for group in batches([f.size for f in whole], target_bytes))
+        whole.clear()
 
     for file in files:
+        newlines = (digests or {}).get(file.location, {}).get("newlines", {})
+        starts = range_starts(file.size, target_bytes) if file.size > target_bytes else []
         if file.location.endswith(".parquet") and file.size > target_bytes:
             close()
-            for piece in _parquet_pieces(file, target_bytes):
-                tasks.append([piece])
-            continue
-        if current and current_bytes + max(file.size, 1) > target_bytes:
+            tasks += [[piece] for piece in _parquet_pieces(file, target_bytes)]
+        elif splittable(file) and starts and all(str(start) in newlines for start in starts):
             close()
-        current.append(Piece(file))
-        current_bytes += max(file.size, 1)
+            bounds = [0, *starts, file.size]
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
+                tasks.append([Piece(file, byte_range=(start, stop), newlines_before=newlines.get(str(start), 0))])
+        else:
+            whole.append(file)
     close()
     return tasks
 
@@ -248,7 +282,7 @@ def read_piece(piece: Piece, text_field: str, license: str, on_error: str) -> It
         elif file.location.endswith(".txt"):
             yield from _read_txt(file, license)
         else:
-            yield from _read_jsonl(file, text_field, license, on_error)
+            yield from _read_jsonl(piece, text_field, license, on_error)
     except OSError as exc:  # the storage failed under us: a vanished file, a dropped connection
         yield _damaged(file, file.name, f"unreadable ({type(exc).__name__}: {exc})", on_error)
 
@@ -312,22 +346,44 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _read_jsonl(file: InputFile, text_field: str, license: str, on_error: str) -> Iterator[Document | Skipped]:
+def _numbered_lines(piece: Piece, stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of the piece: every line of the stream, or the lines that start inside the
+    byte range (a line that began before it belongs to the range before)."""
+    if piece.byte_range is None:
+        yield from enumerate(stream, 1)
+        return
+    start, stop = piece.byte_range
+    number, position = piece.newlines_before, start
+    if start > 0:
+        stream.seek(start - 1)
+        if stream.read(1) != b"\n":  # inside a line: it is the previous range's
+            position += len(stream.readline())
+            number += 1
+    while position < stop:
+        line = stream.readline()
+        if not line:
+            return
+        number += 1
+        position += len(line)
+        yield number, line
+
+
+def _read_jsonl(piece: Piece, text_field: str, license: str, on_error: str) -> Iterator[Document | Skipped]:
+    file = piece.file
     damaged = _stream_errors()
     number = 0
     seen_content = False
     with _open_binary(file) as raw, _decompressed(file, raw) as stream:
-        lines = iter(stream)
+        lines = _numbered_lines(piece, stream)
         while True:
             try:
-                line = next(lines)
+                number, line = next(lines)
             except StopIteration:
                 break
             except damaged as exc:
                 kind = "zstd" if file.location.endswith(".zst") else "gzip"
                 yield _damaged(file, f"{file.name}:{number + 1}", f"corrupt {kind} stream ({exc})", on_error)
                 return
-            number += 1
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
@@ -352,7 +408,7 @@ def _read_jsonl(file: InputFile, text_field: str, license: str, on_error: str) -
                 author=str(row.get("author") or ""),
                 origin=file.origin,
             )
-    if not seen_content:
+    if not seen_content and piece.byte_range is None:  # a range without a line start is not an empty file
         yield Skipped(file.name, file.origin, "empty")
 
 
@@ -416,7 +472,8 @@ def read_sources(
 
 def stat_identity(files: list[InputFile]) -> dict[str, str]:
     """Per source, a hash of its files' names, sizes and modification times: cheap (listings only), and
-    it changes whenever a file is edited, added or removed."""
+    it changes whenever a file is edited, added or removed. The step graph uses it; the content sha256s
+    are computed once by the prepare-data step itself (`digest_files`) and recorded in `sources.json`."""
     digests: dict[str, Any] = {}
     for file in files:
         if file.location.startswith("embedded:"):
@@ -424,3 +481,144 @@ def stat_identity(files: list[InputFile]) -> dict[str, str]:
         digest = digests.setdefault(file.origin, hashlib.sha256())
         digest.update(f"{file.name}\0{file.size}\0{file.modified}\n".encode())
     return {origin: digest.hexdigest() for origin, digest in digests.items()}
+
+
+# ----- content identity: computed once by the data step, cached by (location, size, mtime) ------------
+
+SOURCES = "sources.json"  # in a prepare-data folder: every source file with its size and sha256
+READ_CHUNK = 8 << 20
+Runner = Callable[[Callable[[Any], Any], list, str], list]
+
+
+def digest_task(job: list[tuple[InputFile, tuple[int, ...]]]) -> list[dict[str, Any]]:
+    """For each file: the sha256 of its stored bytes and the number of newlines before each offset asked
+    for (where its byte ranges start), in one streaming read (a data-executor task)."""
+    found = []
+    for file, offsets in job:
+        digest, newlines, pending = hashlib.sha256(), {}, sorted(offsets)
+        seen = position = 0
+        try:
+            with _open_binary(file) as handle:
+                while chunk := handle.read(READ_CHUNK):
+                    digest.update(chunk)
+                    end = position + len(chunk)
+                    while pending and pending[0] <= end:
+                        offset = pending.pop(0)
+                        newlines[str(offset)] = seen + chunk.count(b"\n", 0, offset - position)
+                    if offsets:
+                        seen += chunk.count(b"\n")
+                    position = end
+        except OSError as exc:  # the map stage reads it again and reports it under data.on_error
+            found.append({"sha256": None, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        found.append({"sha256": digest.hexdigest(), "bytes": position, "newlines": newlines})
+    return found
+
+
+class DigestCache:
+    """sha256s and newline counts of source files, keyed by (location, size, modification time): a file
+    unchanged since it was hashed is never read again. One small JSON file, merged under a lock when
+    saved, so runs sharing it lose nothing."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = self._read() if path else {}
+        self.added: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def key(file: InputFile) -> str:
+        return f"{file.location}\0{file.size}\0{file.modified}"
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))["files"]  # type: ignore[union-attr]
+            return entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: a cache is only a shortcut
+            return {}
+
+    def get(self, file: InputFile) -> dict[str, Any] | None:
+        return self.added.get(self.key(file)) or self.entries.get(self.key(file))
+
+    def put(self, file: InputFile, entry: dict[str, Any]) -> None:
+        old = self.get(file) or {}
+        self.added[self.key(file)] = {**entry, "newlines": {**old.get("newlines", {}), **entry["newlines"]}}
+
+    def save(self) -> None:
+        if not self.path or not self.added:
+            return
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = {**self._read(), **self.added}
+            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"files": entries}, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, self.path)
+
+
+def _run_here(function: Callable[[Any], Any], jobs: list, description: str) -> list:
+    return [function(job) for job in jobs]
+
+
+def digest_files(
+    files: list[InputFile], target_bytes: int | None = None, cache: Path | None = None, run: Runner | None = None
+) -> dict[str, dict[str, Any]]:
+    """location -> {"sha256", "bytes", "newlines"} of every source file (embedded corpora, versioned with
+    atomlab, and unreachable files excepted). With `target_bytes`, the newline counts where each big
+    uncompressed JSONL file's byte ranges start (see `plan_pieces`). From `cache` when a file's location,
+    size and modification time are unchanged and it holds those counts; the rest read once, streaming,
+    as tasks through `run` (the data step's executor: `run(function, jobs, description)`)."""
+    store = DigestCache(cache)
+    found: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[InputFile, tuple[int, ...]]] = []
+    for file in files:
+        if file.location.startswith("embedded:") or file.size < 0 or file.location in found:
+            continue
+        big = target_bytes is not None and splittable(file) and file.size > target_bytes
+        offsets = tuple(range_starts(file.size, target_bytes)) if big and target_bytes else ()
+        entry = store.get(file)
+        if entry and all(str(offset) in entry["newlines"] for offset in offsets):
+            found[file.location] = entry
+        else:
+            todo.append((file, offsets))
+    if todo:
+        group_bytes = target_bytes or max(f.size for f, _ in todo)
+        jobs = [[todo[i] for i in group] for group in batches([f.size for f, _ in todo], group_bytes)]
+        results = [entry for part in (run or _run_here)(digest_task, jobs, "source sha256") for entry in part]
+        for (file, _), entry in zip(todo, results, strict=True):
+            if entry["sha256"]:
+                store.put(file, entry)
+                entry = store.get(file) or entry
+            found[file.location] = entry
+        store.save()
+    return found
+
+
+def source_listing(files: list[InputFile], digests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What `sources.json` records: each source file as documents cite it, with its size and sha256."""
+    rows = [
+        {"origin": f.origin, "name": f.name, "bytes": f.size, "sha256": digests.get(f.location, {}).get("sha256")}
+        for f in files
+        if not f.location.startswith("embedded:")
+    ]
+    return {"files": rows, "embedded": sorted({f.origin for f in files if f.location.startswith("embedded:")})}
+
+
+def source_digests(folder: Path) -> dict[str, str]:
+    """File name (as document ids cite it) -> the sha256 of its bytes when the prepare-data step in
+    `folder` (or a bundle carrying its `sources.json`) read it; {} when none was recorded."""
+    path = Path(folder) / SOURCES
+    if not path.is_file():
+        return {}
+    return {row["name"]: row["sha256"] for row in json.loads(path.read_text(encoding="utf-8"))["files"]}
+
+
+def current_digests(
+    sources: list[str], base: Path, on_error: str = "error", cache: Path | None = None
+) -> dict[str, str]:
+    """File name -> sha256 of the recipe's source files as they are now (read in full unless `cache`
+    knows them): what `source_digests` of a finished step is checked against."""
+    files = list_inputs(sources, base, on_error)
+    digests = digest_files(files, cache=cache)
+    return {f.name: digests[f.location]["sha256"] for f in files if f.location in digests}

@@ -4,7 +4,7 @@ writes its own files atomically into the step's work folder and returns a small 
     map (a task per input share)  normalise, filter, exact hash, MinHash signature; spill by partition
     exact (a task per partition)  group equal content hashes; the first in input order is kept
     lsh (a task per partition)    band keys -> candidate pairs -> pairs at least `threshold` alike
-    components (driver)           union-find over those pairs
+    components (driver)           connected components of those pairs (numpy label propagation)
     resolve (a task per partition) within a component, longest first (then id): drop each document
                                    that is at least `threshold` alike to one already kept
     keys, select (a task per input share)  the held-out split as a global top-k of hash(seed, id)
@@ -335,38 +335,48 @@ def lsh_task(job: tuple[Settings, int, int]) -> int:
     return len(result)
 
 
-def components(settings: Settings) -> int:
-    """Union-find over every verified pair; each component's members go to the partition of its root.
+def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, root of each node) of the graph with edges a[i]-b[i]: the root is the smallest member of
+    the node's component, so the answer is the same however the edges are ordered.
 
-    Memory grows with the number of documents that have a near duplicate, not with the corpus."""
+    Min-label propagation with pointer jumping, in numpy: each round every edge pulls both its ends
+    down to the smaller label, then labels jump to their label's label until they settle. Memory is
+    the edges and their distinct ends, never every document of the corpus."""
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ends_a, ends_b = inverse[: len(a)], inverse[len(a) :]
+    label = np.arange(len(nodes))
+    while True:
+        low = np.minimum(label[ends_a], label[ends_b])
+        pulled = label.copy()
+        np.minimum.at(pulled, ends_a, low)
+        np.minimum.at(pulled, ends_b, low)
+        while not np.array_equal(jumped := pulled[pulled], pulled):
+            pulled = jumped
+        if np.array_equal(pulled, label):
+            return nodes, nodes[label]
+        label = pulled
+
+
+def components(settings: Settings) -> int:
+    """The connected components of every verified pair; each component's members go to the partition of
+    its root (its smallest document). Memory grows with the number of pairs, not with the corpus."""
     folder = Path(settings.work) / "components"
     if (folder / "done").exists():
         return int((folder / "done").read_text())
     parts = [np.load(p) for p in sorted((Path(settings.work) / "lsh").glob("*.npy"))]
     edges = np.concatenate(parts) if parts else np.empty(0, EDGE)
-    nodes, inverse = np.unique(np.concatenate([edges["a"], edges["b"]]), return_inverse=True)
-    parent = np.arange(len(nodes))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    half = len(edges)
-    for a, b in zip(inverse[:half].tolist(), inverse[half:].tolist(), strict=True):
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the smallest node is the root: deterministic
-    roots = np.array([root(i) for i in range(len(nodes))], dtype=np.int64)
+    del parts
+    nodes, roots = connected_components(edges["a"], edges["b"])
+    del edges
     members = np.empty(len(nodes), MEMBER)
-    members["root"], members["doc"] = nodes[roots], nodes
+    members["root"], members["doc"] = roots, nodes
     folder.mkdir(parents=True, exist_ok=True)
     partition = _hash_partition(members["root"], settings.partitions)
     for p in range(settings.partitions):
         _save(folder / f"{p:04d}.npy", np.sort(members[partition == p], order=["root", "doc"]))
-    (folder / "done").write_text(str(len(np.unique(roots))))
-    return len(np.unique(roots))
+    count = len(np.unique(roots))
+    (folder / "done").write_text(str(count))
+    return count
 
 
 class Drops:

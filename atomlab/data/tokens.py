@@ -15,6 +15,7 @@ import heapq
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from atomlab.data.executor import run_tasks
+from atomlab.data.executor import cpu_seconds, run_tasks
 from atomlab.errors import AtomlabError
 from atomlab.recipe import DataConfig, TokenizerConfig
 from atomlab.tokenizer import (
@@ -170,9 +171,12 @@ def encode_shard(task: dict[str, Any]) -> dict[str, Any]:
         for origin in sorted(staging):
             group = staging[origin]
             group["handle"].close()
-            with open(group["path"], "rb") as piece:
-                shutil.copyfileobj(piece, tokens_out, 16 << 20)
-            group["path"].unlink()
+            if len(staging) == 1:  # the usual case, one origin a shard: its file is the shard, not copied
+                os.replace(group["path"], tmp[token_path])
+            else:
+                with open(group["path"], "rb") as piece:
+                    shutil.copyfileobj(piece, tokens_out, 16 << 20)
+                group["path"].unlink()
             lengths = np.asarray(group["lengths"], dtype=np.int64)
             ends = position + np.cumsum(lengths)
             offsets.append(np.stack([ends - lengths, ends], axis=1))
@@ -251,12 +255,14 @@ def tokenize(ctx: StepContext, config: TokenizerConfig, data: DataConfig | None 
     data_folder = ctx.inputs["prepare-data"]
     shards = input_shards(data_folder)
     sources = data.sources if data is not None else []
+    started = time.perf_counter()
     sample, sample_bytes = tokenizer_sample(shards["train"], ctx.seed, config.train_bytes)
     tokenizer = train_tokenizer(sample, config.vocab_size, config.min_frequency)
     sample_documents = len(sample)
     del sample
     tokenizer_path = ctx.folder / "tokenizer.json"
     tokenizer.save(str(tokenizer_path))
+    trained, cpu_trained = time.perf_counter(), cpu_seconds()
     summary = {
         "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer_sample": {"documents": sample_documents, "bytes": sample_bytes, "train_bytes": config.train_bytes},
@@ -264,7 +270,14 @@ def tokenize(ctx: StepContext, config: TokenizerConfig, data: DataConfig | None 
     }
     write_json(ctx.folder / "shards.json", summary)
     headline = {k: summary[k] for k in ("vocab_size", "dtype", "tokens", "bytes_per_token", "tokenizer_sample")}
-    return {**headline, "shards": {split: len(entries) for split, entries in summary["shards"].items()}}
+    # wall time per stage, in the step's summary for benchmarks (shards.json, whose bytes matter, has none)
+    seconds = {"sample + train": round(trained - started, 3), "encode": round(time.perf_counter() - trained, 3)}
+    return {
+        **headline,
+        "shards": {split: len(entries) for split, entries in summary["shards"].items()},
+        "seconds": seconds,
+        "encode_cpu_seconds": round(cpu_seconds() - cpu_trained, 3),  # of this process and the local workers
+    }
 
 
 def tokens_table(shards_summary: dict[str, Any], trained: dict[str, Any] | None = None) -> str:
