@@ -504,7 +504,8 @@ def _ls(args: argparse.Namespace) -> int:
             f"bitwise x{reproduced}" if reproduced else "-",
             version["created_at"][:16].replace("T", " "),
         )
-    Console(file=sys.stdout).print(table)
+    # piped output keeps whole names on one line (a terminal wraps the table to its width)
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 
