@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=50)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    load_before = [round(x, 1) for x in os.getloadavg()]  # the machine's load before this adds its own
     weights = os.urandom(int(args.megabytes * 1e6))
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as scratch_name:  # the disk the user works on
         scratch = Path(scratch_name)
@@ -207,7 +208,7 @@ def main() -> None:
             server.wait(timeout=60)
         copy = plain_copy(args.clients, args.seconds, weights, scratch)
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_before": os.getloadavg()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_before": load_before},
         "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "clients": args.clients,
         "bundle_mb": args.megabytes,
