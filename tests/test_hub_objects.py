@@ -155,6 +155,14 @@ def test_datasets_environments_runs_lineage_and_evaluations_by_the_hub(tmp_path)
                 client.push(work / "not-a-package", "lab-a/nothing", kind="run")
             with pytest.raises(AtomlabError, match="400 environment: environment 'nowhere' not found"):
                 client.evaluate_by_hub("lab-a/tiny", "nowhere")
+            with pytest.raises(AtomlabError, match="422 lab-a/books is a dataset; the hub evaluates models"):
+                client.evaluate_by_hub("lab-a/books", "arithmetic")
+            # a model the evaluation cannot load: the job fails with the reason, and no result is recorded
+            from tests.test_hub import make_bundle
+
+            client.push(make_bundle(work / "no-tokenizer"), "lab-a/broken")
+            with pytest.raises(AtomlabError, match=r"the hub's evaluation \(job 1\) failed: .*tokenizer"):
+                client.evaluate_by_hub("lab-a/broken", "arithmetic", tasks=2)
 
             # the hub evaluates the model itself; a submitted result stays apart from it
             client.evaluate("lab-a/tiny", "arithmetic-v1", "pass@1", 0.99)

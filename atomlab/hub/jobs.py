@@ -92,24 +92,26 @@ def run_job(hub: Any, job_id: int) -> None:
     """Run one claimed job to its end, recording the evaluation (or the reason it failed)."""
     from atomlab.hub.db import AuditEntry, Evaluation, Job, utcnow
 
+    with tempfile.TemporaryDirectory(dir=hub.store.staging, prefix="job-") as scratch:
+        folder = Path(scratch) / "model"
+        with hub.sessions() as session:  # no transaction stays open while the model is scored
+            job = session.get(Job, job_id)
+            request = dict(job.request)
+            materialise(hub, job.version, folder)
+        (Path(scratch) / "request.json").write_text(json.dumps(request))
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "atomlab.hub.jobs", str(folder), str(Path(scratch) / "request.json")],
+                capture_output=True,
+                text=True,
+                timeout=JOB_SECONDS,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+            )
+            failure = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        except subprocess.TimeoutExpired:
+            failure, done = f"ran past {JOB_SECONDS} s", None
     with hub.sessions() as session:
         job = session.get(Job, job_id)
-        request = dict(job.request)
-        with tempfile.TemporaryDirectory(dir=hub.store.staging, prefix="job-") as scratch:
-            folder = Path(scratch) / "model"
-            materialise(hub, job.version, folder)
-            (Path(scratch) / "request.json").write_text(json.dumps(request))
-            try:
-                done = subprocess.run(
-                    [sys.executable, "-m", "atomlab.hub.jobs", str(folder), str(Path(scratch) / "request.json")],
-                    capture_output=True,
-                    text=True,
-                    timeout=JOB_SECONDS,
-                    env={**os.environ, "PYTHONHASHSEED": "0"},
-                )
-                failure = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
-            except subprocess.TimeoutExpired:
-                failure, done = f"ran past {JOB_SECONDS} s", None
         if failure is not None:
             job.state, job.error = "failed", failure[:2000]
         else:

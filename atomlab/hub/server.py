@@ -1009,26 +1009,28 @@ async def _receive(store: BlobStore, stream: AsyncIterator[bytes], expected: int
     writing: asyncio.Future | None = None  # one block in flight at a time keeps the order
     try:
         with out:
-            pending: list[bytes] = []
-            gathered = 0
-            async for chunk in stream:
-                size += len(chunk)
-                if expected is not None and size > expected:
-                    raise HubError(400, f"upload is longer than its Content-Length ({expected:,} bytes)")
-                pending.append(chunk)
-                gathered += len(chunk)
-                if gathered >= RECEIVE_BLOCK:
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.ensure_future(run_in_threadpool(absorb, pending))
-                    pending, gathered = [], 0
-            if writing is not None:
-                await writing
-                writing = None
-            await run_in_threadpool(absorb, pending)
+            try:
+                pending: list[bytes] = []
+                gathered = 0
+                async for chunk in stream:
+                    size += len(chunk)
+                    if expected is not None and size > expected:
+                        raise HubError(400, f"upload is longer than its Content-Length ({expected:,} bytes)")
+                    pending.append(chunk)
+                    gathered += len(chunk)
+                    if gathered >= RECEIVE_BLOCK:
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.ensure_future(run_in_threadpool(absorb, pending))
+                        pending, gathered = [], 0
+                if writing is not None:
+                    await writing
+                    writing = None
+                await run_in_threadpool(absorb, pending)
+            finally:  # a failed upload: let the block in flight finish before the file is closed
+                if writing is not None:
+                    await asyncio.gather(writing, return_exceptions=True)
     except BaseException:
-        if writing is not None:
-            await asyncio.gather(writing, return_exceptions=True)
         os.unlink(name)
         raise
     return Path(name), digest.hexdigest(), size
