@@ -74,6 +74,7 @@ def score_folder(folder: Path, request: dict[str, Any]) -> dict[str, Any]:
         samples=settings.samples,
         max_tokens=settings.max_tokens,
         seed=request["seed"],
+        chat_format=engine.chat_format,  # an imported model is prompted in its own template
     )
     result = scores["environments"][request["environment"]]
     return {key: value for key, value in result.items() if key != "correct"} | {"correct": result["correct"]}
