@@ -6,13 +6,22 @@ Starts a hub (SQLite and a local store in a temporary folder) in a subprocess, t
 threads each push a bundle of `--megabytes` (fresh content every time, so every push really
 uploads) and pull it back, checking every file, until `--seconds` have passed. Beside it, on the
 same disk, the same number of threads copy files of the same size with shutil for the same time.
-Reports errors, MB/s through the hub (pushed + pulled) and through the plain copy, their ratio, and
-the median push and pull times. Writes benchmarks/results/hub_load.json.
+Reports errors, MB/s through the hub (pushed + pulled) and through the plain copy, their ratio, the
+median push and pull times, and the CPU seconds the server and the clients spent per GB moved (on a
+small machine the hub is CPU-bound: every byte is hashed by the server and by the client, and crosses
+Python's HTTP stack twice, where the copy is one sendfile in the kernel). Writes
+benchmarks/results/hub_load.json.
+
+Making a bundle is not the hub's work, so it costs as little as it can: the weights are the same random
+bytes with a fresh suffix each time, whose sha256 is the saved hash state of the common part extended by
+the suffix, so the manifest is written without reading the file back.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from atomlab.hub.client import HubClient
-from atomlab.steps import cpu_model, list_files, write_json
+from atomlab.steps import cpu_model, sha256_file, write_json
 
 RESULTS = Path(__file__).parent / "results" / "hub_load.json"
 
@@ -39,19 +48,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-
-
-def make_bundle(folder: Path, weights: bytes, tag: str) -> int:
+def make_bundle(folder: Path, weights: bytes, weights_hash: hashlib._Hash, tag: str) -> int:
     folder.mkdir(parents=True)
-    # a fresh prefix makes the weights a new file with a new sha256 at every push
-    (folder / "model.safetensors").write_bytes(tag.encode().ljust(64) + weights)
+    # a fresh suffix makes the weights a new file with a new sha256 at every push
+    suffix = tag.encode().ljust(64)
+    with open(folder / "model.safetensors", "wb") as out:
+        out.write(weights)
+        out.write(suffix)
+    digest = weights_hash.copy()
+    digest.update(suffix)
     write_json(folder / "config.json", {"tag": tag})
-    write_json(folder / "manifest.json", {"step": "release", "outputs": list_files(folder), "summary": {}})
+    outputs = {
+        "config.json": {
+            "sha256": sha256_file(folder / "config.json"),
+            "bytes": (folder / "config.json").stat().st_size,
+        },
+        "model.safetensors": {"sha256": digest.hexdigest(), "bytes": len(weights) + len(suffix)},
+    }
+    write_json(folder / "manifest.json", {"step": "release", "outputs": outputs, "summary": {}})
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
-def hub_clients(url: str, token: str, clients: int, seconds: float, weights: bytes, scratch: Path) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hub_clients(url: str, token: str, clients: int, seconds: float, weights: bytes, scratch: Path, server: int) -> dict:
     moved, errors, push_times, pull_times = [0], [], [], []
+    weights_hash = hashlib.sha256(weights)
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
@@ -61,7 +87,9 @@ def hub_clients(url: str, token: str, clients: int, seconds: float, weights: byt
             while time.perf_counter() < deadline:
                 folder = scratch / f"c{index}-{iteration}"
                 try:
-                    size = make_bundle(folder / "bundle", weights, f"{index}-{iteration}-{time.time_ns()}")
+                    size = make_bundle(
+                        folder / "bundle", weights, weights_hash, f"{index}-{iteration}-{time.time_ns()}"
+                    )
                     started = time.perf_counter()
                     client.push(folder / "bundle", f"lab/load-{index}")
                     pushed = time.perf_counter()
@@ -78,14 +106,18 @@ def hub_clients(url: str, token: str, clients: int, seconds: float, weights: byt
                 iteration += 1
 
     started = time.perf_counter()
+    server_cpu, client_cpu = cpu_seconds(server), cpu_seconds(os.getpid())
     threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    gigabytes = moved[0] / 1e9 or float("nan")
     return {
         "seconds": round(elapsed, 1),
+        "server_cpu_s_per_gb": round((cpu_seconds(server) - server_cpu) / gigabytes, 2),
+        "clients_cpu_s_per_gb": round((cpu_seconds(os.getpid()) - client_cpu) / gigabytes, 2),
         "pushes": len(push_times),
         "errors": len(errors),
         "error_examples": errors[:3],
@@ -132,6 +164,7 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=50)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    load_before = [round(x, 1) for x in os.getloadavg()]  # the machine's load before this adds its own
     weights = os.urandom(int(args.megabytes * 1e6))
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as scratch_name:  # the disk the user works on
         scratch = Path(scratch_name)
@@ -169,13 +202,14 @@ def main() -> None:
                     break
                 except OSError:
                     time.sleep(0.2)
-            hub = hub_clients(url, token, args.clients, args.seconds, weights, scratch)
+            hub = hub_clients(url, token, args.clients, args.seconds, weights, scratch, server.pid)
         finally:
             server.terminate()
             server.wait(timeout=60)
         copy = plain_copy(args.clients, args.seconds, weights, scratch)
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_before": load_before},
+        "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "clients": args.clients,
         "bundle_mb": args.megabytes,
         "hub": hub,

@@ -134,8 +134,10 @@ def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, d
                     "value": 0.64,
                     "submitted_by": "uni-b",
                     "computed_by_hub": False,
+                    "best_computed_by_hub": None,
                     "variants": 1,
                     "submissions": 2,
+                    "computed_by_hub_results": 0,
                 }
             ]
         page = httpx.get(f"{url}/lab-a/tiny").text
@@ -165,7 +167,7 @@ def test_institutions_push_verify_pull_reproduce_rank_restart_export(tmp_path, d
     with hub_server(work, database) as url:  # a restarted hub has lost nothing
         with HubClient(url) as anyone:
             info = anyone.info("lab-a/tiny")
-            assert info["atomlab"]["signer"] == "lab-a-release" and len(info["siblings"]) == 7
+            assert info["signer"] == "lab-a-release" and len(info["files"]) == 7
             huggingface_hub = pytest.importorskip("huggingface_hub")
             local = huggingface_hub.snapshot_download(
                 "lab-a/tiny", endpoint=url, cache_dir=str(work / "hf-cache"), token=False
@@ -278,8 +280,8 @@ def test_pages_in_headless_chromium(tmp_path):
             assert "mirrored 0 versions" in atomlab(*command, cwd=work).stdout  # nothing twice
             with HubClient(mirror_url) as copy:
                 assert (
-                    copy.info("lab-a/tiny")["atomlab"]["manifest_sha256"]
-                    == client.info("lab-a/tiny")["atomlab"]["manifest_sha256"]
+                    copy.info("lab-a/tiny")["manifest_sha256"]
+                    == client.info("lab-a/tiny")["manifest_sha256"]
                 )
     assert (work / "model-page.png").stat().st_size > 1000
 
@@ -308,7 +310,7 @@ def test_another_institution_reproduces_a_bundle_and_its_signed_claim_shows(smok
             finally:
                 os.chdir(cwd)
             assert result["verdict"] in ("bitwise", "timings-aside"), result["report"]["counts"]
-            claims = a.info("lab-a/smoke")["atomlab"]["claims"]
+            claims = a.info("lab-a/smoke")["claims"]
             assert [(c["institution"], c["verdict"], c["report"]["signed_by"]) for c in claims] == [
                 ("uni-b", result["verdict"], "uni-b-claims")
             ]

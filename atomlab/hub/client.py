@@ -2,11 +2,16 @@
 
     client = HubClient("http://127.0.0.1:8600", token="alh_...")
     client.push("runs/release-5783125c0e7714db", "my-lab/tiny")   # uploads what the hub lacks, then publishes
+    client.push("runs/prepare-data-7a1a0c97a74ca7ec", "my-lab/books")       # a dataset (found from its manifest)
+    client.push("my_env_package", "my-lab/my-env")                 # a training environment (a package)
+    client.push("runs/release-5783125c0e7714db", "my-lab/tiny-run", kind="run")  # the run: its lineage.json
     client.pull("my-lab/tiny@1", "models/tiny")                    # every file checked against its sha256
 
-A push first checks the bundle against its own manifest, then uploads each file the hub does not
-have yet (by sha256), then asks the hub to publish the manifest; the hub re-hashes everything itself.
-A pull writes into `<out>.partial` and renames it into place only once every file matched.
+A push first checks the folder against its manifest (an environment package or a run gets one made
+here, listing its files), then uploads each file the hub does not have yet (by sha256), then asks the
+hub to publish the manifest; the hub re-hashes everything itself. A file the hub has already is hashed
+here instead, so every file is read once. A pull writes into `<out>.partial` and renames it into place
+only once every file matched.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import json
 import os
 import shutil
 import sys
+import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,63 @@ from atomlab.errors import AtomlabError
 CHUNK = 1 << 20
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+LINEAGE = "lineage.json"
+KINDS = ("model", "dataset", "environment", "run")
+DATASET_STEPS = ("prepare-data", "tokenizer")
+# a run object: the manifests of every step (lineage.json) and, when beside it, the recipe that made them
+RUN_FILES = (LINEAGE, "recipe.toml")
+
+
+def detect_kind(folder: Path) -> str:
+    """What a folder is: a dataset (a prepare-data or tokenizer step), a model (any other step with a
+    manifest, a release bundle above all), an environment (a package registering atomlab environments)
+    or a run (a lineage.json without a manifest)."""
+    from atomlab.envs.registry import ENTRY_POINT_GROUP
+
+    if (folder / MANIFEST).is_file():
+        try:
+            step = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("step")
+        except ValueError:
+            raise AtomlabError(f"{folder / MANIFEST}: not JSON") from None
+        return "dataset" if step in DATASET_STEPS else "model"
+    pyproject = folder / "pyproject.toml"
+    if pyproject.is_file() and ENTRY_POINT_GROUP in pyproject.read_text(encoding="utf-8"):
+        return "environment"
+    if (folder / LINEAGE).is_file():
+        return "run"
+    raise AtomlabError(
+        f"{folder}: not a hub object: no {MANIFEST} (a model or dataset), no pyproject.toml registering "
+        f"{ENTRY_POINT_GROUP} (an environment) and no {LINEAGE} (a run)"
+    )
+
+
+def package_files(folder: Path) -> list[str]:
+    """An environment package's files, as atomlab.steps.package_digest counts them (caches and hidden
+    files aside; build outputs too)."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        skipped = "__pycache__" in rel.parts or any(p.startswith(".") or p.endswith(".egg-info") for p in rel.parts)
+        if path.is_file() and not skipped and rel.parts[0] not in ("build", "dist"):
+            found.append(rel.as_posix())
+    return found
+
+
+def made_manifest(folder: Path, kind: str) -> tuple[str, list[str]]:
+    """The manifest text the hub publishes for a folder without one (an environment package, a run),
+    and the files it lists."""
+    from atomlab.steps import sha256_file
+
+    if kind == "environment":
+        paths = package_files(folder)
+        project = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8")).get("project") or {}
+        extra = {"package": project.get("name"), "version": project.get("version")}
+    else:
+        paths = [name for name in RUN_FILES if (folder / name).is_file()]
+        extra = {}
+    outputs = {p: {"sha256": sha256_file(folder / p), "bytes": (folder / p).stat().st_size} for p in paths}
+    manifest = {"kind": kind, **extra, "outputs": outputs}
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n", paths
 
 
 def split_name(text: str) -> tuple[str, str, str]:
@@ -89,13 +153,24 @@ class HubClient:
     def models(self) -> list[dict[str, Any]]:
         return self.get("/api/models")
 
+    def objects(self, kind: str = "") -> list[dict[str, Any]]:
+        """The newest version of every object (of one kind, or all), with its kind and lineage."""
+        return self.get("/api/objects", params={"kind": kind} if kind else {})
+
     def info(self, name: str) -> dict[str, Any]:
+        """A version of any kind of object: its files, details and lineage links."""
         institution, model, ref = split_name(name)
-        return self.get(f"/api/models/{institution}/{model}/revision/{ref}")
+        return self.get(f"/api/objects/{institution}/{model}/revision/{ref}")
 
     def upload(self, path: Path, sha256: str, size: int) -> bool:
-        """Upload one file unless the hub has it already; True when it was sent."""
+        """Upload one file unless the hub has it already; True when it was sent. The hub hashes what
+        it receives and refuses (422) content that is not `sha256`; a file it has already is hashed
+        here, so a push never publishes a manifest that the local file does not match."""
+        from atomlab.steps import sha256_file
+
         if self.http.head(f"/api/blobs/{sha256}").status_code == 200:
+            if sha256_file(path) != sha256:
+                raise AtomlabError(f"{path}: changed (sha256 differs from the manifest), so it is not pushed")
             return False
 
         def chunks() -> Iterator[bytes]:
@@ -111,24 +186,43 @@ class HubClient:
         )
         return True
 
-    def push(self, bundle: str | Path, name: str) -> dict[str, Any]:
-        from atomlab.release.bundle import verify_bundle
+    def push(self, bundle: str | Path, name: str, kind: str | None = None, key: str | Path | None = None) -> dict:
+        """Publish a folder as a new version of INSTITUTION/NAME: a model (release bundle), dataset (a
+        prepare-data or tokenizer step folder), environment (a package) or run (a lineage.json, or a
+        release bundle's with kind="run"); `kind` is found from the folder when not given. `key` signs a
+        manifest made here (a folder with its own manifest is signed with `atomlab sign`)."""
+        from atomlab.release.sign import sign_subject
 
         folder = Path(bundle)
-        if not (folder / MANIFEST).is_file():
-            raise AtomlabError(f"{folder}: no {MANIFEST}; push a release bundle (or any folder with a step manifest)")
-        problems = [p for p in verify_bundle(folder) if not p.startswith(f"unlisted: {SIGNATURE} ")]
-        if problems:
-            raise AtomlabError(f"{folder}: {problems[0]}; the bundle does not match its manifest, so it is not pushed")
+        if not folder.is_dir():
+            raise AtomlabError(f"{folder}: not a folder")
+        kind = kind or detect_kind(folder)
+        if kind not in KINDS:
+            raise AtomlabError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
         institution, model, _ = split_name(name)
-        manifest_text = (folder / MANIFEST).read_text(encoding="utf-8")
+        signature = None
+        if kind in ("environment", "run"):
+            manifest_text, _ = made_manifest(folder, kind)
+            if kind == "run" and LINEAGE not in json.loads(manifest_text)["outputs"]:
+                raise AtomlabError(f"{folder}: no {LINEAGE}; a run is the manifests of its steps (a release has one)")
+            if key is not None:
+                signature = sign_subject(MANIFEST, hashlib.sha256(manifest_text.encode()).hexdigest(), Path(key))
+        else:
+            if not (folder / MANIFEST).is_file():
+                raise AtomlabError(f"{folder}: no {MANIFEST}; push a release bundle or a step folder")
+            manifest_text = (folder / MANIFEST).read_text(encoding="utf-8")
+            problems = bundle_problems(folder, json.loads(manifest_text).get("outputs") or {})
+            if problems:
+                raise AtomlabError(f"{folder}: {problems[0]}; it does not match its manifest, so it is not pushed")
+            if (folder / SIGNATURE).is_file():
+                signature = (folder / SIGNATURE).read_text(encoding="utf-8")
         outputs = json.loads(manifest_text)["outputs"]
         files = {path: (entry["sha256"], entry["bytes"]) for path, entry in outputs.items()}
         sent = sum(self.upload(folder / path, sha256, size) for path, (sha256, size) in files.items())
-        body: dict[str, Any] = {"manifest": manifest_text}
-        if (folder / SIGNATURE).is_file():
-            body["signature"] = (folder / SIGNATURE).read_text(encoding="utf-8")
-        result = self.post(f"/api/models/{institution}/{model}", body)
+        body: dict[str, Any] = {"manifest": manifest_text, "kind": kind}
+        if signature is not None:
+            body["signature"] = signature
+        result = self.post(f"/api/objects/{institution}/{model}", body)
         result["uploaded_files"] = sent
         return result
 
@@ -143,6 +237,24 @@ class HubClient:
         body = {"version": ref, "task": task, "metric": metric, "value": value, **extra}
         return self.post(f"/api/models/{institution}/{model}/evaluations", body)
 
+    def evaluate_by_hub(
+        self, name: str, environment: str, wait: float | None = 3600.0, poll: float = 1.0, **settings: Any
+    ) -> dict[str, Any]:
+        """Ask the hub to evaluate NAME[@VERSION] itself in an environment (tasks, samples, max_tokens);
+        waits for the job (up to `wait` seconds; None: do not wait) and returns it."""
+        institution, model, ref = split_name(name)
+        body = {"version": ref, "environment": environment, **settings}
+        job = self.post(f"/api/models/{institution}/{model}/jobs", body)
+        deadline = time.monotonic() + (wait or 0)
+        while wait is not None and job["state"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise AtomlabError(f"{self.url}: job {job['id']} is still {job['state']} after {wait:.0f} s")
+            time.sleep(poll)
+            job = self.get(f"/api/jobs/{job['id']}")
+        if job["state"] == "failed":
+            raise AtomlabError(f"{self.url}: the hub's evaluation (job {job['id']}) failed: {job['error']}")
+        return job
+
     def leaderboard(self, task: str, metric: str, task_version: str = "") -> list[dict[str, Any]]:
         return self.get(f"/api/leaderboards/{task}/{metric}", params={"task_version": task_version})
 
@@ -150,7 +262,7 @@ class HubClient:
         target = Path(out)
         if target.exists() and not force:
             raise AtomlabError(f"{target}: already exists; pass --force to replace it")
-        version = self.info(name)["atomlab"]
+        version = self.info(name)
         partial = target.with_name(target.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
@@ -172,6 +284,23 @@ class HubClient:
             shutil.rmtree(target)
         os.replace(partial, target)
         return target
+
+
+def bundle_problems(folder: Path, outputs: dict[str, Any]) -> list[str]:
+    """What is wrong with a folder against its manifest without reading the files (the hub hashes what
+    is uploaded; `upload` hashes what is not): missing files, other sizes, unlisted files."""
+    problems = []
+    for path, entry in sorted(outputs.items()):
+        local = folder / path
+        if not local.is_file():
+            problems.append(f"missing: {path}")
+        elif local.stat().st_size != entry.get("bytes"):
+            problems.append(f"changed: {path} (its size differs from the manifest)")
+    for local in sorted(folder.rglob("*")):
+        rel = local.relative_to(folder).as_posix()
+        if local.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in outputs:
+            problems.append(f"unlisted: {rel} (not in the manifest)")
+    return problems
 
 
 def mirror(source: HubClient, target: HubClient, institution: str | None = None) -> list[str]:
@@ -246,10 +375,10 @@ def _key(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.push(args.bundle, args.name)
+        result = client.push(args.bundle, args.name, kind=args.kind, key=args.key)
     signer = f", signed by {result['signer']}" if result["signer"] else ""
     print(
-        f"pushed {result['model']} version {result['version']} ({len(result['files'])} files, "
+        f"pushed {result['kind']} {result['name']} version {result['version']} ({len(result['files'])} files, "
         f"{result['uploaded_files']} uploaded{signer}); manifest sha256 {result['manifest_sha256']}"
     )
     return 0
@@ -263,6 +392,21 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.by_hub:
+        if not args.env:
+            raise AtomlabError("--by-hub: name the environment the hub runs, e.g. --env arithmetic")
+        settings = {"tasks": args.tasks, "samples": args.samples, "max_tokens": args.max_tokens}
+        with _client(args) as client:
+            job = client.evaluate_by_hub(args.name, args.env, **settings)
+        result = job["result"]
+        low, high = result["pass@1_ci95"]
+        print(
+            f"the hub evaluated {job['model']} on {result['tasks']} held-out {job['request']['environment']} tasks "
+            f"(job {job['id']}): pass@1 {result['pass@1']:.3f} (95% CI {low:.3f}-{high:.3f}), computed by the hub"
+        )
+        return 0
+    if args.task is None or args.metric is None or args.value is None:
+        raise AtomlabError("post a result with --task, --metric and --value, or ask the hub with --env ENV --by-hub")
     with _client(args) as client:
         client.evaluate(args.name, args.task, args.metric, args.value, task_version=args.task_version)
         board = client.leaderboard(args.task, args.metric, args.task_version)
@@ -345,14 +489,14 @@ def _ls(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     with _client(args) as client:
-        models = client.models()
-    table = Table("model", "version", "files", "signed by", "openness", "reproduced", "pushed")
-    for model in models:
-        version = model["atomlab"]
+        found = client.objects(args.kind or "")
+    table = Table("name", "kind", "version", "files", "signed by", "openness", "reproduced", "pushed")
+    for version in found:
         grade = version["openness"].get("label") or "-"
         reproduced = sum(c["verdict"] in ("bitwise", "timings-aside") for c in version["claims"])
         table.add_row(
-            model["id"],
+            version["name"],
+            version["kind"],
             str(version["version"]),
             str(len(version["files"])),
             version["signer"] or "-",
@@ -360,7 +504,8 @@ def _ls(args: argparse.Namespace) -> int:
             f"bitwise x{reproduced}" if reproduced else "-",
             version["created_at"][:16].replace("T", " "),
         )
-    Console(file=sys.stdout).print(table)
+    # piped output keeps whole names on one line (a terminal wraps the table to its width)
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 
@@ -382,7 +527,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8600)
     serve.add_argument("--no-migrate", action="store_true", help="refuse to start rather than upgrade the schema")
+    serve.add_argument(
+        "--no-worker", action="store_true", help="run no evaluation jobs here (run `atomlab hub worker` elsewhere)"
+    )
     serve.set_defaults(handler=run_serve)
+
+    from atomlab.hub.jobs import run_worker
+
+    worker = actions.add_parser("worker", help="run the evaluations queued on a hub (what `hub serve` does itself)")
+    worker.add_argument("--db", default="hub.db")
+    worker.add_argument("--store", default="hub-store")
+    worker.add_argument("--once", action="store_true", help="stop when no job is left")
+    worker.set_defaults(handler=run_worker)
 
     migrate = actions.add_parser("migrate", help="create or upgrade the hub's database schema")
     migrate.add_argument("--db", default="hub.db")
@@ -408,9 +564,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     key.add_argument("--name", help="the key's name (default: the file's stem)")
     key.set_defaults(handler=_key)
 
-    push = remote("push", "upload a release bundle as INSTITUTION/NAME (a new version)")
-    push.add_argument("bundle")
+    push = remote("push", "publish a model, dataset, environment or run as INSTITUTION/NAME (a new version)")
+    push.add_argument("bundle", help="a release bundle, a prepare-data/tokenizer step folder, a package, a run")
     push.add_argument("name", help="INSTITUTION/NAME")
+    push.add_argument("--kind", choices=KINDS, help="what the folder is (default: found from its files)")
+    push.add_argument("--key", help="sign the manifest made for an environment or run with this private key")
     push.set_defaults(handler=_push)
 
     pull = remote("pull", "download INSTITUTION/NAME[@VERSION] into a folder, checking every file")
@@ -419,15 +577,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     pull.add_argument("--force", action="store_true", help="replace the folder if it exists")
     pull.set_defaults(handler=_pull)
 
-    ls = remote("ls", "list the hub's models")
+    ls = remote("ls", "list the hub's models, datasets, environments and runs")
+    ls.add_argument("--kind", choices=KINDS, help="only this kind")
     ls.set_defaults(handler=_ls)
 
-    evaluate = remote("evaluate", "post an evaluation result for INSTITUTION/NAME[@VERSION] (append-only)")
+    evaluate = remote(
+        "evaluate", "post an evaluation result for NAME[@VERSION] (append-only), or --by-hub: the hub runs it"
+    )
     evaluate.add_argument("name")
-    evaluate.add_argument("--task", required=True, help="an environment id or lm-eval task, e.g. arithmetic-v1")
+    evaluate.add_argument("--task", help="an environment id or lm-eval task, e.g. arithmetic-v1")
     evaluate.add_argument("--task-version", default="")
-    evaluate.add_argument("--metric", required=True, help="e.g. pass@1")
-    evaluate.add_argument("--value", type=float, required=True)
+    evaluate.add_argument("--metric", help="e.g. pass@1")
+    evaluate.add_argument("--value", type=float)
+    evaluate.add_argument("--by-hub", action="store_true", help="the hub evaluates the model itself in --env")
+    evaluate.add_argument("--env", help="with --by-hub: the environment, e.g. arithmetic")
+    evaluate.add_argument("--tasks", type=int, default=50, help="with --by-hub: held-out tasks (default 50)")
+    evaluate.add_argument("--samples", type=int, default=1, help="with --by-hub: replies per task for pass@k")
+    evaluate.add_argument("--max-tokens", type=int, default=32, help="with --by-hub: reply length")
     evaluate.set_defaults(handler=_evaluate)
 
     reproduce = remote("reproduce", "pull NAME, re-derive it with atomlab reproduce, post the (signed) verdict")

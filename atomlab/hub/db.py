@@ -1,5 +1,6 @@
-"""The hub's database: institutions, members' tokens, signing keys, models and their versions,
-reproduction claims, evaluation results and the audit log, in SQLAlchemy 2.
+"""The hub's database: institutions, members' tokens, signing keys, the objects they publish (models,
+datasets, training environments and runs) and their versions, reproduction claims, evaluation results,
+the evaluation jobs the hub runs itself, and the audit log, in SQLAlchemy 2.
 
 SQLite is the embedded default (`sqlite:///hub.db`); PostgreSQL is a URL away
 (`postgresql+psycopg://user@host/db`). The schema is created and upgraded by Alembic migrations
@@ -37,7 +38,9 @@ from atomlab.errors import AtomlabError
 # The roles of a member's token, weakest first: each can do what the ones before it can.
 ROLES = ("read", "contributor", "write", "admin")
 # page paths of the server: no institution may take them
-RESERVED = {"api", "leaderboards", "static", "search", "login"}
+RESERVED = {"api", "leaderboards", "static", "search", "login", "jobs"}
+# what an institution publishes; one namespace per institution, so `lab-a/tiny` names one object of one kind
+KINDS = ("model", "dataset", "environment", "run")
 NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -108,11 +111,15 @@ class Blob(Base):
 
 
 class Model(Base):
+    """A named hub object of one kind (KINDS): a model (release bundle), a dataset (a prepare-data or
+    tokenizer step folder), a training environment (a package) or a run (the manifests of its steps)."""
+
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("institution_id", "name"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"))
     name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default="model", server_default="model")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     institution: Mapped[Institution] = relationship()
     versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", order_by="ModelVersion.number")
@@ -135,6 +142,13 @@ class ModelVersion(Base):
     signer: Mapped[str | None] = mapped_column(String(200), nullable=True)
     base_model: Mapped[str | None] = mapped_column(String(300), nullable=True)
     openness: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # lineage: the step hash of the folder itself (models, datasets), and what it derives from or holds:
+    # {"inputs": direct input step hashes, "steps": every step hash behind it, "environments": names}
+    step_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # what the hub read from the pushed files: a dataset's summary, an environment package's version,
+    # content hash and environment names, a run's steps
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     pushed_by: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     model: Mapped[Model] = relationship(back_populates="versions")
@@ -184,6 +198,24 @@ class Evaluation(Base):
     computed_by_hub: Mapped[bool] = mapped_column(Boolean, default=False)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    version: Mapped[ModelVersion] = relationship()
+    institution: Mapped[Institution] = relationship()
+
+
+class Job(Base):
+    """Work the hub does itself, queued by a member and run by the server's worker: an evaluation of a
+    model version in an environment, whose result is recorded as computed by the hub."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"))  # who asked
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     version: Mapped[ModelVersion] = relationship()
     institution: Mapped[Institution] = relationship()
 

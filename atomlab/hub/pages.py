@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
-from atomlab.hub.db import Claim, Evaluation, Institution, Model, ModelVersion
+from atomlab.hub.db import Claim, Evaluation, Institution, Job, Model, ModelVersion
+from atomlab.hub.server import lineage_links
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f7f8fa}
@@ -104,6 +105,47 @@ def bar_chart(rows: list[dict[str, Any]], label: str) -> str:
     )
 
 
+def ref_link(ref: str) -> str:
+    """A link to NAME@VERSION's page."""
+    name, _, number = ref.partition("@")
+    return f"<a href='/{_e(name)}?version={_e(number or 'main')}'>{_e(ref)}</a>"
+
+
+def links_html(links: list[str]) -> str:
+    return ", ".join(ref_link(ref) for ref in links) or "-"
+
+
+def object_rows(kind: str, models: list[Model], link: Any) -> list[list[str]]:
+    """The index's table rows of one kind of object (their newest versions)."""
+    rows = []
+    for model in models:
+        latest, details = model.versions[-1], model.versions[-1].details or {}
+        common = [link(model), str(latest.number), _e(latest.signer or "unsigned")]
+        if kind == "dataset":
+            summary = details.get("summary") or {}
+            documents = sum((summary.get("documents") or {}).values()) or "-"
+            rows.append(common + [_e(details.get("step", "-")), _e(documents), f"<code>{_e(latest.step_hash)}</code>"])
+        elif kind == "environment":
+            rows.append(
+                common
+                + [
+                    _e(", ".join(details.get("environments") or [])),
+                    _e(details.get("package_version", "-")),
+                    f"<code>{_e(str(details.get('content_sha256', ''))[:16])}</code>",
+                ]
+            )
+        else:  # run
+            rows.append(common + [_e(", ".join(details.get("steps") or {}))])
+    return rows
+
+
+OBJECT_TABLES = {
+    "dataset": ("Datasets", ["step", "documents", "step hash"]),
+    "environment": ("Training environments", ["environments", "package version", "content sha256"]),
+    "run": ("Runs", ["steps"]),
+}
+
+
 def add_pages(app: FastAPI, hub: Any) -> None:
     def model_link(model: Model) -> str:
         return f"<a href='/{_e(model.full_name)}'>{_e(model.full_name)}</a>"
@@ -111,9 +153,14 @@ def add_pages(app: FastAPI, hub: Any) -> None:
     @app.get("/", response_class=HTMLResponse)
     def index(q: str = "") -> HTMLResponse:
         with hub.sessions() as session:
-            models = [m for m in session.scalars(select(Model)) if m.versions and q.lower() in m.full_name]
+            found = [m for m in session.scalars(select(Model)) if m.versions and q.lower() in m.full_name]
+            found.sort(key=lambda m: m.full_name)
+            models = [m for m in found if m.kind == "model"]
+            others = {
+                kind: object_rows(kind, [m for m in found if m.kind == kind], model_link) for kind in OBJECT_TABLES
+            }
             rows = []
-            for model in sorted(models, key=lambda m: m.full_name):
+            for model in models:
                 latest = model.versions[-1]
                 rows.append(
                     [
@@ -132,6 +179,8 @@ def add_pages(app: FastAPI, hub: Any) -> None:
         body = "<h2>Models</h2>" + table(
             ["model", "version", "openness", "reproduced", "signed by", "base model"], rows, "no models match"
         )
+        for kind, (title, headers) in OBJECT_TABLES.items():
+            body += f"<h2>{title}</h2>" + table(["name", "version", "signed by", *headers], others[kind])
         body += "<h2>Institutions</h2>" + table(["name", "display name", "signing keys"], institutions)
         return page("Search results" if q else "Models", body)
 
@@ -156,7 +205,8 @@ def add_pages(app: FastAPI, hub: Any) -> None:
                 f"<a href='/{_e(r['model'].split('@')[0])}'>{_e(r['model'])}</a>",
                 f"{r['value']:.4g}",
                 _e(r["submitted_by"]) + (" <span class='badge ok'>computed by the hub</span>" * r["computed_by_hub"]),
-                f"{r['variants']} variant(s), {r['submissions']} submission(s)",
+                "-" if r["best_computed_by_hub"] is None else f"{r['best_computed_by_hub']:.4g}",
+                f"{r['variants']} variant(s), {r['submissions']} submitted, {r['computed_by_hub_results']} by the hub",
             ]
             for rank, r in enumerate(rows, 1)
         ]
@@ -164,7 +214,7 @@ def add_pages(app: FastAPI, hub: Any) -> None:
             "<p>Best result per model family; every submission stays on record, so a family that tried many "
             "variants shows how many.</p>"
             + bar_chart(rows, f"{task} {metric}")
-            + table(["#", "family", "best model", metric, "submitted by", "tried"], cells)
+            + table(["#", "family", "best model", metric, "by", "computed by the hub", "tried"], cells)
         )
         return page(f"{task} {task_version} - {metric}".replace("  ", " "), body)
 
@@ -173,11 +223,11 @@ def add_pages(app: FastAPI, hub: Any) -> None:
         with hub.sessions() as session:
             owner = hub.institution(session, institution)
             models = session.scalars(select(Model).where(Model.institution_id == owner.id).order_by(Model.name))
-            rows = [[model_link(m), str(len(m.versions))] for m in models]
+            rows = [[model_link(m) + f" <span class=badge>{_e(m.kind)}</span>", str(len(m.versions))] for m in models]
             keys = [[_e(k.name), f"<code>{_e(k.fingerprint[:16])}</code>"] for k in owner.keys]
             claims = session.scalars(select(Claim).where(Claim.institution_id == owner.id).order_by(Claim.id))
             made = [[_e(f"{c.version.model.full_name}@{c.version.number}"), _e(c.verdict)] for c in claims]
-        body = "<h2>Models</h2>" + table(["model", "versions"], rows)
+        body = "<h2>Published</h2>" + table(["name", "versions"], rows)
         body += "<h2>Signing keys</h2>" + table(["name", "sha256"], keys)
         body += "<h2>Reproductions it made</h2>" + table(["model", "verdict"], made)
         return page(owner.display_name or owner.name, body)
@@ -187,7 +237,8 @@ def add_pages(app: FastAPI, hub: Any) -> None:
         with hub.sessions() as session:
             model = hub.model(session, institution, name)
             current: ModelVersion = hub.version(session, institution, name, version)
-            card = next((f for f in current.files if f.path == "MODEL_CARD.md"), None)
+            card_name = "DATA_CARD.md" if model.kind == "dataset" else "MODEL_CARD.md"
+            card = next((f for f in current.files if f.path in (card_name, "README.md")), None)
             card_text = ""
             if card is not None and card.size < 2 << 20:
                 with hub.store.open(card.sha256) as handle:
@@ -199,14 +250,45 @@ def add_pages(app: FastAPI, hub: Any) -> None:
             ]
             openness = current.openness
             missing = [m for m in openness.get("missing") or [] if m.get("required")]
+            links = lineage_links(session, current)
+            details = current.details or {}
             facts = [
+                ["kind", _e(model.kind)],
                 ["version", f"{current.number} of {len(model.versions)}"],
                 ["manifest sha256", f"<code>{_e(current.manifest_sha256)}</code>"],
                 ["signed by", _e(current.signer or "unsigned")],
-                ["openness", grade_badge(openness)],
-                ["reproduced", reproduced_badge(current.claims)],
-                ["base model", _e(current.base_model or "- (trained from scratch)")],
-                ["derived models", ", ".join(model_link(m) for m in derived) or "-"],
+            ]
+            if model.kind == "model":
+                facts += [
+                    ["openness", grade_badge(openness)],
+                    ["reproduced", reproduced_badge(current.claims)],
+                    ["base model", _e(current.base_model or "- (trained from scratch)")],
+                    ["derived models", ", ".join(model_link(m) for m in derived) or "-"],
+                    ["made by run", links_html(links["runs"])],
+                ]
+            if model.kind in ("model", "dataset") and current.step_hash:
+                facts.append(["step hash", f"<code>{_e(current.step_hash)}</code>"])
+            if model.kind == "environment":
+                facts += [
+                    ["package", _e(f"{details.get('package')} {details.get('package_version')}")],
+                    ["environments", _e(", ".join(details.get("environments") or []))],
+                    ["content sha256", f"<code>{_e(details.get('content_sha256'))}</code>"],
+                ]
+            if model.kind == "run":
+                facts.append(["models it made", links_html(links["models"])])
+            if model.kind != "dataset":
+                facts.append(["datasets", links_html(links["datasets"])])
+            if model.kind in ("model", "run"):
+                facts.append(["environments used", links_html(links["environments"])])
+            if model.kind in ("dataset", "environment"):
+                facts.append(["used by", links_html(links["used_by"])])
+            steps = [
+                [_e(step), f"<code>{_e(entry.get('hash'))}</code>", _e(", ".join(entry.get("inputs") or {}))]
+                for step, entry in (details.get("steps") or {}).items()
+            ]
+            jobs = [
+                [str(j.id), _e(j.request.get("environment")), _e(j.state), _e(j.institution.name)]
+                for j in session.scalars(select(Job).where(Job.version_id == current.id).order_by(Job.id))
             ]
             claims = [
                 [
@@ -223,7 +305,7 @@ def add_pages(app: FastAPI, hub: Any) -> None:
                     _e(e.metric),
                     f"{e.value:.4g}",
                     _e(e.institution.name),
-                    "yes" if e.computed_by_hub else "no",
+                    "<span class='badge ok'>computed by the hub</span>" if e.computed_by_hub else "submitted",
                 ]
                 for e in session.scalars(select(Evaluation).where(Evaluation.version_id == current.id))
             ]
@@ -242,9 +324,15 @@ def add_pages(app: FastAPI, hub: Any) -> None:
                 + "".join(f"<li>Class {_e(m['class'])}: {_e(m['component'])}: {_e(m['fix'])}</li>" for m in missing)
                 + "</ul>"
             )
-        body += "<h2>Reproduction claims</h2>" + table(["institution", "verdict", "machine", "when"], claims)
-        body += "<h2>Evaluations</h2>" + table(["task", "metric", "value", "by", "computed by the hub"], evaluations)
+        if steps:
+            body += "<h2>Steps</h2>" + table(["step", "hash", "inputs"], steps)
+        if model.kind == "model":
+            body += "<h2>Reproduction claims</h2>" + table(["institution", "verdict", "machine", "when"], claims)
+            body += "<h2>Evaluations</h2>" + table(["task", "metric", "value", "by", "source"], evaluations)
+            if jobs:
+                body += "<h2>Evaluation jobs of the hub</h2>" + table(["job", "environment", "state", "asked by"], jobs)
         if card_text:
-            body += f"<h2>Model card</h2><div class=card>{render_card(card_text)}</div>"
+            title = {"dataset": "Data card", "model": "Model card"}.get(model.kind, "README")
+            body += f"<h2>{title}</h2><div class=card>{render_card(card_text)}</div>"
         body += "<h2>Files</h2>" + table(["path", "bytes", "sha256"], files)
         return page(model.full_name, body)

@@ -15,12 +15,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
+import time
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +38,14 @@ from starlette.concurrency import run_in_threadpool
 from atomlab.errors import AtomlabError
 from atomlab.hub import db
 from atomlab.hub.db import (
+    KINDS,
     ROLES,
     AuditEntry,
     Blob,
     Claim,
     Evaluation,
     Institution,
+    Job,
     Model,
     ModelVersion,
     SigningKey,
@@ -53,7 +59,12 @@ SIGNATURE = "manifest.sig"
 # bitwise: every file; timings-aside: every file but the speed figures (tokens/s, MFU) it logs
 VERDICTS = ("bitwise", "timings-aside", "within-tolerance", "different", "failed")
 BITWISE = ("bitwise", "timings-aside")
-SMALL_FILE = 64 << 20  # files the openness grader reads; larger ones (weights) only need to exist
+SMALL_FILE = 64 << 20  # files the openness grader reads; larger ones only need to exist
+WEIGHTS = (".safetensors", ".bin", ".pt", ".gguf", ".npy")  # the grader needs only that these exist
+LINEAGE = "lineage.json"
+PYPROJECT = "pyproject.toml"
+TOKEN_CACHE_SECONDS = 300.0  # a verified token is not re-hashed with argon2 (slow by design) for this long
+DATASET_STEPS = ("prepare-data", "tokenizer")
 
 
 class HubError(Exception):
@@ -76,7 +87,10 @@ class Hub:
         self.engine = db.connect(database)
         self.sessions = db.sessions(self.engine)
         self.store = BlobStore(store)
-        self._verified: dict[str, str] = {}  # sha256 of a token's text -> token id (argon2 is slow by design)
+        # sha256 of a token's text -> (token id, when argon2 last verified it); the row itself (revoked,
+        # expired) is still read on every request
+        self._verified: dict[str, tuple[str, float]] = {}
+        self.jobs_wanted = threading.Event()  # set when a job is queued; the worker thread waits on it
 
     # authentication
 
@@ -89,7 +103,9 @@ class Hub:
         _, ident, secret = text.split("_", 2)
         token = session.get(Token, ident)
         key = hashlib.sha256(text.encode()).hexdigest()
-        if token is None or (self._verified.get(key) != ident and not db.secret_matches(token.secret_hash, secret)):
+        cached = self._verified.get(key)
+        fresh = cached is not None and cached[0] == ident and time.monotonic() - cached[1] < TOKEN_CACHE_SECONDS
+        if token is None or (not fresh and not db.secret_matches(token.secret_hash, secret)):
             raise HubError(401, "unknown token")
         if token.revoked:
             raise HubError(401, f"token {ident} was revoked")
@@ -97,7 +113,10 @@ class Hub:
             raise HubError(
                 401, f"token {ident} expired at {token.expires_at:%Y-%m-%d %H:%M} UTC; ask an admin for a new one"
             )
-        self._verified[key] = ident
+        if not fresh:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key] = (ident, time.monotonic())
         return token
 
     @staticmethod
@@ -156,9 +175,14 @@ class Hub:
     def publish(
         self, session: Session, token: Token | None, institution: str, name: str, body: dict[str, Any]
     ) -> ModelVersion:
+        """A new version of INSTITUTION/NAME from a manifest whose files were all uploaded; body.kind
+        (model by default) says what it is: a model, dataset, environment or run."""
         owner = self.institution(session, _name("institution", institution))
         token = self.require(token, owner, "write")
-        _name("model", name)
+        kind = body.get("kind", "model")
+        if kind not in KINDS:
+            raise HubError(400, f"body.kind: one of {', '.join(KINDS)}, got {kind!r}")
+        _name(kind, name)
         manifest_text = body.get("manifest")
         if not isinstance(manifest_text, str):
             raise HubError(400, "body.manifest: the text of the bundle's manifest.json")
@@ -191,8 +215,11 @@ class Hub:
         if signature_text is not None:
             files[SIGNATURE] = self._store_text(session, signature_text)
         model = session.scalar(select(Model).where(Model.institution_id == owner.id, Model.name == name))
+        if model is not None and model.kind != kind:
+            raise HubError(409, f"{owner.name}/{name} is a {model.kind}, not a {kind}; push it under another name")
+        described = self._describe(kind, manifest, files)
         if model is None:
-            model = Model(institution=owner, name=name)
+            model = Model(institution=owner, name=name, kind=kind)
             session.add(model)
             session.flush()
         existing = next((v for v in model.versions if v.manifest_sha256 == manifest_sha), None)
@@ -208,14 +235,23 @@ class Hub:
             manifest=manifest,
             signer=signer,
             base_model=_base_model(manifest),
-            openness=self._openness(files),
+            openness=self._openness(files) if kind == "model" else {},
             pushed_by=token.id,
+            **described,
         )
         session.add(version)
         session.flush()
         for path, (sha256, size) in files.items():
             session.add(VersionFile(version_id=version.id, path=path, sha256=sha256, size=size))
-        self.audit(session, token, "push", f"{owner.name}/{name}@{number}", manifest_sha256=manifest_sha, signer=signer)
+        self.audit(
+            session,
+            token,
+            "push",
+            f"{owner.name}/{name}@{number}",
+            kind=kind,
+            manifest_sha256=manifest_sha,
+            signer=signer,
+        )
         session.commit()
         return version
 
@@ -273,6 +309,28 @@ class Hub:
         session.commit()
         return result
 
+    def queue_evaluation(
+        self, session: Session, token: Token | None, institution: str, name: str, body: dict[str, Any]
+    ) -> Job:
+        """Queue an evaluation the hub runs itself on a model version (see atomlab.hub.jobs)."""
+        from atomlab.hub.jobs import evaluation_request
+
+        token = self.require(token, None, "contributor")
+        version = self.version(session, institution, name, str(body.get("version", "main")))
+        if version.model.kind != "model":
+            raise HubError(422, f"{institution}/{name} is a {version.model.kind}; the hub evaluates models")
+        try:
+            request = evaluation_request(body)
+        except ValueError as exc:
+            raise HubError(400, str(exc)) from None
+        job = Job(version=version, institution=token.institution, request=request, state="queued")
+        session.add(job)
+        session.flush()
+        self.audit(session, token, "job", f"{institution}/{name}@{version.number}", job=job.id, **request)
+        session.commit()
+        self.jobs_wanted.set()
+        return job
+
     @staticmethod
     def leaderboard(session: Session, task: str, metric: str, task_version: str = "") -> list[dict[str, Any]]:
         """The best result per model family (a model and everything derived from it), with how many
@@ -295,8 +353,11 @@ class Hub:
                     "value": best.value,
                     "submitted_by": best.institution.name,
                     "computed_by_hub": best.computed_by_hub,
+                    # the family's best result the hub computed itself, beside what was submitted
+                    "best_computed_by_hub": max((r.value for r in results if r.computed_by_hub), default=None),
                     "variants": len({r.version_id for r in results}),
-                    "submissions": len(results),
+                    "submissions": sum(not r.computed_by_hub for r in results),
+                    "computed_by_hub_results": sum(r.computed_by_hub for r in results),
                 }
             )
         return sorted(board, key=lambda r: (-r["value"], r["family"]))
@@ -340,7 +401,7 @@ class Hub:
             for path, (sha256, size) in files.items():
                 target = Path(scratch) / path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if size <= SMALL_FILE:
+                if size <= SMALL_FILE and not path.endswith(WEIGHTS):
                     with self.store.open(sha256) as source, open(target, "wb") as out:
                         shutil.copyfileobj(source, out)
                 else:
@@ -351,6 +412,96 @@ class Hub:
                 return {"label": "not graded", "error": str(exc).replace(scratch, "<bundle>")}
         result["source"] = "computed by the hub on upload"
         return result
+
+    def _read_json_blob(self, files: dict[str, tuple[str, int]], path: str) -> Any:
+        if path not in files or files[path][1] > SMALL_FILE:
+            return None
+        with self.store.open(files[path][0]) as handle:
+            data = handle.read()
+        try:
+            return tomllib.loads(data.decode()) if path.endswith(".toml") else json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise HubError(422, f"{path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'}") from None
+
+    def _describe(self, kind: str, manifest: dict[str, Any], files: dict[str, tuple[str, int]]) -> dict[str, Any]:
+        """Lineage and details the hub reads from the pushed files themselves (never from what the
+        client says about them): step hashes from manifests and lineage.json, an environment package's
+        version and entry points from its pyproject.toml, and its content hash from the file hashes."""
+        inputs = sorted({entry["hash"] for entry in (manifest.get("inputs") or {}).values() if "hash" in entry})
+        steps = set(inputs)
+        environments: set[str] = set()
+        details: dict[str, Any] = {}
+        run_lineage = self._read_json_blob(files, LINEAGE)
+        if isinstance(run_lineage, dict):
+            details["steps"] = {
+                step: {"hash": entry.get("hash"), "inputs": entry.get("inputs", {})}
+                for step, entry in sorted(run_lineage.items())
+                if isinstance(entry, dict)
+            }
+            steps |= {entry["hash"] for entry in details["steps"].values() if entry["hash"]}
+            environments |= _environment_names(run_lineage)
+        if kind == "run" and not isinstance(run_lineage, dict):
+            raise HubError(422, f"a run is the {LINEAGE} of its steps (every step's manifest); this push has none")
+        if kind == "dataset":
+            if manifest.get("step") not in DATASET_STEPS:
+                raise HubError(
+                    422,
+                    f"a dataset is a {' or '.join(DATASET_STEPS)} step folder; this manifest's step is "
+                    f"{manifest.get('step')!r}",
+                )
+            details.update(step=manifest["step"], summary=manifest.get("summary") or {})
+        if kind == "environment":
+            details.update(_environment_package(self._read_json_blob(files, PYPROJECT), files))
+        step_hash = manifest.get("hash") if kind in ("model", "dataset") else None
+        lineage = {"inputs": inputs, "steps": sorted(steps), "environments": sorted(environments)}
+        return {"step_hash": step_hash, "lineage": lineage, "details": details}
+
+
+def _environment_names(run_lineage: dict[str, Any]) -> set[str]:
+    """The environments a run's steps were configured with (rl.environments, evaluate.environments, ...)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("environments", "environment", "env") and isinstance(item, (str, list)):
+                    found.update([item] if isinstance(item, str) else [n for n in item if isinstance(n, str)])
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk({step: entry.get("config") for step, entry in run_lineage.items() if isinstance(entry, dict)})
+    return found
+
+
+def _environment_package(pyproject: Any, files: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """What a training environment package is, from its pyproject.toml: its name, version and the
+    environments it registers under atomlab's entry-point group; and its content hash, computed from the
+    files' sha256 as `atomlab.steps.package_digest` computes it from the folder."""
+    from atomlab.envs.registry import ENTRY_POINT_GROUP
+
+    if not isinstance(pyproject, dict):
+        raise HubError(422, f"an environment is a Python package: its {PYPROJECT} is missing")
+    project = pyproject.get("project") or {}
+    points = (project.get("entry-points") or {}).get(ENTRY_POINT_GROUP) or {}
+    if not points:
+        raise HubError(
+            422, f'{PYPROJECT}: no [project.entry-points."{ENTRY_POINT_GROUP}"] table; it registers no environment'
+        )
+    if not project.get("name") or not project.get("version"):
+        raise HubError(422, f"{PYPROJECT}: [project] needs a name and a version")
+    digest = hashlib.sha256()
+    for path in sorted((p for p in files if p not in (MANIFEST, SIGNATURE)), key=lambda p: p.split("/")):
+        digest.update(f"{path}\0{files[path][0]}\n".encode())
+    return {
+        "package": project["name"],
+        "package_version": str(project["version"]),
+        "environments": sorted(points),
+        "entry_points": dict(sorted(points.items())),
+        "content_sha256": digest.hexdigest(),
+    }
 
 
 def _base_model(manifest: dict[str, Any]) -> str | None:
@@ -370,8 +521,47 @@ def _iso(moment: dt.datetime) -> str:
     return moment.replace(tzinfo=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+def _same_environment(used: str, registered: str) -> bool:
+    """`arithmetic-v1` (a run's setting) is the `arithmetic` a package registers, at version 1."""
+    return used == registered or used.startswith(f"{registered}-v")
+
+
+def lineage_links(session: Session, version: ModelVersion) -> dict[str, list[str]]:
+    """How a version relates to the hub's other objects, by content: the datasets whose step hash its
+    steps name, the runs that hold every step it was made from (or the models such a run made), the
+    environment packages that register the environments its steps used, and the reverse of each."""
+    mine = version.lineage or {}
+    steps, inputs = set(mine.get("steps") or []), set(mine.get("inputs") or [])
+    used_envs = set(mine.get("environments") or [])
+    kind = version.model.kind
+    links: dict[str, list[str]] = {"datasets": [], "runs": [], "environments": [], "models": [], "used_by": []}
+    for other in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+        if other.id == version.id:
+            continue
+        ref, theirs, other_kind = f"{other.model.full_name}@{other.number}", other.lineage or {}, other.model.kind
+        their_steps, their_inputs = set(theirs.get("steps") or []), set(theirs.get("inputs") or [])
+        registered = set((other.details or {}).get("environments") or [])
+        if other_kind == "dataset" and other.step_hash and other.step_hash in steps:
+            links["datasets"].append(ref)
+        if kind == "dataset" and version.step_hash and version.step_hash in their_steps:
+            links["used_by"].append(ref)
+        if kind == "model" and other_kind == "run" and inputs and inputs <= their_steps:
+            links["runs"].append(ref)
+        if kind == "run" and other_kind == "model" and their_inputs and their_inputs <= steps:
+            links["models"].append(ref)
+        if other_kind == "environment" and any(_same_environment(u, r) for u in used_envs for r in registered):
+            links["environments"].append(ref)
+        if kind == "environment":
+            mine_registered = set((version.details or {}).get("environments") or [])
+            their_envs = set(theirs.get("environments") or [])
+            if any(_same_environment(u, r) for u in their_envs for r in mine_registered):
+                links["used_by"].append(ref)
+    return links
+
+
 def _version_json(version: ModelVersion) -> dict[str, Any]:
     return {
+        "kind": version.model.kind,
         "version": version.number,
         "manifest_sha256": version.manifest_sha256,
         "commit": version.commit,
@@ -381,6 +571,23 @@ def _version_json(version: ModelVersion) -> dict[str, Any]:
         "created_at": _iso(version.created_at),
         "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in version.files],
         "claims": [_claim_json(c) for c in version.claims],
+        "step_hash": version.step_hash,
+        "lineage": version.lineage or {},
+        "details": version.details or {},
+    }
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "model": f"{job.version.model.full_name}@{job.version.number}",
+        "requested_by": job.institution.name,
+        "request": job.request,
+        "state": job.state,
+        "result": job.result,
+        "error": job.error,
+        "created_at": _iso(job.created_at),
+        "finished_at": _iso(job.finished_at) if job.finished_at else None,
     }
 
 
@@ -520,22 +727,23 @@ def create_app(hub: Hub) -> Any:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise HubError(400, f"blob name {sha256!r}: expected the file's sha256 in lower-case hex")
 
-        def check() -> None:
+        def check() -> bool:
+            """Whether the hub has this blob already (database calls stay off the event loop)."""
             with hub.sessions() as session:
                 hub.require(authed(request, session), None, "contributor")
+                return session.get(Blob, sha256) is not None
 
-        await run_in_threadpool(check)
+        stored = await run_in_threadpool(check)
         length = request.headers.get("content-length")
         expected = int(length) if length and length.isdigit() else None
         free = hub.store.free_bytes()
         if expected is not None and free is not None and expected > free - (64 << 20):
             raise HubError(507, f"upload of {expected:,} bytes does not fit: the hub's store has {free:,} bytes free")
-        with hub.sessions() as session:
-            if session.get(Blob, sha256) is not None:
-                # already stored: read and drop the body, so the client sees a normal answer
-                async for _ in request.stream():
-                    pass
-                return {"sha256": sha256, "stored": False}
+        if stored:
+            # already stored: read and drop the body, so the client sees a normal answer
+            async for _ in request.stream():
+                pass
+            return {"sha256": sha256, "stored": False}
         staged, digest, size = await _receive(hub.store, request.stream(), expected)
         if expected is not None and size != expected:
             staged.unlink()
@@ -568,21 +776,86 @@ def create_app(hub: Hub) -> Any:
 
     # models
 
+    async def publish(request: Request, institution: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            with hub.sessions() as session:
+                version = hub.publish(session, authed(request, session), institution, name, body)
+                return {"model": f"{institution}/{name}", "name": f"{institution}/{name}", **_version_json(version)}
+
+        return await run_in_threadpool(work)
+
     @app.post("/api/models/{institution}/{name}")
     async def push(institution: str, name: str, request: Request) -> dict[str, Any]:
+        return await publish(request, institution, name, {**await body_json(request), "kind": "model"})
+
+    # every kind of object (models, datasets, environments, runs): one namespace per institution
+
+    @app.post("/api/objects/{institution}/{name}")
+    async def push_object(institution: str, name: str, request: Request) -> dict[str, Any]:
+        return await publish(request, institution, name, await body_json(request))
+
+    def object_json(session: Session, model: Model, version: ModelVersion) -> dict[str, Any]:
+        return {
+            "name": model.full_name,
+            "institution": model.institution.name,
+            **_version_json(version),
+            "links": lineage_links(session, version),
+            "versions": [v.number for v in model.versions],
+        }
+
+    @app.get("/api/objects")
+    def list_objects(kind: str = "", search: str = "") -> list[dict[str, Any]]:
+        if kind and kind not in KINDS:
+            raise HubError(400, f"kind: one of {', '.join(KINDS)}, got {kind!r}")
+        with hub.sessions() as session:
+            query = select(Model).join(Institution).order_by(Model.kind, Institution.name, Model.name)
+            if kind:
+                query = query.where(Model.kind == kind)
+            found = [m for m in session.scalars(query) if m.versions and search.lower() in m.full_name]
+            return [
+                {"name": m.full_name, "institution": m.institution.name, **_version_json(m.versions[-1])} for m in found
+            ]
+
+    @app.get("/api/objects/{institution}/{name}")
+    @app.get("/api/objects/{institution}/{name}/revision/{revision}")
+    def object_info(institution: str, name: str, revision: str = "main") -> dict[str, Any]:
+        with hub.sessions() as session:
+            model = hub.model(session, institution, name)
+            return object_json(session, model, hub.version(session, institution, name, revision))
+
+    # evaluations the hub computes itself
+
+    @app.post("/api/models/{institution}/{name}/jobs")
+    async def queue_job(institution: str, name: str, request: Request) -> dict[str, Any]:
         body = await body_json(request)
 
         def work() -> dict[str, Any]:
             with hub.sessions() as session:
-                version = hub.publish(session, authed(request, session), institution, name, body)
-                return {"model": f"{institution}/{name}", **_version_json(version)}
+                job = hub.queue_evaluation(session, authed(request, session), institution, name, body)
+                return _job_json(job)
 
         return await run_in_threadpool(work)
+
+    @app.get("/api/jobs")
+    def list_jobs(state: str = "") -> list[dict[str, Any]]:
+        with hub.sessions() as session:
+            query = select(Job).order_by(Job.id)
+            if state:
+                query = query.where(Job.state == state)
+            return [_job_json(job) for job in session.scalars(query)]
+
+    @app.get("/api/jobs/{job_id}")
+    def job_info(job_id: int) -> dict[str, Any]:
+        with hub.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HubError(404, f"no job {job_id}")
+            return _job_json(job)
 
     @app.get("/api/models")
     def list_models(search: str = "", author: str = "", limit: int = 1000) -> list[dict[str, Any]]:
         with hub.sessions() as session:
-            query = select(Model).join(Institution).order_by(Institution.name, Model.name)
+            query = select(Model).join(Institution).where(Model.kind == "model").order_by(Institution.name, Model.name)
             if author:
                 query = query.where(Institution.name == author)
             models = [m for m in session.scalars(query) if m.versions and search.lower() in m.full_name]
@@ -715,20 +988,48 @@ def create_app(hub: Hub) -> Any:
     return app
 
 
+RECEIVE_BLOCK = 4 << 20  # bytes gathered before they are hashed and written, in a worker thread
+
+
 async def _receive(store: BlobStore, stream: AsyncIterator[bytes], expected: int | None) -> tuple[Any, str, int]:
-    """Stream an upload to the store's staging area without holding it in memory."""
+    """Stream an upload to the store's staging area without holding it in memory. The socket delivers
+    small chunks; they are gathered into blocks that a worker thread hashes and writes (hashlib and file
+    writes release the GIL) while the event loop goes on receiving this and other uploads."""
 
     digest = hashlib.sha256()
     size = 0
     handle, name = tempfile.mkstemp(dir=store.staging, prefix="upload-")
+    out = os.fdopen(handle, "wb")
+
+    def absorb(blocks: list[bytes]) -> None:
+        for block in blocks:
+            digest.update(block)
+            out.write(block)
+
+    writing: asyncio.Future | None = None  # one block in flight at a time keeps the order
     try:
-        with os.fdopen(handle, "wb") as out:
-            async for chunk in stream:
-                size += len(chunk)
-                if expected is not None and size > expected:
-                    raise HubError(400, f"upload is longer than its Content-Length ({expected:,} bytes)")
-                digest.update(chunk)
-                out.write(chunk)
+        with out:
+            try:
+                pending: list[bytes] = []
+                gathered = 0
+                async for chunk in stream:
+                    size += len(chunk)
+                    if expected is not None and size > expected:
+                        raise HubError(400, f"upload is longer than its Content-Length ({expected:,} bytes)")
+                    pending.append(chunk)
+                    gathered += len(chunk)
+                    if gathered >= RECEIVE_BLOCK:
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.ensure_future(run_in_threadpool(absorb, pending))
+                        pending, gathered = [], 0
+                if writing is not None:
+                    await writing
+                    writing = None
+                await run_in_threadpool(absorb, pending)
+            finally:  # a failed upload: let the block in flight finish before the file is closed
+                if writing is not None:
+                    await asyncio.gather(writing, return_exceptions=True)
     except BaseException:
         os.unlink(name)
         raise
@@ -751,6 +1052,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.no_migrate:
         db.migrate(args.db)
     hub = Hub(args.db, args.store)
+    if not args.no_worker:  # evaluations the hub computes itself, one at a time, beside the server
+        from atomlab.hub.jobs import work
+
+        threading.Thread(target=work, args=(hub,), name="hub-jobs", daemon=True).start()
     print(f"atomlab hub on http://{args.host}:{args.port} (database {args.db}, store {args.store})", flush=True)
     uvicorn.run(create_app(hub), host=args.host, port=args.port, log_level="warning")
     return 0

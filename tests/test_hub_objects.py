@@ -1,0 +1,255 @@
+"""Datasets, training environments and runs on the hub beside models, the lineage between them, the
+evaluations the hub computes itself, and the schema migration that brought them (0001 -> 0002)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("alembic")
+pytest.importorskip("argon2")
+httpx = pytest.importorskip("httpx")
+
+from atomlab.errors import AtomlabError  # noqa: E402
+from atomlab.hub.client import HubClient  # noqa: E402
+from atomlab.steps import list_files, package_digest, write_json  # noqa: E402
+from tests.conftest import atomlab, running_server  # noqa: E402
+
+PREPARE, TOKENIZE, PRETRAIN, EVALUATE, RELEASE = "aa" * 8, "bb" * 8, "cc" * 8, "dd" * 8, "ee" * 8
+
+
+def step(folder: Path, name: str, step_hash: str, inputs: dict[str, str], summary: dict | None = None) -> Path:
+    """A step folder as atomlab writes one: its files and a manifest with its hash and its inputs' hashes."""
+    write_json(
+        folder / "manifest.json",
+        {
+            "step": name,
+            "hash": step_hash,
+            "inputs": {s: {"folder": f"{s}-{h}", "hash": h} for s, h in inputs.items()},
+            "outputs": list_files(folder),
+            "summary": summary or {},
+        },
+    )
+    return folder
+
+
+def dataset_folders(work: Path) -> tuple[Path, Path]:
+    data = work / "runs" / f"prepare-data-{PREPARE}"
+    data.mkdir(parents=True)
+    (data / "train-00000.jsonl").write_text(json.dumps({"id": "d1", "text": "To be, or not to be"}) + "\n")
+    (data / "DATA_CARD.md").write_text("# Data card\n\nOne public-domain line.\n")
+    tokens = work / "runs" / f"tokenizer-{TOKENIZE}"
+    tokens.mkdir()
+    (tokens / "train-00000.bin").write_bytes(bytes(range(64)))
+    return (
+        step(data, "prepare-data", PREPARE, {}, {"documents": {"train": 1, "val": 0}}),
+        step(tokens, "tokenizer", TOKENIZE, {"prepare-data": PREPARE}),
+    )
+
+
+def environment_package(folder: Path) -> Path:
+    (folder / "countdown_env").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(
+        '[project]\nname = "countdown-env"\nversion = "1.2.0"\n\n'
+        '[project.entry-points."atomlab.environments"]\ncountdown = "countdown_env:Countdown"\n'
+    )
+    (folder / "countdown_env" / "__init__.py").write_text("class Countdown:\n    pass\n")
+    (folder / "countdown_env" / "__pycache__").mkdir()
+    (folder / "countdown_env" / "__pycache__" / "x.pyc").write_bytes(b"cache, not content")
+    return folder
+
+
+def model_bundle(folder: Path) -> Path:
+    """A small real model (random weights, a trained tokenizer) in a release bundle whose lineage.json
+    names the dataset steps and an RL environment."""
+    import torch
+
+    from atomlab.model import ModelArgs, Transformer
+    from atomlab.tokenizer import train_tokenizer
+    from atomlab.train.checkpoint import save_weights
+
+    folder.mkdir(parents=True)
+    texts = [f"{a} + {b} = {a + b}. Answer: <answer>{a + b}</answer>" for a in range(30) for b in range(5)]
+    tokenizer = train_tokenizer(texts, vocab_size=300, min_frequency=1)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden=64)
+    save_weights(Transformer(args), folder / "model.safetensors")
+    write_json(folder / "config.json", args.to_dict())
+    (folder / "recipe.toml").write_text('[release]\nlicense = "Apache-2.0"\n')
+    lineage = {
+        "prepare-data": {"hash": PREPARE, "config": {}, "inputs": {}, "outputs": {}},
+        "tokenizer": {"hash": TOKENIZE, "config": {}, "inputs": {"prepare-data": PREPARE}, "outputs": {}},
+        "pretrain": {
+            "hash": PRETRAIN,
+            "config": {"rl": {"environments": ["countdown-v1"]}},
+            "inputs": {},
+            "outputs": {},
+        },
+        "evaluate": {"hash": EVALUATE, "config": {}, "inputs": {"pretrain": PRETRAIN}, "outputs": {}},
+    }
+    write_json(folder / "lineage.json", lineage)
+    return step(folder, "release", RELEASE, {"evaluate": EVALUATE, "pretrain": PRETRAIN})
+
+
+@pytest.mark.slow  # about 90 s on 2 loaded cores: a server, and the hub's own evaluation in a child process
+def test_datasets_environments_runs_lineage_and_evaluations_by_the_hub(tmp_path):
+    from atomlab.hub.jobs import score_folder
+
+    work, database = tmp_path, str(tmp_path / "hub.db")
+    token = atomlab("hub", "institution", "lab-a", "--db", database, cwd=work).stdout.strip().splitlines()[-1]
+    data, tokens = dataset_folders(work)
+    package = environment_package(work / "countdown")
+    bundle = model_bundle(work / "bundle")
+    with running_server(["hub", "serve", "--db", database, "--store", str(work / "store")], "/api/health") as url:
+        remote = ["--url", url, "--token", token]
+        # the kind is found from each folder: a prepare-data step is a dataset, a package an environment
+        assert (
+            "pushed dataset lab-a/books version 1"
+            in atomlab("hub", "push", str(data), "lab-a/books", *remote, cwd=work).stdout
+        )
+        with HubClient(url, token) as client:
+            assert client.push(tokens, "lab-a/books-tokens")["kind"] == "dataset"
+            environment = client.push(package, "lab-a/countdown")
+            model = client.push(bundle, "lab-a/tiny")
+            run = client.push(bundle, "lab-a/tiny-run", kind="run")  # the run: the bundle's lineage.json
+            assert (environment["kind"], model["kind"], run["kind"]) == ("environment", "model", "run")
+            assert sorted(f["path"] for f in run["files"]) == ["lineage.json", "manifest.json", "recipe.toml"]
+            # what the hub read itself: the package's version and entry points, and its content hash as
+            # atomlab.steps.package_digest computes it (the cache left out)
+            assert environment["details"]["package_version"] == "1.2.0"
+            assert environment["details"]["environments"] == ["countdown"]
+            assert environment["details"]["content_sha256"] == package_digest(package)
+            assert "countdown_env/__pycache__/x.pyc" not in {f["path"] for f in environment["files"]}
+
+            # lineage, by content: step hashes and environment names
+            links = client.info("lab-a/tiny")["links"]
+            assert links["datasets"] == ["lab-a/books@1", "lab-a/books-tokens@1"]
+            assert links["runs"] == ["lab-a/tiny-run@1"] and links["environments"] == ["lab-a/countdown@1"]
+            assert client.info("lab-a/tiny-run")["links"]["models"] == ["lab-a/tiny@1"]
+            assert set(client.info("lab-a/books")["links"]["used_by"]) == {
+                "lab-a/books-tokens@1",
+                "lab-a/tiny@1",
+                "lab-a/tiny-run@1",
+            }
+            assert client.info("lab-a/countdown")["links"]["used_by"] == ["lab-a/tiny@1", "lab-a/tiny-run@1"]
+
+            assert [o["name"] for o in client.objects("dataset")] == ["lab-a/books", "lab-a/books-tokens"]
+            assert [m["id"] for m in client.models()] == ["lab-a/tiny"]  # the Hugging Face API lists models
+            pulled = client.pull("lab-a/books", work / "pulled-books")
+            assert (pulled / "train-00000.jsonl").read_bytes() == (data / "train-00000.jsonl").read_bytes()
+            pulled_env = client.pull("lab-a/countdown", work / "pulled-env")
+            (pulled_env / "manifest.json").unlink()  # the one file the hub adds: the manifest the client made
+            assert package_digest(pulled_env) == package_digest(package)
+
+            with pytest.raises(AtomlabError, match="409 lab-a/tiny is a model, not a dataset"):
+                client.push(data, "lab-a/tiny")
+            (work / "not-a-package").mkdir()
+            (work / "not-a-package" / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "1"\n')
+            with pytest.raises(AtomlabError, match="422 pyproject.toml: no .*atomlab.environments"):
+                client.push(work / "not-a-package", "lab-a/nothing", kind="environment")
+            with pytest.raises(AtomlabError, match="no lineage.json"):
+                client.push(work / "not-a-package", "lab-a/nothing", kind="run")
+            with pytest.raises(AtomlabError, match="400 environment: environment 'nowhere' not found"):
+                client.evaluate_by_hub("lab-a/tiny", "nowhere")
+            with pytest.raises(AtomlabError, match="422 lab-a/books is a dataset; the hub evaluates models"):
+                client.evaluate_by_hub("lab-a/books", "arithmetic")
+            # a model the evaluation cannot load: the job fails with the reason, and no result is recorded
+            from tests.test_hub import make_bundle
+
+            client.push(make_bundle(work / "no-tokenizer"), "lab-a/broken")
+            with pytest.raises(AtomlabError, match=r"the hub's evaluation \(job 1\) failed: .*tokenizer"):
+                client.evaluate_by_hub("lab-a/broken", "arithmetic", tasks=2)
+
+            # the hub evaluates the model itself; a submitted result stays apart from it
+            client.evaluate("lab-a/tiny", "arithmetic-v1", "pass@1", 0.99)
+        shown = atomlab(
+            "hub",
+            "evaluate",
+            "lab-a/tiny",
+            "--env",
+            "arithmetic",
+            "--by-hub",
+            "--tasks",
+            "4",
+            "--max-tokens",
+            "6",
+            *remote,
+            cwd=work,
+        ).stdout
+        assert "computed by the hub" in shown
+        with HubClient(url) as anyone:
+            job = anyone.get("/api/jobs")[-1]
+            # the same atomlab evaluation code, run here on the files pushed, gives the hub's figures
+            expected = score_folder(bundle, job["request"])
+            assert job["state"] == "done" and job["result"] == json.loads(json.dumps(expected))
+            [row] = anyone.leaderboard("arithmetic-v1", "pass@1")
+            assert row["value"] == 0.99 and not row["computed_by_hub"]  # the submitted one is the best
+            assert row["best_computed_by_hub"] == expected["pass@1"] and row["computed_by_hub_results"] == 1
+            assert row["submissions"] == 1
+        board = httpx.get(f"{url}/leaderboards/arithmetic-v1/pass@1").text
+        assert "by the hub" in board
+        page = httpx.get(f"{url}/lab-a/tiny").text
+        assert "computed by the hub" in page and "submitted" in page
+        for linked in ("/lab-a/books?version=1", "/lab-a/tiny-run?version=1", "/lab-a/countdown?version=1"):
+            assert linked in page
+        assert "Data card" in httpx.get(f"{url}/lab-a/books").text
+        index = httpx.get(f"{url}/").text
+        assert "Datasets" in index and "Training environments" in index and "lab-a/tiny-run" in index
+        listed = atomlab("hub", "ls", "--kind", "environment", *remote, cwd=work).stdout
+        assert "lab-a/countdown" in listed and "lab-a/tiny" not in listed.replace("lab-a/countdown", "")
+
+
+def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
+    """A hub database made by revision 0001, with a model in it, upgrades in place: every object becomes a
+    model, nothing is lost, and the new columns and the jobs table work; it also goes back down."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from atomlab.hub import db
+    from atomlab.hub.server import _version_json, lineage_links
+
+    url = db.database_url(str(tmp_path / "old.db"))
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "0001")
+    engine = create_engine(url)
+    with engine.begin() as connection:  # rows as a 0001 hub wrote them
+        now = "2026-11-30 10:00:00"
+        connection.execute(text(f"INSERT INTO institutions VALUES (1, 'lab-a', 'Lab A', '{now}')"))
+        connection.execute(text(f"INSERT INTO blobs VALUES ('{'ab' * 32}', 5, '{now}')"))
+        connection.execute(text(f"INSERT INTO models VALUES (1, 1, 'tiny', '{now}')"))
+        manifest = json.dumps({"step": "release", "outputs": {}})
+        connection.execute(
+            text("INSERT INTO model_versions VALUES (1, 1, 1, :sha, :manifest, NULL, NULL, '{}', 'tok', :now)"),
+            {"sha": "cd" * 32, "manifest": manifest, "now": now},
+        )
+        connection.execute(text(f"INSERT INTO version_files VALUES (1, 'model.safetensors', '{'ab' * 32}', 5)"))
+    engine.dispose()
+
+    assert db.migrate(url) == "0002"
+    engine = db.connect(url)
+    with db.sessions(engine)() as session:
+        model = session.get(db.Model, 1)
+        assert model.kind == "model" and model.full_name == "lab-a/tiny"
+        [version] = model.versions
+        assert [f.path for f in version.files] == ["model.safetensors"] and version.lineage is None
+        described = _version_json(version)
+        assert described["kind"] == "model" and described["lineage"] == {} and described["details"] == {}
+        assert lineage_links(session, version)["datasets"] == []
+        session.add(db.Job(version=version, institution=model.institution, request={"environment": "arithmetic-v1"}))
+        session.commit()
+        assert session.get(db.Job, 1).state == "queued"
+    engine.dispose()
+    command.downgrade(config, "0001")
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT name FROM models")).scalars().all() == ["tiny"]
+        assert "kind" not in {row[1] for row in connection.execute(text("PRAGMA table_info(models)"))}
+    engine.dispose()
+    assert db.migrate(url) == "0002"
