@@ -310,7 +310,9 @@ class TrainConfig(Section):
     # on a device mesh, e.g. {dp_replicate = 2, dp_shard = 2, tp = 2} (see ParallelLayout, docs/plan.md).
     parallel: Literal["ddp", "fsdp"] | ParallelLayout = "ddp"
     compile: bool = False  # torch.compile the model (GPU speed; works on CPU with a C++ compiler)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # recompute each block's activations in backward: true (or "full") keeps only each block's input, "selective"
+    # also the attention output and every second matmul's output (torchtitan's op-level policy)
+    activation_checkpointing: bool | Literal["full", "selective"] = False
     # PyTorch's deterministic algorithms (and cuBLAS's fixed workspace on GPU): the same weights on every rerun
     # on one machine kind, at some cost in speed on GPU. CPU training is deterministic without it.
     deterministic: bool = False

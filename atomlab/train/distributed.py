@@ -99,7 +99,7 @@ def parallelize(
     layout: Layout,
     device: torch.device,
     compile: bool,
-    activation_checkpointing: bool,
+    activation_checkpointing: bool | str,
 ) -> tuple[Transformer, nn.Module]:
     """Apply the speed and parallelism features. Returns the model to train (the plain one itself, or its
     sharded twin on the device mesh) and the module to call for training (DDP-wrapped where DDP runs)."""

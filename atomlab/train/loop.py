@@ -379,7 +379,9 @@ def fit(
                 "flops_per_token": flops_token,
             },
         )
-        layout = f"{world.size} processes ({layout_name(train.parallel)})" if world.distributed else "1 process"
+        layout = "1 process"
+        if world.distributed:
+            layout = f"{world.size} processes ({layout_name(train.parallel, mesh_layout)})"
         precision = "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"
         print(
             f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
@@ -476,7 +478,7 @@ def fit(
         "peak_flops": peak,
         "device": str(device),
         "processes": world.size,
-        "parallel": layout_name(train.parallel) if world.distributed else "none",
+        "parallel": layout_name(train.parallel, mesh_layout) if world.distributed else "none",
         "precision": "bf16" if isinstance(autocast, torch.autocast) else "fp32",
         **data.summary(metrics.records),
         "sample": metrics.last_sample(),

@@ -57,12 +57,6 @@ class Layout:
         """Only replicas: torch's DistributedDataParallel on the whole model, as before meshes."""
         return self.dp_shard == 1 and self.tp == 1
 
-    def describe(self) -> str:
-        if self.processes == 1:
-            return "1 process"
-        parts = [f"{name} {size}" for name, size in vars(self).items() if size > 1]
-        return f"{self.processes} processes ({' x '.join(parts)})"
-
 
 def layout_table(parallel: Any) -> dict[str, int]:
     """train.parallel as its three sizes (-1: whatever the others leave), from a shorthand or a table."""
@@ -72,15 +66,17 @@ def layout_table(parallel: Any) -> dict[str, int]:
     return {"dp_replicate": table["dp_replicate"], "dp_shard": table["dp_shard"], "tp": table["tp"]}
 
 
-def layout_name(parallel: Any) -> str:
-    """train.parallel as the logs write it: "ddp", "fsdp" or "dp_shard 2 x tp 2" (the sizes other than 1)."""
+def layout_name(parallel: Any, layout: Layout) -> str:
+    """train.parallel as the logs write it: its shorthand ("ddp", "fsdp"), or the sizes of a table other than 1."""
     if isinstance(parallel, str):
         return parallel
-    return " x ".join(f"{name} {size}" for name, size in layout_table(parallel).items() if size != 1) or "1 process"
+    return " x ".join(f"{name} {size}" for name, size in vars(layout).items() if size > 1) or "1 process"
 
 
 def resolve_layout(parallel: Any, processes: int, label: str = "train") -> Layout:
     """The layout of `processes` processes that train.parallel asks for, or a one-line error with the fix."""
+    if processes == 1:  # a recipe written for a cluster, run on one process: a plain model
+        return Layout()
     sizes = layout_table(parallel)
     fixed = math.prod(size for size in sizes.values() if size != -1)
     free = [name for name, size in sizes.items() if size == -1]
@@ -96,8 +92,6 @@ def resolve_layout(parallel: Any, processes: int, label: str = "train") -> Layou
         sizes[free[0]] = processes // fixed
     layout = Layout(**sizes)
     if layout.processes != processes:
-        if processes == 1:  # a recipe written for a cluster, run on one process: a plain model
-            return Layout()
         raise AtomlabError(
             f"{where}: dp_replicate x dp_shard x tp = {layout.processes} ({format_sizes(sizes)}), but "
             f"{processes} processes run; make the product {processes} or set one size to -1"
@@ -132,7 +126,7 @@ def check_layout(layout: Layout, args: ModelArgs, batch_size: int, label: str = 
         )
     if args.qk_norm and args.qk_norm_scope == "projection":
         raise AtomlabError(
-            f"{where}: tensor parallel needs QK-norm per head (model.qk_norm_scope = \"head\"); use tp = 1"
+            f'{where}: tensor parallel needs QK-norm per head (model.qk_norm_scope = "head"); use tp = 1'
         )
 
 
@@ -236,7 +230,7 @@ def materialise(sharded: Transformer, plain: Transformer, device: torch.device) 
 
 
 def shard_model(
-    plain: Transformer, layout: Layout, device: torch.device, activation_checkpointing: bool, compile: bool
+    plain: Transformer, layout: Layout, device: torch.device, activation_checkpointing: bool | str, compile: bool
 ) -> Transformer:
     """The plain model's twin, built on the meta device, parallelised by `layout` and filled with its weights."""
     mesh = build_mesh(layout, device.type)
@@ -251,15 +245,52 @@ def shard_model(
     return sharded
 
 
-def speed_features(model: Transformer, activation_checkpointing: bool, compile: bool) -> None:
+def speed_features(model: Transformer, activation_checkpointing: bool | str, compile: bool) -> None:
+    """Activation checkpointing per block (True or "full": each block keeps only its input; "selective":
+    torchtitan's op-level policy, see `selective_policy`), then torch.compile per block."""
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
-        for block in model.layers:
-            checkpoint(block)  # in place: parameter names stay as they are
+        for block in model.layers:  # in place: parameter names stay as they are
+            if activation_checkpointing == "selective":
+                checkpoint(block, context_fn=selective_policy)
+            else:
+                checkpoint(block)
     if compile:
         for block in model.layers:
             block.compile()  # per block, as torchtitan does: FSDP hooks stay outside the graphs
+
+
+def selective_policy() -> tuple[Any, Any]:
+    """Selective activation checkpointing as torchtitan's "op" mode does it: a block keeps the attention output and
+    every second matmul's output (q, v, gate, down), the rest is recomputed in backward (atomlab.plan counts the
+    same tensors)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    attention = {
+        getattr(aten, name).default
+        for name in (
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention",
+            "_scaled_dot_product_flash_attention_for_cpu",
+        )
+        if hasattr(aten, name)
+    }
+    counts = {"forward": 0, "recompute": 0}
+
+    def decide(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        if op in attention:
+            return CheckpointPolicy.MUST_SAVE
+        if op == aten.mm.default:
+            mode = "recompute" if ctx.is_recompute else "forward"
+            counts[mode] += 1
+            if counts[mode] % 2 == 1:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(decide)
 
 
 def is_sharded(model: nn.Module) -> bool:
