@@ -111,23 +111,29 @@ def check_layout(layout: Layout, args: ModelArgs, batch_size: int, label: str = 
             f"{label}.batch_size ({batch_size}) must be divisible by the {layout.data_parallel} processes that split "
             f"it (the data-parallel ones, dp_replicate x dp_shard of {where}); change one of them"
         )
-    tp = layout.tp
+    problem = tensor_parallel_problem(args, layout.tp)
+    if problem:
+        raise AtomlabError(f"{where}: {problem}")
+
+
+def tensor_parallel_problem(args: ModelArgs, tp: int) -> str | None:
+    """Why this model cannot be split `tp` ways (with the fix), or None; atomlab plan proposes only TP degrees
+    this accepts."""
     if tp == 1:
-        return
+        return None
     for name, value in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.n_kv_heads)):
         if value % tp:
-            raise AtomlabError(f"{where}: tp = {tp} must divide {name} ({value}); lower tp or change {name}")
+            return f"tp = {tp} must divide {name} ({value}); lower tp or change {name}"
     if args.hidden % tp:
-        raise AtomlabError(f"{where}: tp = {tp} must divide the MLP width ({args.hidden}); lower tp")
+        return f"tp = {tp} must divide the MLP width ({args.hidden}); lower tp"
     if args.seq_len % tp or args.vocab_size % tp:
-        raise AtomlabError(
-            f"{where}: tp = {tp} must divide model.seq_len ({args.seq_len}) and the vocabulary "
-            f"({args.vocab_size}): sequence parallel splits rows along their length, the embedding by token"
+        return (
+            f"tp = {tp} must divide model.seq_len ({args.seq_len}) and the vocabulary ({args.vocab_size}): "
+            "sequence parallel splits rows along their length, the embedding by token"
         )
     if args.qk_norm and args.qk_norm_scope == "projection":
-        raise AtomlabError(
-            f'{where}: tensor parallel needs QK-norm per head (model.qk_norm_scope = "head"); use tp = 1'
-        )
+        return 'tensor parallel needs QK-norm per head (model.qk_norm_scope = "head"); use tp = 1'
+    return None
 
 
 def build_mesh(layout: Layout, device_type: str) -> Any:
@@ -318,20 +324,22 @@ def whole_model(model: Transformer) -> Transformer:
 
 @contextlib.contextmanager
 def gradient_sync(net: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within it, backward accumulates gradients without reducing them across processes when `enabled` is
-    False (every micro-batch of an accumulated step but the last): DDP's no_sync, FSDP2's
-    set_requires_gradient_sync."""
+    """Within it, backward skips the gradient all-reduce across replicas when `enabled` is False (every
+    micro-batch of an accumulated step but the last): DDP's no_sync; FSDP2's set_requires_all_reduce, which
+    under HSDP skips the all-reduce across replicas but still reduce-scatters within each shard group.
+    FSDP2's set_requires_gradient_sync(False) would skip that too, at the cost of holding every gradient
+    unsharded until the last micro-batch (4 bytes x parameters / tp per GPU), undoing the sharding."""
     if enabled or not dist.is_initialized():
         yield
     elif hasattr(net, "no_sync"):
         with net.no_sync():
             yield
-    elif hasattr(net, "set_requires_gradient_sync"):
-        net.set_requires_gradient_sync(False)
+    elif hasattr(net, "set_requires_all_reduce"):
+        net.set_requires_all_reduce(False)
         try:
             yield
         finally:
-            net.set_requires_gradient_sync(True)
+            net.set_requires_all_reduce(True)
     else:
         yield
 
