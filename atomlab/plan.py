@@ -318,9 +318,11 @@ def memory_per_gpu(args: ModelArgs, layout: Layout, precision: str = "bf16") -> 
       reduce-scatter (units: each block; the root holding embedding + lm_head + final norm). Zero
       when nothing is sharded.
     activations: tokens per micro-batch (micro_batch x seq_len) x `activation_elements` x 2 bytes (bf16;
-      4 in fp32) / tp, as with Megatron-style sequence parallelism (Korthikanti et al. §4.2.2)
-    logits: tokens x vocab x (2 + 4 + 4) bytes / tp: bf16 logits, their fp32 copy for the loss and the fp32
-      log-probabilities cross-entropy keeps (4 + 4 in fp32); the lm_head is vocab-parallel under TP.
+      4 in fp32) / tp, as with Megatron-style sequence parallelism (Korthikanti et al. §4.2.2), except the
+      inputs of q/k/v and gate/up (2h per kept block), which TP all-gathers to the whole sequence
+    logits: tokens x vocab x (2 + 4 + 4) bytes: bf16 logits, their fp32 copy for the loss and the fp32
+      log-probabilities cross-entropy keeps (4 + 4 in fp32); not divided by tp, since the trainer gathers
+      the lm_head's vocabulary-split output whole for the loss (no vocabulary-parallel loss).
     In fp32 (CPU) the per-parameter state is the same 16 bytes: fp32 weights, gradients, m and v.
     Gradients stay sharded under accumulation: the trainer reduce-scatters them every micro-batch (and
     all-reduces across replicas only at the last), see `communication_per_gpu`.
@@ -332,9 +334,13 @@ def memory_per_gpu(args: ModelArgs, layout: Layout, precision: str = "bf16") -> 
     largest_unit = max(counts["block"], counts["root"]) / layout.tp
     gathered = (2 * value_bytes + 4) * largest_unit if layout.shard > 1 else 0.0
     tokens = layout.micro_batch * args.seq_len
-    activations = tokens * activation_elements(args, layout.checkpointing) * value_bytes / layout.tp
+    # under TP the all-gathered inputs of q/k/v and of gate/up (h each) are kept whole-sequence, in every block
+    # whose full set is kept (all without checkpointing, the one being recomputed with it)
+    whole = (args.n_layers if layout.checkpointing == "none" else 1) * 2 * args.d_model if layout.tp > 1 else 0
+    elements = (activation_elements(args, layout.checkpointing) - whole) / layout.tp + whole
+    activations = tokens * elements * value_bytes
     logit_bytes = value_bytes + 4 + 4 if precision == "bf16" else 8
-    logits = tokens * args.vocab_size * logit_bytes / layout.tp
+    logits = tokens * args.vocab_size * logit_bytes  # whole on every TP rank: the trainer gathers them for the loss
     return Memory(4 * per_gpu, 4 * per_gpu, 8 * per_gpu, gathered, activations, logits)
 
 
