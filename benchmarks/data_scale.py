@@ -44,6 +44,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[match.group(2)])
 
 
+
+
 def generate(folder: Path, size: int, seed: int) -> dict:
     from atomlab.data.synthetic import write_corpus
 

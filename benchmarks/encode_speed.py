@@ -44,6 +44,8 @@ from atomlab.tokenizer import encode_plain, load_tokenizer, train_tokenizer  # n
 RESULTS = Path(__file__).parent / "results" / "encode_speed.json"
 
 
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished child processes."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

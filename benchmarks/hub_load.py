@@ -39,6 +39,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+
+
 def make_bundle(folder: Path, weights: bytes, tag: str) -> int:
     folder.mkdir(parents=True)
     # a fresh prefix makes the weights a new file with a new sha256 at every push

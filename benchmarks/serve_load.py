@@ -162,5 +162,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
+
+
 if __name__ == "__main__":
     main()

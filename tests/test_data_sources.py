@@ -93,11 +93,7 @@ def no_text_parquet(path: Path) -> None:
 
 
 BAD = {
-    "not JSON": (
-        "bad.jsonl",
-        lambda p: p.write_bytes(rows(2) + b"{not json\n" + rows(1, 50)),
-        r"bad.jsonl:3: not JSON",
-    ),  # noqa: E501
+    "not JSON": ("bad.jsonl", lambda p: p.write_bytes(rows(2) + b"{not json\n" + rows(1, 50)), r"bad.jsonl:3: not JSON"),  # noqa: E501
     "no text": ("bad.jsonl", lambda p: p.write_bytes(rows(1) + b'{"body": "x"}\n'), r"bad.jsonl:2: no string 'text'"),
     "corrupt gzip": ("bad.jsonl.gz", lambda p: p.write_bytes(corrupt_gzip()), r"bad.jsonl.gz:\d+: corrupt gzip stream"),
     "corrupt zstd": ("bad.jsonl.zst", lambda p: p.write_bytes(corrupt_zstd()), r"bad.jsonl.zst:\d+: corrupt zstd"),

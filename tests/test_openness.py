@@ -131,10 +131,8 @@ def _mot_class(release: dict, components: list[dict], database: dict[str, dict])
         count = sum(statuses[i] == "included" for i in required)
         if mof_class > 1 and statuses[report] != "included" and statuses[paper] == "included":
             count += 1
-        included[mof_class] = (
-            count,
-            total - (mof_class == 1 and statuses[report] != "included" and statuses[paper] == "included"),
-        )
+        included[mof_class] = (count, total - (mof_class == 1 and statuses[report] != "included"
+                                               and statuses[paper] == "included"))
     reached = 0
     for mof_class in (3, 2, 1):
         if included[mof_class][0] >= included[mof_class][1]:
@@ -162,26 +160,13 @@ def test_the_273_model_files_get_the_class_the_mots_rules_give():
 
 def test_the_command_grades_an_mof_file_as_text_and_json(tmp_path):
     model = tmp_path / "model.yml"
-    components = [
-        "Model architecture",
-        "Model parameters (Final)",
-        "Evaluation results",
-        "Model card",
-        "Data card",
-        "Technical report",
-    ]
-    model.write_text(
-        yaml.safe_dump(
-            {
-                "framework": {"name": "Model Openness Framework", "version": "1.0", "date": "2024-12-15"},
-                "release": {
-                    "name": "m",
-                    "license": {"distribution": {"name": "Apache-2.0"}, "data": {"name": "CC-BY-NC-4.0"}},
-                    "components": [{"name": c} for c in components],
-                },
-            }
-        )
-    )
+    components = ["Model architecture", "Model parameters (Final)", "Evaluation results", "Model card",
+                  "Data card", "Technical report"]
+    model.write_text(yaml.safe_dump({
+        "framework": {"name": "Model Openness Framework", "version": "1.0", "date": "2024-12-15"},
+        "release": {"name": "m", "license": {"distribution": {"name": "Apache-2.0"}, "data": {"name": "CC-BY-NC-4.0"}},
+                    "components": [{"name": c} for c in components]},
+    }))
     result = json.loads(atomlab("openness", str(model), "--json", cwd=tmp_path).stdout)
     # final parameters take the data licence, which is not open: Class III is one short
     assert result["class"] == 0 and result["progress"]["class_3"] == pytest.approx(500 / 6, abs=0.01)
@@ -276,11 +261,8 @@ def test_a_hugging_face_folder_is_graded_from_its_card_licence_files_and_files(t
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     (folder / "model.safetensors").write_bytes(b"\0" * 16)
-    card = {
-        "license": "mit",
-        "datasets": ["some/corpus"],
-        "model-index": [{"name": "m", "results": [{"task": {"type": "text-generation"}, "metrics": []}]}],
-    }
+    card = {"license": "mit", "datasets": ["some/corpus"],
+            "model-index": [{"name": "m", "results": [{"task": {"type": "text-generation"}, "metrics": []}]}]}
     (folder / "README.md").write_text("---\n" + yaml.safe_dump(card) + "---\n\n# m\n")
     result = json.loads(atomlab("openness", str(folder), "--json", cwd=tmp_path).stdout)
     status = {c["name"]: c["status"] for c in result["components"]}
@@ -294,9 +276,8 @@ def test_a_hugging_face_folder_is_graded_from_its_card_licence_files_and_files(t
 
     # no licence in the card: the LICENSE file's text names it; a licence that is not open does not count
     (folder / "README.md").write_text("# m\n")
-    (folder / "LICENSE").write_text(
-        "                                 Apache License\n                           Version 2.0, January 2004\n"
-    )
+    (folder / "LICENSE").write_text("                                 Apache License\n"
+                                    "                           Version 2.0, January 2004\n")
     (folder / "DATA_CARD.md").write_text("data")
     (folder / "REPORT.md").write_text("report")
     status = {c["name"]: (c["status"], c["license"]) for c in _graded(folder)["components"]}

@@ -202,16 +202,8 @@ def f(secret, planted_dir, repository, home_entries, port):
         seen["forked"] = False
     return seen
 """
-HELD = {
-    "root": [],
-    "secret_readable": False,
-    "repository_visible": False,
-    "home_entries_visible": [],
-    "tmp": 1,
-    "written": [],
-    "connected": False,
-    "forked": False,
-}
+HELD = {"root": [], "secret_readable": False, "repository_visible": False, "home_entries_visible": [], "tmp": 1,
+        "written": [], "connected": False, "forked": False}
 
 
 def attack_arguments(planted: Path, port: int, python: str) -> list:
@@ -276,14 +268,9 @@ def test_an_ordinary_user_gets_the_same_sandbox(planted):
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is missing: cannot become an unprivileged user")
     user_python = next(
-        (
-            p
-            for p in (sys.executable, "/usr/bin/python3")
-            if subprocess.run(
-                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", p, "-c", "pass"], capture_output=True
-            ).returncode
-            == 0
-        ),
+        (p for p in (sys.executable, "/usr/bin/python3") if subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", p, "-c", "pass"],
+            capture_output=True).returncode == 0),
         None,
     )
     if user_python is None:
@@ -293,22 +280,9 @@ def test_an_ordinary_user_gets_the_same_sandbox(planted):
         server.listen()
         job = json.dumps([attack_arguments(planted, server.getsockname()[1], user_python), HELD, ATTACKS])
         done = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                user_python,
-                "-I",
-                "-c",
-                ORDINARY_USER,
-                str(ROOT),
-            ],
-            input=job,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd="/",
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", user_python, "-I", "-c", ORDINARY_USER,
+             str(ROOT)],
+            input=job, capture_output=True, text=True, timeout=120, cwd="/",
         )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
