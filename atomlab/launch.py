@@ -36,13 +36,17 @@ def run_arguments(recipe: str, overrides: list[str], resume: bool) -> list[str]:
 
 
 def check_recipe(recipe: str, overrides: list[str], processes: int) -> Recipe:
-    """Load and validate the recipe as `atomlab run` will, and check it splits over the processes."""
+    """Load and validate the recipe as `atomlab run` will, and check its layout fits the processes."""
+    from atomlab.train.loop import model_args
+    from atomlab.train.parallel import check_layout, resolve_layout
+
     loaded = load_recipe(recipe, overrides)
-    if loaded.train.batch_size % processes:
-        raise AtomlabError(
-            f"{loaded.source}: train.batch_size ({loaded.train.batch_size}) must be divisible by the "
-            f"{processes} processes of this launch (each takes batch_size / processes sequences)"
-        )
+    try:
+        layout = resolve_layout(loaded.train.parallel, processes)
+        # the tokenizer's vocabulary is known once it is trained; its configured size stands in for it here
+        check_layout(layout, model_args(loaded.model, loaded.tokenizer.vocab_size), loaded.train.batch_size)
+    except AtomlabError as exc:
+        raise AtomlabError(f"{loaded.source}: {exc} (launching {processes} processes)") from None
     return loaded
 
 

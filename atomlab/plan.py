@@ -253,6 +253,21 @@ class Layout:
             return "fsdp"
         return "ddp" if self.shard == 1 else "hsdp"
 
+    def recipe_settings(self) -> dict:
+        """The chosen layout in the trainer's own settings (what to put in the recipe's [train])."""
+        return {
+            "parallel": {"dp_replicate": self.replicas, "dp_shard": self.shard, "tp": self.tp},
+            "batch_size": self.micro_batch * self.dp,  # sequences per micro-batch over all processes
+            "grad_accum": self.grad_accum,
+            "activation_checkpointing": {"none": False, "full": True}.get(self.checkpointing, self.checkpointing),
+        }
+
+    def recipe_text(self) -> str:
+        settings = self.recipe_settings()
+        sizes = ", ".join(f"{name} = {size}" for name, size in settings.pop("parallel").items())
+        values = [f"{name} = {json.dumps(value)}" for name, value in settings.items()]
+        return f"[train] parallel = {{{sizes}}}, " + ", ".join(values)
+
     def describe(self, gpus_per_node: int) -> str:
         group = self.shard * self.tp
         if group >= gpus_per_node and group % gpus_per_node == 0:
@@ -303,10 +318,14 @@ def memory_per_gpu(args: ModelArgs, layout: Layout, precision: str = "bf16") -> 
       reduce-scatter (units: each block; the root holding embedding + lm_head + final norm). Zero
       when nothing is sharded.
     activations: tokens per micro-batch (micro_batch x seq_len) x `activation_elements` x 2 bytes (bf16;
-      4 in fp32) / tp, as with Megatron-style sequence parallelism (Korthikanti et al. §4.2.2)
-    logits: tokens x vocab x (2 + 4 + 4) bytes / tp: bf16 logits, their fp32 copy for the loss and the fp32
-      log-probabilities cross-entropy keeps (4 + 4 in fp32); the lm_head is vocab-parallel under TP.
+      4 in fp32) / tp, as with Megatron-style sequence parallelism (Korthikanti et al. §4.2.2), except the
+      inputs of q/k/v and gate/up (2h per kept block), which TP all-gathers to the whole sequence
+    logits: tokens x vocab x (2 + 4 + 4) bytes: bf16 logits, their fp32 copy for the loss and the fp32
+      log-probabilities cross-entropy keeps (4 + 4 in fp32); not divided by tp, since the trainer gathers
+      the lm_head's vocabulary-split output whole for the loss (no vocabulary-parallel loss).
     In fp32 (CPU) the per-parameter state is the same 16 bytes: fp32 weights, gradients, m and v.
+    Gradients stay sharded under accumulation: the trainer reduce-scatters them every micro-batch (and
+    all-reduces across replicas only at the last), see `communication_per_gpu`.
     """
     counts = parameter_counts(args)
     shards = layout.tp * layout.shard
@@ -315,9 +334,13 @@ def memory_per_gpu(args: ModelArgs, layout: Layout, precision: str = "bf16") -> 
     largest_unit = max(counts["block"], counts["root"]) / layout.tp
     gathered = (2 * value_bytes + 4) * largest_unit if layout.shard > 1 else 0.0
     tokens = layout.micro_batch * args.seq_len
-    activations = tokens * activation_elements(args, layout.checkpointing) * value_bytes / layout.tp
+    # under TP the all-gathered inputs of q/k/v and of gate/up (h each) are kept whole-sequence, in every block
+    # whose full set is kept (all without checkpointing, the one being recomputed with it)
+    whole = (args.n_layers if layout.checkpointing == "none" else 1) * 2 * args.d_model if layout.tp > 1 else 0
+    elements = (activation_elements(args, layout.checkpointing) - whole) / layout.tp + whole
+    activations = tokens * elements * value_bytes
     logit_bytes = value_bytes + 4 + 4 if precision == "bf16" else 8
-    logits = tokens * args.vocab_size * logit_bytes / layout.tp
+    logits = tokens * args.vocab_size * logit_bytes  # whole on every TP rank: the trainer gathers them for the loss
     return Memory(4 * per_gpu, 4 * per_gpu, 8 * per_gpu, gathered, activations, logits)
 
 
@@ -349,8 +372,11 @@ def communication_per_gpu(args: ModelArgs, layout: Layout, cluster: Cluster, red
     bf16 (4 in fp32), per micro-batch:
       FSDP / HSDP (within a shard group): all-gather of the parameters in forward and again in backward,
         reduce-scatter of the gradients: (b + b + reduce_bytes) x P' x (S-1)/S bytes, i.e. three passes
-        over the parameters, 8 bytes/param with the fp32 reduction atomlab uses (6 with bf16).
-      HSDP across replicas: all-reduce of each GPU's gradient shard: 2 x reduce_bytes x P'/S x (R-1)/R.
+        over the parameters, 8 bytes/param with the fp32 reduction atomlab uses (6 with bf16). The
+        reduce-scatter runs every micro-batch, so that gradients stay sharded: skipping it until the last
+        one would hold every gradient unsharded (4 bytes x P' per GPU: 28 GB for a 7B model at TP 1).
+      DDP and HSDP across replicas: all-reduce of each GPU's gradient (shard), once per step (the trainer
+        skips it on all but the last micro-batch): 2 x reduce_bytes x P'/S x (R-1)/R.
       TP with sequence parallelism: per block, forward all-gather + reduce-scatter around attention and
         around the MLP, the same in backward: 8 x (micro_batch x seq x width x b) x (t-1)/t, i.e. the
         4 all-reduces per layer of Megatron-LM.
@@ -378,8 +404,8 @@ def communication_per_gpu(args: ModelArgs, layout: Layout, cluster: Cluster, red
     spans_nodes = layout.dp * t > cluster.gpus_per_node
     return Communication(
         shard=traffic(micro_batches * shard_bytes, shard * t > cluster.gpus_per_node),
-        # DDP (shard 1) all-reduces once per step: atomlab skips the sync on all but the last micro-batch
-        replica=traffic((1 if shard == 1 else micro_batches) * replica_bytes, spans_nodes),
+        # replicas all-reduce once per step: atomlab skips it on all but the last micro-batch
+        replica=traffic(replica_bytes, spans_nodes),
         tensor_parallel=traffic(micro_batches * tp_bytes, False),
     )
 
@@ -461,13 +487,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def _tp_options(args: ModelArgs, cluster: Cluster) -> list[int]:
-    """TP degrees within one node that split heads, kv heads and the MLP evenly."""
+    """TP degrees within one node that the trainer can run (atomlab.train.parallel.tensor_parallel_problem:
+    heads, kv heads, the MLP, the sequence and the vocabulary split evenly, QK-norm per head)."""
+    from atomlab.train.parallel import tensor_parallel_problem
+
     per_node = cluster.gpus_per_node
-    return [
-        t
-        for t in _divisors(per_node)
-        if cluster.gpus % t == 0 and args.n_heads % t == 0 and args.n_kv_heads % t == 0 and args.hidden % t == 0
-    ]
+    return [t for t in _divisors(per_node) if cluster.gpus % t == 0 and tensor_parallel_problem(args, t) is None]
 
 
 def _shard_options(dp: int, ranks_per_node: int) -> list[int]:
@@ -719,6 +744,7 @@ class Plan:
             "tokens_per_step": self.global_batch * self.args.seq_len,
             "token_budget": self.tokens,
             "layout": {**asdict(self.layout), "kind": self.layout.kind, "replicas": self.layout.replicas},
+            "recipe": self.layout.recipe_settings(),
             "reasons": self.reasons,
             "memory_gib": memory,
             "communication": {**asdict(self.communication), "reduce_bytes": self.reduce_bytes},
@@ -787,6 +813,7 @@ def _flops(value: float) -> str:
 def print_plan(plan: Plan) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
@@ -812,6 +839,7 @@ def print_plan(plan: Plan) -> None:
         f"budget {_count(plan.tokens)} tokens = {speed_.steps:,} steps"
     )
     console.print(f"\n[bold]layout[/]: {layout.describe(cluster.gpus_per_node)}")
+    console.print(f"  recipe: {escape(layout.recipe_text())}")
     for reason in plan.reasons:
         console.print(f"  - {reason}")
 

@@ -258,6 +258,21 @@ class ModelConfig(Section):
         return 4 * self.d_model
 
 
+class ParallelLayout(Section):
+    """How a torchrun job's processes split the work (atomlab.train.parallel): replicas x shards x tensor
+    parallel, their product the process count; one size may be -1, for whatever the others leave."""
+
+    dp_replicate: int = Field(1, ge=-1)  # copies of the model (gradients all-reduced); with dp_shard > 1: HSDP
+    dp_shard: int = Field(-1, ge=-1)  # FSDP2 shards of parameters, gradients and optimizer state
+    tp: int = Field(1, ge=1)  # tensor parallel (with sequence parallel) within each data-parallel position
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ParallelLayout:
+        if 0 in (self.dp_replicate, self.dp_shard):
+            raise ValueError("train.parallel: dp_replicate and dp_shard are >= 1, or -1 for the rest of the processes")
+        return self
+
+
 class TrainConfig(Section):
     # Not hashed (also for [sft] and [rl]): TensorBoard/W&B mirroring; how often checkpoints are written
     # and how many are kept (saving reads the state, never changes it: a resumed run is bitwise equal);
@@ -291,10 +306,13 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)  # CPU threads per process; 0 = all cores shared among local processes
-    # Under torchrun: "ddp" replicates the model, "fsdp" shards it per block (FSDP2 fully_shard).
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Under torchrun: "ddp" replicates the model, "fsdp" shards it per block (FSDP2 fully_shard), or a layout
+    # on a device mesh, e.g. {dp_replicate = 2, dp_shard = 2, tp = 2} (see ParallelLayout, docs/plan.md).
+    parallel: Literal["ddp", "fsdp"] | ParallelLayout = "ddp"
     compile: bool = False  # torch.compile the model (GPU speed; works on CPU with a C++ compiler)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # recompute each block's activations in backward: true (or "full") keeps only each block's input, "selective"
+    # also the attention output and every second matmul's output (torchtitan's op-level policy)
+    activation_checkpointing: bool | Literal["full", "selective"] = False
     # PyTorch's deterministic algorithms (and cuBLAS's fixed workspace on GPU): the same weights on every rerun
     # on one machine kind, at some cost in speed on GPU. CPU training is deterministic without it.
     deterministic: bool = False

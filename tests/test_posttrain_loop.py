@@ -108,14 +108,15 @@ def one_process(smoke_run, plugin, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_rl_on_two_processes_matches_one(smoke_run, plugin, one_process, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # fsdp: rollouts on whole weights gathered from the shards
+def test_rl_on_two_processes_matches_one(smoke_run, plugin, one_process, tmp_path, parallel):
     single = log(one_process)
     assert [r["step"] for r in single] == [1, 2, 3, 4, 5, 6]
     assert all(r["useful_groups"] > 0 for r in single), "the parity rewards must give every step a signal"
     assert len({r["loss"] for r in single}) > 1
-    work = rl_workdir(smoke_run, tmp_path, "ddp")
-    result = run_rl(work, plugin, 2)
-    assert "2 processes (ddp)" in result.stdout
+    work = rl_workdir(smoke_run, tmp_path, parallel)
+    result = run_rl(work, plugin, 2, f"rl.parallel={parallel}")
+    assert f"2 processes ({parallel})" in result.stdout
     double = log(work)
     # the same rollouts (seeded by task, sample and turn), the same global group statistics
     for key in ("reward", "accuracy", "useful_groups", "response_tokens"):

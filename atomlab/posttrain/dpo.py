@@ -182,7 +182,7 @@ class DPO(Objective):
             )
         self.val = pairs[9::10] if len(pairs) >= 10 else []
         self.train = [p for i, p in enumerate(pairs) if len(pairs) < 10 or i % 10 != 9]
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
         self.seq_len = model.args.seq_len
 
     def describe(self) -> str:

@@ -52,6 +52,7 @@ from atomlab.steps import StepContext
 from atomlab.tokenizer import load_tokenizer
 from atomlab.train.distributed import World, all_gather_rows, all_reduce_max, all_reduce_sum, current_world
 from atomlab.train.loop import Objective, Run, fit, model_args_from_folder
+from atomlab.train.parallel import gather_into
 
 
 def group_advantages(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,11 +171,10 @@ class GRPO(Objective):
             raise AtomlabError(
                 f"rl.batch_size ({self.config.batch_size}) tasks must be divisible by the {world.size} processes"
             )
-        if world.distributed and self.config.parallel == "fsdp":
-            # the engine keeps its own copies of whole matrices, which an FSDP-sharded model does not have
-            raise AtomlabError('rl.parallel: GRPO rollouts need whole weights on each process; use "ddp"')
-        # one engine for the whole run: it follows the policy's weights as the optimizer changes them; prompts
-        # in the model's chat template, replies ending at its stop tokens
+        # one engine for the whole run on the plain model: it follows the policy's weights as the optimizer changes
+        # them (under a sharded layout the trained model is a sharded twin, whose full weights are copied into
+        # the plain one before each rollout: rollouts differ between processes, a sharded forward cannot);
+        # prompts in the model's chat template, replies ending at its stop tokens
         self.engine = Engine(model, tokenizer, device, self.chat_format)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.config.kl_coef > 0 else None
 
@@ -204,6 +204,8 @@ class GRPO(Objective):
         mine = tasks[world.rank * share : (world.rank + 1) * share]
 
         began = time.perf_counter()
+        if run.model is not self.engine.model:
+            gather_into(run.model, self.engine.model)
         run.model.eval()
         respond = engine_responder(
             self.engine, config.max_tokens, config.temperature, self.seed * 1_000_003 + step, keyed=True

@@ -1,9 +1,10 @@
-"""Parallelism applied from outside a plain model, as torchtitan does: DDP or FSDP2 under torchrun.
+"""Parallelism applied from outside a plain model, as torchtitan does, under torchrun.
 
 `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup()` joins the process group (gloo on CPU,
-NCCL on GPU). `parallelize()` then applies activation checkpointing, torch.compile and FSDP2
-(`fully_shard` per block, then the root) or DDP to the model in place, keeping its parameter
-names, so checkpoints and the release format are the same in every layout.
+NCCL on GPU). `parallelize()` then applies activation checkpointing, torch.compile and the layout
+of `train.parallel` (atomlab.train.parallel): DDP on the plain model, or a sharded twin of it on a
+device mesh (FSDP2, HSDP, tensor + sequence parallel), keeping its parameter names, so checkpoints
+and the release format are the same in every layout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from atomlab.model import Transformer
+from atomlab.train.parallel import Layout, shard_model, speed_features
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,20 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    tp: int = 1  # processes per tensor-parallel group: they see the same rows of the batch
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This process's place among the data-parallel ones (which rows of the batch it takes)."""
+        return self.rank // self.tp
+
+    @property
+    def data_size(self) -> int:
+        return self.size // self.tp
 
     @property
     def distributed(self) -> bool:
@@ -84,36 +96,22 @@ def parallelize(
     model: Transformer,
     world: World,
     *,
-    parallel: str,
+    layout: Layout,
     device: torch.device,
     compile: bool,
-    activation_checkpointing: bool,
-) -> nn.Module:
-    """Apply the speed and parallelism features; returns the module to call for training."""
-    if activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for block in model.layers:
-            checkpoint(block)  # in place: parameter names stay as they are
-    if compile:
-        for block in model.layers:
-            block.compile()  # per block, as torchtitan does: FSDP hooks stay outside the graphs
-    if not world.distributed:
-        return model
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU
-        policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if device.type == "cuda"
-            else MixedPrecisionPolicy()
-        )
-        for block in model.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    activation_checkpointing: bool | str,
+) -> tuple[Transformer, nn.Module]:
+    """Apply the speed and parallelism features. Returns the model to train (the plain one itself, or its
+    sharded twin on the device mesh) and the module to call for training (DDP-wrapped where DDP runs)."""
+    if not world.distributed or layout.plain_ddp:
+        model.to(device)
+        speed_features(model, activation_checkpointing, compile)
+        if not world.distributed:
+            return model, model
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model, ddp
+    sharded = shard_model(model, layout, device, activation_checkpointing, compile)
+    return sharded, sharded
 
 
 def cleanup(finished: bool) -> None:

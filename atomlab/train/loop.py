@@ -38,6 +38,7 @@ from atomlab.train.checkpoint import (
 from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, current_world, parallelize, setup
 from atomlab.train.lora import apply_lora, merge_lora, save_adapter
 from atomlab.train.metrics import MetricsLogger
+from atomlab.train.parallel import check_layout, gradient_sync, layout_name, resolve_layout, whole_model
 from atomlab.train.peak import device_peak_flops
 
 
@@ -118,8 +119,8 @@ def evaluate(
     indices = np.arange(windows.count)
     if max_batches is not None and max_batches * batch_size < windows.count:
         indices = np.linspace(0, windows.count - 1, max_batches * batch_size).round().astype(np.int64)
-    mine = indices[world.rank :: world.size]
-    per_process = math.ceil(len(indices) / world.size)
+    mine = indices[world.data_rank :: world.data_size]  # tensor-parallel processes share their windows
+    per_process = math.ceil(len(indices) / world.data_size)
     nats = tokens = bytes_ = 0.0
     for start in range(0, per_process, batch_size):
         chunk, weight = mine[start : start + batch_size], 1.0
@@ -132,7 +133,7 @@ def evaluate(
         nats += weight * float(loss)
         tokens += weight * int(scored.sum())
         bytes_ += weight * int((byte_lengths[targets.clamp(min=0)] * scored).sum())
-    nats, tokens, bytes_ = all_reduce_sum([nats, tokens, bytes_], device)
+    nats, tokens, bytes_ = (total / world.tp for total in all_reduce_sum([nats, tokens, bytes_], device))
     net.train()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1.0, bytes_), "val_tokens": int(tokens)}
 
@@ -169,7 +170,7 @@ def sample_text(
 ) -> str:
     """A sampled continuation of prompt, through the generation engine (the model's own forward, so under
     FSDP every rank runs it and the blocks' hooks gather their weights)."""
-    engine = Engine(model, tokenizer, model.embed_tokens.weight.device)
+    engine = Engine(whole_model(model), tokenizer, model.embed_tokens.weight.device)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(END_OF_TEXT)]
     params = SamplingParams(tokens, temperature=0.8, top_k=50, seed=seed, stop_token_ids=[tokenizer.token_to_id(stop)])
     return prompt + engine.generate([Request(ids[-(model.args.seq_len - 1) :], params)])[0].text
@@ -199,6 +200,7 @@ class Objective:
     process must make the same number of forward/backward calls (FSDP gathers per call)."""
 
     updates_per_step = 1  # optimizer steps per loop step, on the same data (GRPO's updates_per_batch)
+    tensor_parallel = False  # whether backward/validate split rows by world.data_rank (TP peers share rows)
     sample_prompt: str | None = None  # text sampled every train.sample_every steps, if any
     sample_stop: str = END_OF_TEXT
 
@@ -228,6 +230,8 @@ class Objective:
 class TrainingData(Objective):
     """Next-token loss on rows (pretraining, SFT): rows to train on and to validate on, and how to sample."""
 
+    tensor_parallel = True
+
     def __init__(self, train: Rows, val: Rows, sample_prompt: str, sample_stop: str = END_OF_TEXT) -> None:
         self.train, self.val, self.sample_prompt, self.sample_stop = train, val, sample_prompt, sample_stop
 
@@ -239,13 +243,12 @@ class TrainingData(Objective):
 
     def backward(self, step: int, update: int, run: Run) -> dict[str, Any]:
         train, world, net = run.train, run.world, run.net
-        local_batch = train.batch_size // world.size
+        local_batch = train.batch_size // world.data_size  # tensor-parallel processes share their rows
         total_loss = 0.0
         for micro in range(train.grad_accum):
-            first = (step * train.grad_accum + micro) * train.batch_size + world.rank * local_batch
+            first = (step * train.grad_accum + micro) * train.batch_size + world.data_rank * local_batch
             inputs, targets = self.train.batch(first, local_batch)
-            sync = nullcontext() if micro == train.grad_accum - 1 or not hasattr(net, "no_sync") else net.no_sync()
-            with sync:
+            with gradient_sync(net, micro == train.grad_accum - 1):
                 with run.autocast:
                     loss = lm_loss(net, inputs.to(run.device), targets.to(run.device)) / train.grad_accum
                 loss.backward()
@@ -254,7 +257,7 @@ class TrainingData(Objective):
         return {"loss": total_loss, "tokens": train.batch_size * train.grad_accum * self.train.seq_len}
 
     def validate(self, run: Run, final: bool) -> dict[str, Any]:
-        local_batch = run.train.batch_size // run.world.size
+        local_batch = run.train.batch_size // run.world.data_size
         limit = None if final else run.train.eval_batches
         return evaluate(run.net, self.val, self.byte_lengths, local_batch, limit, run.device, run.autocast, run.world)
 
@@ -313,25 +316,29 @@ def fit(
         device = torch.device("cuda", world.local_rank)
     else:  # the cores are shared by the processes on this machine
         torch.set_num_threads(train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
-    if train.batch_size % world.size:
-        raise AtomlabError(f"{label}.batch_size ({train.batch_size}) must be divisible by the {world.size} processes")
+    mesh_layout = resolve_layout(train.parallel, world.size, label)
+    check_layout(mesh_layout, args, train.batch_size, label)
+    if mesh_layout.tp > 1 and not data.tensor_parallel:
+        raise AtomlabError(f"{label}.parallel: tp > 1 is not supported for {label} yet; use dp_shard and dp_replicate")
+    world = dataclasses.replace(world, tp=mesh_layout.tp)
     torch.manual_seed(ctx.seed)
-    model = Transformer(args)
+    model = Transformer(args)  # on the host: a sharded layout copies it into shards, one tensor at a time
     model.init_weights(torch.Generator().manual_seed(ctx.seed))  # the same on every process
     if init_weights is not None:
         load_weights(model, init_weights, args.tie_embeddings)
     params = count_parameters(model)
     lora = getattr(train, "lora", None)
     if lora is not None:
-        if world.distributed and train.parallel == "fsdp":
+        if world.distributed and not mesh_layout.plain_ddp:
             raise AtomlabError(f'{label}.lora: use {label}.parallel = "ddp" with LoRA (the adapters are small)')
         adapted = apply_lora(model, lora, ctx.seed)
-    model.to(device)
+    if mesh_layout.plain_ddp:
+        model.to(device)
     data.setup(model, tokenizer, device, world, ctx.seed)
-    net = parallelize(
+    model, net = parallelize(
         model,
         world,
-        parallel=train.parallel,
+        layout=mesh_layout,
         device=device,
         compile=train.compile,
         activation_checkpointing=train.activation_checkpointing,
@@ -372,7 +379,9 @@ def fit(
                 "flops_per_token": flops_token,
             },
         )
-        layout = f"{world.size} processes ({train.parallel})" if world.distributed else "1 process"
+        layout = "1 process"
+        if world.distributed:
+            layout = f"{world.size} processes ({layout_name(train.parallel, mesh_layout)})"
         precision = "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"
         print(
             f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
@@ -469,7 +478,7 @@ def fit(
         "peak_flops": peak,
         "device": str(device),
         "processes": world.size,
-        "parallel": train.parallel if world.distributed else "none",
+        "parallel": layout_name(train.parallel, mesh_layout) if world.distributed else "none",
         "precision": "bf16" if isinstance(autocast, torch.autocast) else "fp32",
         **data.summary(metrics.records),
         "sample": metrics.last_sample(),
