@@ -536,6 +536,15 @@ def fit(
     return finish(ctx, built, run, data, init_weights, metrics, history, total_tokens, speed, precision)
 
 
+def peak_memory(device: torch.device) -> int:
+    """Bytes: the most this process's tensors took on the GPU, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def finish(
     ctx: StepContext,
     built: Built,
@@ -569,6 +578,7 @@ def finish(
         "val_bpb": final.get("val_bpb"),
         **speed.summary(),
         "device": str(run.device),
+        "peak_memory_gib": round(peak_memory(run.device) / 2**30, 3),
         "processes": world.size,
         "parallel": train.parallel if world.distributed else "none",
         "precision": precision,

@@ -119,3 +119,8 @@ class Throughput:
         if self.meter.problem:
             figures["mfu_problem"] = self.meter.problem
         return figures
+
+
+def percent(share: float | None) -> str:
+    """A share as a percentage; None (an MFU the run could not measure, see atomlab.train.peak) as n/a."""
+    return "n/a" if share is None else f"{share:.1%}"
