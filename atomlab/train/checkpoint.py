@@ -110,7 +110,8 @@ def save_checkpoint(
     """Write a checkpoint and complete it before returning."""
     checkpointer = Checkpointer(folder, keep, world)
     checkpointer.save(step, model, optimizer, extra)
-    return checkpointer.finish()
+    checkpointer.finish()
+    return checkpointer.completed
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Checkpointer:
         self.folder, self.keep, self.world = folder, keep, world
         self.async_save = async_save and _async_supported()
         self.pending: _PendingSave | None = None
+        self.completed: Path | None = None  # the latest checkpoint completed
         self.device = torch.device("cpu")
 
     def save(self, step: int, model: Transformer, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
@@ -185,6 +187,7 @@ class Checkpointer:
             for old in complete_checkpoints(self.folder)[: -self.keep]:
                 shutil.rmtree(old)
         barrier()
+        self.completed = final
         return final
 
 
