@@ -49,7 +49,7 @@ def test_chunked_loss_and_gradients_equal_the_full_cross_entropy(one_thread):
     for got, want in zip(gradients(chunked_model), gradients(full_model), strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-8)
     summed = lm_loss(chunked_model, inputs, targets, reduction="sum", chunk_tokens=7)
-    assert math.isclose(float(summed.detach()), float(expected) * int((targets >= 0).sum()), rel_tol=1e-6)
+    assert math.isclose(float(summed.detach()), float(expected.detach()) * int((targets >= 0).sum()), rel_tol=1e-6)
 
 
 def test_one_chunk_is_bitwise_the_unchunked_loss(one_thread):
