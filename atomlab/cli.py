@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace, until: str | None) -> int:
         return 0
     world = current_world()
     if world.distributed:  # under torchrun: join the job before any step, so ranks can wait for rank 0
-        from atomlab.train.loop import pick_device
+        from atomlab.device import pick_device
 
         world = setup(pick_device(recipe.train.device).type)
     finished = False

@@ -51,10 +51,17 @@ class ModelArgs:
     rope_scaling: dict | None = None  # {"type": "linear" | "llama3" | "yarn", "factor": ..., ...}, see rope_frequencies
     sliding_window: int = 0  # 0: attend to the whole context; W: to the last W positions, itself included
     nope_layers: list[int] = field(default_factory=list)  # layers without RoPE (SmolLM3: every fourth)
+    # embedding and output rows rounded up to a multiple of this (GPU matmuls like multiples of 128); the
+    # padding rows start at zero and are never an input nor a logit, and saved weights leave them out
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not self.head_dim:
             self.head_dim = self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -261,10 +268,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
+        self.embed_tokens = nn.Embedding(args.padded_vocab_size, args.d_model)
         self.layers = nn.ModuleList(Block(args, index) for index in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps)
-        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.d_model, args.padded_vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(args, args.seq_len)
@@ -281,13 +288,20 @@ class Transformer(nn.Module):
                 nn.init.zeros_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
+            elif name in ("embed_tokens.weight", "lm_head.weight"):  # the same draws with or without padding
+                nn.init.normal_(param[: self.args.vocab_size], 0.0, std, generator=generator)
+                nn.init.zeros_(param[self.args.vocab_size :])
             else:
                 nn.init.normal_(param, 0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, head: Callable | None = None
+    ) -> torch.Tensor:
         """Logits (batch, length, vocab) for token ids (batch, length). With a KV cache, the tokens continue
         each row of the cache (which keeps their keys and values) and only the last position's logits are
-        computed: (batch, 1, vocab)."""
+        computed: (batch, 1, vocab). With `head`, returns head(final hidden states, output weight) instead:
+        a loss that applies the output projection itself (atomlab.train.loss, a chunk at a time); under
+        tensor parallel, whose output projection is sharded by vocabulary, head(whole logits, None)."""
         length = tokens.shape[1]
         if cache is None:
             positions = None
@@ -309,7 +323,12 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(length)
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        if head is not None:
+            if self.lm_head.weight.__class__.__name__ == "DTensor":  # tensor parallel: its logits, gathered whole
+                return head(self.lm_head(self.norm(x)), None)
+            return head(self.norm(x), self.lm_head.weight)
+        logits = self.lm_head(self.norm(x))
+        return logits if self.args.vocab_multiple == 1 else logits[..., : self.args.vocab_size]
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         logits = self(tokens)
@@ -429,10 +448,14 @@ class KVCache:
 
 def count_parameters(model: Transformer) -> dict[str, int]:
     """Unique parameters; `matmul` counts those used in matrix multiplies (the FLOP-relevant set)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.embed_tokens.weight.numel()
+    args = model.args
+    padding = (args.padded_vocab_size - args.vocab_size) * args.d_model  # rows never used: not counted
+    heads = 1 if args.tie_embeddings else 2
+    total = sum(p.numel() for p in model.parameters()) - heads * padding
+    embedding = model.embed_tokens.weight.numel() - padding
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
-    if model.args.tie_embeddings:
+    matmul -= 0 if args.tie_embeddings else padding
+    if args.tie_embeddings:
         matmul += embedding  # the tied lm_head is a matmul with the embedding matrix
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "matmul": matmul}
 

@@ -280,8 +280,9 @@ class TrainConfig(Section):
     # show such a difference as within tolerance). Hashed although they leave the weights alone:
     # eval_every, eval_batches, sample_every, sample_tokens, since they shape the released training log
     # and samples; device, parallel, compile and activation_checkpointing, since they can change rounding.
+    # precision = "auto" enters the hash as what it resolves to on this machine (see identity).
     NOT_HASHED: ClassVar[frozenset[str]] = frozenset(
-        {"tensorboard", "wandb", "checkpoint_every", "keep_checkpoints", "threads"}
+        {"tensorboard", "wandb", "checkpoint_every", "keep_checkpoints", "threads", "async_checkpoint"}
     )
 
     max_steps: int = Field(1000, ge=1)
@@ -299,7 +300,10 @@ class TrainConfig(Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every: int = Field(200, ge=1)
-    eval_batches: int = Field(8, ge=1)  # periodic eval; the final one covers all validation data
+    eval_batches: int = Field(8, ge=1)  # periodic eval; the final one covers all validation data up to eval_tokens
+    # the most validation tokens any validation pass reads, the final one included (0: no cap); the default
+    # is above the tiny recipe's whole validation split, so its figures are those of all the data
+    eval_tokens: int = Field(1_048_576, ge=0)
     sample_every: int = Field(500, ge=1)
     sample_tokens: int = Field(64, ge=1)
     checkpoint_every: int = Field(200, ge=1)
@@ -316,8 +320,29 @@ class TrainConfig(Section):
     # PyTorch's deterministic algorithms (and cuBLAS's fixed workspace on GPU): the same weights on every rerun
     # on one machine kind, at some cost in speed on GPU. CPU training is deterministic without it.
     deterministic: bool = False
+    # "auto": bf16 autocast (fp32 master weights) where a bf16 matmul measures faster than fp32 on this device
+    # (GPUs, CPUs with AVX512-BF16 or AMX), fp32 elsewhere; "bf16" and "fp32" force one
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # the loss projects onto the vocabulary this many tokens at a time (the fp32 logits of the whole batch
+    # never exist at once); 0: the whole micro-batch at once. Batches of at most this many are unchanged.
+    loss_chunk_tokens: int = Field(4096, ge=0)
+    z_loss: float = Field(0.0, ge=0)  # weight of PaLM's z-loss, log(softmax normaliser)^2 (1e-4 is typical)
+    # checkpoints written in the background (dcp.async_save): training continues while the files are written;
+    # the checkpoint is complete (renamed from .partial) only after the save finished
+    async_checkpoint: bool = False
     tensorboard: bool = False
     wandb: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """As Section's, with precision "auto" replaced by what it resolves to on this machine's device: a step
+        run in bf16 and one run in fp32 are different steps, while "auto" that runs fp32 is the fp32 step."""
+        tree = super().identity()
+        if self.precision == "auto":
+            from atomlab.device import pick_device
+            from atomlab.train.peak import resolve_precision
+
+            tree["precision"] = resolve_precision("auto", pick_device(self.device))
+        return tree
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
@@ -440,7 +465,10 @@ class EvaluateConfig(Section):
     tasks: int = Field(500, ge=1)
     difficulty: int = Field(1, ge=1)
     samples: int = Field(8, ge=1)
-    max_tokens: int = Field(32, ge=1)
+    max_tokens: int = Field(32, ge=1)  # the longest reply to an environment task
+    # held-out bits per byte reads whole documents until this many tokens (0: all); the default is above the
+    # tiny recipe's held-out split, so its figure covers all of it
+    held_out_tokens: int = Field(1_048_576, ge=0)
 
 
 class ReleaseConfig(Section):

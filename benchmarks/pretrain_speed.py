@@ -1,11 +1,20 @@
-"""Pretraining speed, MFU and memory of the tiny recipe on this machine, measured side by side.
+"""Pretraining speed at the tiny recipe's shape, side by side: atomlab in fp32, atomlab with
+train.precision = "auto" (bf16 autocast where this CPU computes bf16 faster), and nanoGPT's own
+`train.py` at the same shape (4 layers x 256, 4 heads, sequences of 256, batch 16, the tiny vocabulary,
+fp32, no compile), if its folder is given.
 
-    python benchmarks/pretrain_speed.py          # matmul peak + training step speed + memory of a short run
-    python benchmarks/pretrain_speed.py --full   # also the whole default run: wall time, peak memory, bits/byte
+    python benchmarks/pretrain_speed.py                            # atomlab fp32 and auto
+    python benchmarks/pretrain_speed.py --nanogpt /work/ext/nanoGPT # and nanoGPT (its code is not ours:
+                                                                    # keep it outside the repository)
+    python benchmarks/pretrain_speed.py --memory                    # also a short `atomlab run tiny`: RSS
+    python benchmarks/pretrain_speed.py --full                      # also the whole default run
 
-Writes benchmarks/results/pretrain_speed.json. Timings are medians over repeated measurements
-in one process; MFU is the training FLOPs actually done per second over the fp32 matmul peak
-measured in the same run.
+The three train in turn, `--rounds` times (interleaved, so a shared machine's load falls on all alike);
+each figure is the median step time over the rounds' steps after warm-up. Achieved FLOP/s is tokens/s
+times each program's own FLOP count per token (both the PaLM accounting: 6 x matmul weights plus
+attention), so the models, which differ a little (atomlab: SwiGLU, grouped-query attention, RoPE;
+nanoGPT: GELU MLP, learned positions), are compared on work done per second. MFU is against the fp32
+matmul peak measured here. Writes benchmarks/results/pretrain_speed.json.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import pickle
+import re
 import resource
 import statistics
 import subprocess
@@ -22,48 +32,96 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from atomlab.model import Transformer, count_parameters, flops_per_token
 from atomlab.recipe import load_recipe
-from atomlab.train.loop import build_optimizer, model_args
-from atomlab.train.peak import measure_matmul_flops
+from atomlab.steps import cpu_model
+from atomlab.train.loop import autocast_context, build_optimizer, lm_loss, model_args
+from atomlab.train.peak import measure_matmul_flops, measured_precision
 
 RESULTS = Path(__file__).parent / "results" / "pretrain_speed.json"
+TINY_VOCAB = 2056  # what the tiny recipe's tokenizer reaches (config.json of its pretrain step)
 
 
-def matmul_peak(repeats: int = 5) -> dict[str, float]:
-    samples = [measure_matmul_flops(1024) for _ in range(repeats)]
-    return {"best_gflops": max(samples) / 1e9, "median_gflops": statistics.median(samples) / 1e9}
-
-
-def training_speed(recipe_name: str, steps: int, warmup: int) -> dict[str, float]:
-    recipe = load_recipe(recipe_name)
-    args = model_args(recipe.model, recipe.tokenizer.vocab_size)
+def atomlab_step_times(precision: str, steps: int, warmup: int) -> tuple[list[float], int]:
+    """Step times of atomlab's training step (the loop's loss, AdamW, clipping, autocast) at the tiny shape."""
+    recipe = load_recipe("tiny")
+    train = recipe.train
+    args = model_args(recipe.model, TINY_VOCAB)
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(0))
-    optimizer = build_optimizer(model, recipe.train, torch.device("cpu"))
-    batch = recipe.train.batch_size
-    tokens = torch.randint(0, args.vocab_size, (batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    device = torch.device("cpu")
+    optimizer = build_optimizer(model, train, device)
+    autocast = autocast_context(device, precision)
+    generator = torch.Generator().manual_seed(0)
     times = []
     for step in range(warmup + steps):
+        tokens = torch.randint(0, args.vocab_size, (train.batch_size, args.seq_len + 1), generator=generator)
         start = time.perf_counter()
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        with autocast:
+            loss = lm_loss(model, tokens[:, :-1], tokens[:, 1:], "mean", train.loss_chunk_tokens, train.z_loss)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # the loop reads the loss once per step
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    params = count_parameters(model)
-    step_time = statistics.median(times)
-    return {
-        "parameters": params["total"],
-        "flops_per_token": flops_per_token(args, params["matmul"]),
-        "tokens_per_step": batch * args.seq_len,
-        "median_step_s": step_time,
-        "tokens_per_s": batch * args.seq_len / step_time,
+    return times, flops_per_token(args, count_parameters(model)["matmul"])
+
+
+def nanogpt_step_times(folder: Path, steps: int, warmup: int, work: Path) -> tuple[list[float], int]:
+    """Step times nanoGPT's train.py prints (`iter N: ... time X ms`) at the tiny shape, on random tokens."""
+    recipe = load_recipe("tiny")
+    data = work / "data" / "atomlab"
+    if not data.is_dir():
+        data.mkdir(parents=True)
+        tokens = np.random.default_rng(0).integers(0, TINY_VOCAB, 2_000_000, dtype=np.uint16)
+        tokens.tofile(data / "train.bin")
+        tokens[:100_000].tofile(data / "val.bin")
+        with open(data / "meta.pkl", "wb") as handle:
+            pickle.dump({"vocab_size": TINY_VOCAB}, handle)  # nanoGPT reads its vocabulary size from here
+        (work / "configurator.py").write_bytes((folder / "configurator.py").read_bytes())  # read from the cwd
+    model, train = recipe.model, recipe.train
+    settings = {
+        "dataset": "atomlab",
+        "device": "cpu",
+        "dtype": "float32",
+        "compile": "False",
+        "n_layer": model.n_layers,
+        "n_head": model.n_heads,
+        "n_embd": model.d_model,
+        "block_size": model.seq_len,
+        "batch_size": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "bias": "False",
+        "dropout": 0.0,
+        "max_iters": warmup + steps,
+        "eval_interval": 100_000,
+        "eval_iters": 1,
+        "log_interval": 1,
+        "always_save_checkpoint": "False",
+        "out_dir": str(work / "out"),
+        "learning_rate": train.lr,
+        "warmup_iters": 2,
     }
+    command = [sys.executable, str(folder / "train.py"), *(f"--{key}={value}" for key, value in settings.items())]
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    if result.returncode != 0:
+        raise SystemExit(f"nanoGPT train.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    logged = re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", result.stdout)
+    times = [float(ms) / 1000 for step, ms in logged if int(step) >= warmup]
+    # nanoGPT's own FLOP count (model.estimate_mfu): 6 N + 12 L H Q T, N its parameters without the position
+    # embedding (tied token embedding, per layer 12 d^2 weights and two LayerNorms, a final LayerNorm)
+    d = model.d_model
+    parameters = TINY_VOCAB * d + model.n_layers * (12 * d * d + 2 * d) + d
+    printed = float(re.search(r"number of parameters: ([\d.]+)M", result.stdout).group(1)) * 1e6
+    assert abs(printed - parameters) < 0.01e6, (printed, parameters)  # the shape is the one asked for
+    head_size = d // model.n_heads
+    flops = 6 * parameters + 12 * model.n_layers * model.n_heads * head_size * model.seq_len
+    return times, flops
 
 
 def run_and_measure(arguments: list[str]) -> dict[str, float]:
@@ -90,48 +148,92 @@ def run_and_measure(arguments: list[str]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="also time the whole default run (about 8 minutes)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--nanogpt", type=Path, help="a folder holding nanoGPT's train.py and model.py")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per program per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="also a short `atomlab run tiny`: wall time, peak RSS")
+    parser.add_argument("--full", action="store_true", help="also time the whole default run")
     options = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    peak_before = matmul_peak()
-    speed = training_speed("tiny", options.steps, warmup=3)
-    peak_after = matmul_peak()
-    peak = max(peak_before["best_gflops"], peak_after["best_gflops"])
-    achieved = speed["tokens_per_s"] * speed["flops_per_token"] / 1e9
+    auto = measured_precision("cpu")
+    programs = {"atomlab fp32": "fp32", f"atomlab auto ({auto.precision})": auto.precision}
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    flops: dict[str, int] = {}
+    if options.nanogpt:
+        times["nanoGPT train.py fp32"] = []
+    peaks = []
+    with tempfile.TemporaryDirectory() as work:
+        for _ in range(options.rounds):
+            peaks.append(measure_matmul_flops(1024))
+            for name, precision in programs.items():
+                measured, flops[name] = atomlab_step_times(precision, options.steps, options.warmup)
+                times[name] += measured
+            if options.nanogpt:
+                measured, flops["nanoGPT train.py fp32"] = nanogpt_step_times(
+                    options.nanogpt, options.steps, options.warmup, Path(work)
+                )
+                times["nanoGPT train.py fp32"] += measured
+    peak = max(peaks)
+    recipe = load_recipe("tiny")
+    tokens_per_step = recipe.train.batch_size * recipe.model.seq_len
+    rows = {}
+    for name, measured in times.items():
+        tokens_per_s = tokens_per_step / statistics.median(measured)
+        achieved = tokens_per_s * flops[name]
+        rows[name] = {
+            "median_step_s": round(statistics.median(measured), 4),
+            "steps_timed": len(measured),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "flops_per_token": flops[name],
+            "achieved_gflops": round(achieved / 1e9, 2),
+            "mfu_vs_fp32_peak": round(achieved / peak, 4),
+        }
+    baseline = rows.get("nanoGPT train.py fp32")
+    for row in rows.values():
+        row["flops_ratio_vs_nanogpt"] = (
+            round(row["achieved_gflops"] / baseline["achieved_gflops"], 3) if baseline else None
+        )
+    fp32_row = rows["atomlab fp32"]
     results = {
         "machine": {
+            "cpu": cpu_model(),
             "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
         },
-        "matmul_fp32_n1024": {
-            "best_gflops": round(peak, 1),
-            "median_gflops": round(statistics.median([peak_before["median_gflops"], peak_after["median_gflops"]]), 1),
-        },
-        "tiny_pretrain": {
-            **{k: round(v, 4) if isinstance(v, float) else v for k, v in speed.items()},
-            "achieved_gflops": round(achieved, 1),
-            "mfu": round(achieved / peak, 4),
-        },
-        "goals": {"mfu": 0.5, "peak_memory_mib": 2048},
+        "matmul_fp32_n1024_best_gflops": round(peak / 1e9, 1),
+        "precision_auto": auto.record(),
+        "tiny_shape": rows,
+        "auto_speedup_vs_fp32": round(
+            rows[next(iter(programs.keys() - {"atomlab fp32"}))]["tokens_per_s"] / fp32_row["tokens_per_s"], 3
+        ),
     }
-    short = [
-        "tiny",
-        "train.max_steps=40",
-        "train.warmup_steps=5",
-        "train.eval_every=20",
-        "train.checkpoint_every=20",
-        "train.sample_every=40",
-    ]
-    results["short_run_memory"] = run_and_measure(short)
+    if options.memory or options.full:
+        short = [
+            "tiny",
+            "train.max_steps=40",
+            "train.warmup_steps=5",
+            "train.eval_every=20",
+            "train.checkpoint_every=20",
+            "train.sample_every=40",
+        ]
+        results["short_run_memory"] = run_and_measure(short)
     if options.full:
         results["full_default_run"] = run_and_measure(["tiny"])
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    print(f"\n{cpu_model()}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n")
+    print("| program | tokens/s | FLOP/token | achieved GFLOP/s | MFU | vs nanoGPT |\n|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        ratio = f"{row['flops_ratio_vs_nanogpt']:.2f}x" if row["flops_ratio_vs_nanogpt"] else "-"
+        print(
+            f"| {name} | {row['tokens_per_s']:,.0f} | {row['flops_per_token'] / 1e6:.2f}M | "
+            f"{row['achieved_gflops']:.1f} | {row['mfu_vs_fp32_peak']:.1%} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

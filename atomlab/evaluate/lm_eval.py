@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
+from atomlab.device import resolve_device
 from atomlab.errors import AtomlabError
-from atomlab.infer.engine import Engine, Request, SamplingParams, load_model, resolve_device
+from atomlab.infer.engine import Engine, Request, SamplingParams, load_model
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer
 
 INSTALL_HINT = "pip install 'atomlab[lm-eval]'"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 from typing import Any
 
 from atomlab.recipe import Recipe
+from atomlab.train.metrics import percent
 
 
 def _pyplot() -> Any:
@@ -60,7 +62,8 @@ def plot_throughput(metrics_log: list[dict[str, Any]], path: Path) -> None:
     left.plot([r["step"] for r in steps], [r["tokens_per_s"] for r in steps], color="C0")
     left.set(xlabel="step", ylabel="tokens/s", title="Training throughput")
     right = left.twinx()
-    right.plot([r["step"] for r in steps], [100 * r["mfu"] for r in steps], color="C1", alpha=0.6)
+    mfu = [100 * r["mfu"] if r.get("mfu") is not None else math.nan for r in steps]  # None: not measurable
+    right.plot([r["step"] for r in steps], mfu, color="C1", alpha=0.6)
     right.set_ylabel("MFU (%)", color="C1")
     left.grid(alpha=0.3)
     _save(figure, path)
@@ -184,7 +187,8 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
         f"| validation loss (nats/token) | {summary['val_loss']:.4f} |",
         f"| training tokens | {summary['tokens']:,} |",
         f"| parameters | {summary['parameters']['total']:,} |",
-        f"| throughput | {summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} on {summary['device']} |",
+        f"| throughput | {summary['tokens_per_s']:,.0f} tokens/s, MFU {percent(summary['mfu'])} "
+        f"on {summary['device']} |",
         "",
         "![training curves](training_curves.png)",
         "",

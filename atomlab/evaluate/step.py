@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from atomlab.chat_format import ChatFormat
 from atomlab.data.loader import held_out_documents
+from atomlab.device import pick_device
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
 from atomlab.evaluate.report import write_report_card
@@ -36,19 +37,33 @@ def document_bits_per_byte(
     model: Transformer, ids: list[int], byte_lengths: torch.Tensor, batch_size: int = 32
 ) -> tuple[float, int]:
     """Total nats and bytes of one document, in windows of the model's context (each window restarts it),
-    evaluated a batch of windows at a time."""
+    evaluated a batch of windows at a time on the model's device (the nats add up there: one host
+    synchronisation per document)."""
     tokens = torch.tensor(ids)
     context = model.args.seq_len
     windows = [tokens[start : start + context + 1] for start in range(0, len(ids) - 1, context)]
     windows = [w for w in windows if len(w) > 1]
-    nats, count = 0.0, 0
+    device = model.embed_tokens.weight.device
+    nats, count = torch.zeros((), dtype=torch.float64, device=device), 0
     full = [w for w in windows if len(w) == context + 1]
     batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
     batches += [w[None] for w in windows if len(w) != context + 1]  # the short tail
     for batch in batches:
-        nats += float(model.loss(batch[:, :-1], batch[:, 1:], reduction="sum"))
+        on_device = batch.to(device)
+        nats += model.loss(on_device[:, :-1], on_device[:, 1:], reduction="sum").double()
         count += int(byte_lengths[batch[:, 1:]].sum())
-    return nats, count
+    return float(nats), count
+
+
+def capped(documents: Iterable[tuple[dict[str, Any], list[int]]], max_tokens: int) -> Iterator[tuple[dict, list]]:
+    """Whole documents, in order, until they hold max_tokens tokens (0: all): the one that reaches the cap is
+    the last read, so the rest of the split is never read."""
+    total = 0
+    for doc, ids in documents:
+        if max_tokens and total >= max_tokens:
+            return
+        total += len(ids)
+        yield doc, ids
 
 
 def score_documents(
@@ -81,12 +96,14 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     # the base model: the pretrained one, or the imported one a recipe with [init] starts from
     train = ctx.inputs["pretrain"] if "pretrain" in ctx.inputs else ctx.inputs["init"]
     tokenizer = load_tokenizer(tokenizer_file(ctx))
-    model = load_model(train)
+    device = pick_device(recipe.train.device)  # where the run trained
+    model = load_model(train).to(device)
 
     def held_out() -> Iterable[tuple[dict[str, Any], list[int]]]:
         """The tokenizer step's validation shards, streamed: each document with its tokens and <|endoftext|>
-        (none when the run starts from a model)."""
-        return held_out_documents(ctx.inputs["tokenizer"]) if "tokenizer" in ctx.inputs else []
+        (none when the run starts from a model), up to evaluate.held_out_tokens."""
+        documents = held_out_documents(ctx.inputs["tokenizer"]) if "tokenizer" in ctx.inputs else []
+        return capped(documents, recipe.evaluate.held_out_tokens)
 
     documents = score_documents(model, tokenizer, held_out())
     total_bytes = sum(d["bytes"] for d in documents)
@@ -94,10 +111,11 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     by_stage = {"base": _bits_per_byte(documents)}
     for stage in POST_TRAINING:
         if stage in ctx.inputs and documents:
-            by_stage[stage] = _bits_per_byte(score_documents(load_model(ctx.inputs[stage]), tokenizer, held_out()))
+            stage_model = load_model(ctx.inputs[stage]).to(device)
+            by_stage[stage] = _bits_per_byte(score_documents(stage_model, tokenizer, held_out()))
 
     chat_format = run_chat_format(ctx, tokenizer)  # an imported model's template and stop tokens, else atomlab's
-    engine = Engine(model, tokenizer, torch.device("cpu"), chat_format)
+    engine = Engine(model, tokenizer, device, chat_format)
     settings = recipe.evaluate
     requests = [
         Request(
@@ -126,7 +144,7 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "documents": len(documents),
     }
     if recipe.evaluate.environments:
-        results.update(environment_results(ctx, recipe, chat_format, model))
+        results.update(environment_results(ctx, recipe, chat_format, model, device))
         headline["accuracy"] = {
             stage: {env: round(r["pass@1"], 4) for env, r in scores["environments"].items()}
             for stage, scores in results["stages"].items()
@@ -148,11 +166,13 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
 POST_TRAINING = ("sft", "dpo", "rl")  # the trained stages evaluated beside the base model, in graph order
 
 
-def environment_results(ctx: StepContext, recipe: Recipe, chat_format: ChatFormat, base: Transformer) -> dict[str, Any]:
+def environment_results(
+    ctx: StepContext, recipe: Recipe, chat_format: ChatFormat, base: Transformer, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """Held-out accuracy of the base model and of each post-trained one (prompted in the run's chat format,
     stopping at its stop tokens), after checking that no held-out question was trained on; paired
     differences between consecutive stages."""
-    settings = recipe.evaluate
+    device, settings = torch.device(device), recipe.evaluate
     tasks = held_out_tasks(settings, recipe.seed)
     held_out = {task.prompt_hash for task in tasks}
     trained = {stage: read_trained_prompts(ctx.inputs[stage]) for stage in POST_TRAINING if stage in ctx.inputs}
@@ -170,7 +190,7 @@ def environment_results(ctx: StepContext, recipe: Recipe, chat_format: ChatForma
         "held_out_questions_trained_on": leaked,
     }
     stages = {"base": base}
-    stages.update({stage: load_model(ctx.inputs[stage]) for stage in POST_TRAINING if stage in ctx.inputs})
+    stages.update({stage: load_model(ctx.inputs[stage]).to(device) for stage in POST_TRAINING if stage in ctx.inputs})
     scores = {}
     for stage, model in stages.items():
         scores[stage] = score_model(
@@ -180,6 +200,7 @@ def environment_results(ctx: StepContext, recipe: Recipe, chat_format: ChatForma
             samples=settings.samples,
             max_tokens=settings.max_tokens,
             seed=recipe.seed,
+            device=device,
             chat_format=chat_format,
         )
         for env, result in scores[stage]["environments"].items():

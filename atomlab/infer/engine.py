@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from atomlab.chat_format import ChatFormat
+from atomlab.device import resolve_device
 from atomlab.errors import AtomlabError
 from atomlab.model import MLP, Attention, KVCache, ModelArgs, Transformer
 from atomlab.tokenizer import encode_plain
@@ -728,15 +729,3 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
         problems.append(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, got {params.logprobs!r}")
     if problems:
         raise AtomlabError(f"sampling: {problems[0]}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AtomlabError(f"device {name}: no CUDA device is available (use cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise AtomlabError(f"device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None

@@ -19,6 +19,7 @@ from atomlab.evaluate.step import POST_TRAINING
 from atomlab.recipe import Recipe
 from atomlab.release import spdx
 from atomlab.release.openness import CODE_LICENSE, LABELS, Grade
+from atomlab.train.metrics import percent
 
 STAGES = ("pretrain", *POST_TRAINING)  # training order; the released model is the last one run
 EVAL_NAME = {"pretrain": "base"}  # eval.json calls the pretrained model "base"
@@ -185,7 +186,7 @@ def _training_stages(recipe: Recipe, stages_run: list[str], summary: dict[str, A
     rows += [
         ("seed", recipe.seed),
         ("device", summary["device"]),
-        ("throughput (pretraining)", f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}"),
+        ("throughput (pretraining)", f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {percent(summary['mfu'])}"),
     ]
     return lines + _table(rows)
 
@@ -362,3 +363,4 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+

@@ -38,7 +38,9 @@ LINEAGE = "lineage.json"
 REPORT = "reproduction.json"
 PASSING = ("bitwise", "measurements", "tolerance")
 # What the machine measured, not what the run computed.
-MEASUREMENT_KEYS = frozenset({"tokens_per_s", "mfu", "seconds", "peak_flops"})
+MEASUREMENT_KEYS = frozenset(
+    {"tokens_per_s", "mfu", "seconds", "peak_flops", "peak_memory_gib", "mfu_problem", "fp32_gflops", "bf16_gflops"}
+)
 MEASUREMENT_FILES = frozenset({"throughput.png"})
 # Step outputs that log the speed with the results; lineage.json records their sha256, which therefore
 # changes from machine to machine (the bundle's copies are compared field by field instead).

@@ -6,7 +6,11 @@ A checkpoint is a folder `checkpoints/step_NNNNNNN/` holding
 - `model.safetensors`: the full weights, readable by anyone without atomlab or torch.distributed;
 - `checkpoint.json`: the step, RNG state and data position, and the sha256 of every file above.
 It is written as `step_NNNNNNN.partial` and renamed when complete (the completion marker), so a
-kill at any moment leaves the previous checkpoint intact; on load every hash is checked.
+kill at any moment leaves the previous checkpoint intact; on load every hash is checked. With
+`train.async_checkpoint` the DCP shards are written by a background thread (dcp.async_save, from a
+copy of the state taken at the step) while training goes on; the checkpoint is completed (weights,
+checkpoint.json, rename) only once every process's save has finished, so a crash mid-save leaves a
+`.partial` folder, never a complete-looking one.
 
 DCP's `.metadata` is a pickle, which is fine for a run resuming from its own files but not for
 files someone downloads: `export_checkpoint` turns a checkpoint into the form a release holds,
@@ -21,6 +25,8 @@ import json
 import os
 import shutil
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from atomlab.errors import AtomlabError
 from atomlab.model import Transformer
 from atomlab.steps import list_files, sha256_file, write_json
-from atomlab.train.distributed import SINGLE_PROCESS, World, barrier, broadcast_object
+from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
 # DCP works without a process group (one process) but warns that it assumes so at every call.
@@ -51,11 +57,19 @@ warnings.filterwarnings("ignore", message="torch.distributed is unavailable or u
 
 
 def full_weights(model: Transformer) -> dict[str, torch.Tensor]:
-    """The whole model's weights on rank 0 (a collective under FSDP); the tied lm_head stored once."""
+    """The whole model's weights on rank 0 (a collective under FSDP); the tied lm_head stored once, the rows
+    of a padded vocabulary left out (readers see the tokenizer's vocabulary only)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)
+    vocab = model.args.vocab_size
+    for name in VOCAB_ROWS:
+        if name in state:
+            state[name] = state[name][:vocab]
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+
+
+VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # one row per token: padded in a padded vocabulary
 
 
 def save_weights(model: Transformer, path: Path, world: World = SINGLE_PROCESS) -> None:
@@ -71,6 +85,11 @@ def load_weights(model: nn.Module, path: Path, tie_embeddings: bool) -> None:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises SafetensorError / OSError on damage
         raise AtomlabError(f"{path}: cannot read weights ({exc})") from None
+    own = model.state_dict()
+    for name in VOCAB_ROWS:  # saved without the padding rows of a padded vocabulary: they are zero
+        if name in tensors and name in own and tensors[name].shape[0] < own[name].shape[0]:
+            padding = own[name].shape[0] - tensors[name].shape[0]
+            tensors[name] = torch.cat([tensors[name], tensors[name].new_zeros(padding, tensors[name].shape[1])])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if not (tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
@@ -88,39 +107,100 @@ def save_checkpoint(
     keep: int,
     world: World = SINGLE_PROCESS,
 ) -> Path:
-    root = folder / CHECKPOINTS
-    final, partial = root / f"step_{step:07d}", root / f"step_{step:07d}.partial"
-    if world.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_state, "optimizer": optimizer_state},
-        checkpoint_id=str(partial / "sharded"),
-        no_dist=not dist.is_initialized(),
-    )
-    weights = full_weights(model)
-    if world.is_main:
-        save_file(weights, str(partial / "model.safetensors"))
-        files = {name: entry["sha256"] for name, entry in list_files(partial).items()}
-        write_json(
-            partial / "checkpoint.json",
-            {
-                "step": step,
-                "processes": world.size,
-                "torch_rng": torch.get_rng_state().tolist(),
-                "files": files,
-                **extra,
-            },
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        for old in complete_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old)
-    barrier()
-    return final
+    """Write a checkpoint and complete it before returning."""
+    checkpointer = Checkpointer(folder, keep, world)
+    checkpointer.save(step, model, optimizer, extra)
+    checkpointer.finish()
+    return checkpointer.completed
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    partial: Path
+    shards: Future | None  # the background DCP save; None when written synchronously
+    weights: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Writes a run's checkpoints, each completed by its rename, in the background with async_save=True.
+    `save` starts one (completing the one before first), `poll` completes a finished background save at
+    a step where every process agrees it is finished, `finish` completes the last one."""
+
+    def __init__(self, folder: Path, keep: int, world: World = SINGLE_PROCESS, async_save: bool = False) -> None:
+        self.folder, self.keep, self.world = folder, keep, world
+        self.async_save = async_save and _async_supported()
+        self.pending: _PendingSave | None = None
+        self.completed: Path | None = None  # the latest checkpoint completed
+        self.device = torch.device("cpu")
+
+    def save(self, step: int, model: Transformer, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+        self.finish()
+        partial = self.folder / CHECKPOINTS / f"step_{step:07d}.partial"
+        if self.world.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        target, no_dist = str(partial / "sharded"), not dist.is_initialized()
+        shards = None
+        if self.async_save:  # the state is staged (copied) now; the files are written by a thread
+            shards = dcp.async_save(state, checkpoint_id=target, no_dist=no_dist)
+        else:
+            dcp.save(state, checkpoint_id=target, no_dist=no_dist)
+        meta = {"step": step, "processes": self.world.size, "torch_rng": torch.get_rng_state().tolist(), **extra}
+        self.device = next(model.parameters()).device
+        weights = full_weights(model)
+        if shards is not None:  # on CPU these are the live parameters: keep this step's values
+            weights = {name: tensor.clone() for name, tensor in weights.items()}
+        self.pending = _PendingSave(step, partial, shards, weights, meta)
+        if shards is None:
+            self.finish()
+
+    def poll(self) -> None:
+        """Complete the background save if it has finished on every process (a collective while one is pending)."""
+        if self.pending is None or self.pending.shards is None:
+            return
+        unfinished = 0.0 if self.pending.shards.done() else 1.0
+        if all_reduce_sum([unfinished], self.device)[0] == 0:
+            self.finish()
+
+    def finish(self) -> Path | None:
+        """Wait for the pending save, if any, and complete it: the weights, checkpoint.json with every file's
+        sha256, then the rename that marks it complete; older checkpoints beyond `keep` are removed."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if pending.shards is not None:
+            pending.shards.result()  # raises what the writer thread raised
+        barrier()  # every process's shards are on disk before rank 0 declares the checkpoint complete
+        final = pending.partial.with_name(f"step_{pending.step:07d}")
+        if self.world.is_main:
+            save_file(pending.weights, str(pending.partial / "model.safetensors"))
+            files = {name: entry["sha256"] for name, entry in list_files(pending.partial).items()}
+            write_json(pending.partial / "checkpoint.json", {**pending.meta, "files": files})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(pending.partial, final)
+            for old in complete_checkpoints(self.folder)[: -self.keep]:
+                shutil.rmtree(old)
+        barrier()
+        self.completed = final
+        return final
+
+
+def _async_supported() -> bool:
+    """dcp.async_save needs a CPU-capable process group (gloo) when torch.distributed is joined; with NCCL
+    alone it refuses, and the checkpoints are written synchronously instead (with a note)."""
+    if not dist.is_initialized():
+        return True
+    if torch.device("cpu") in dist.distributed_c10d._get_default_group()._device_types:
+        return True
+    if dist.get_rank() == 0:
+        print('note: train.async_checkpoint needs a gloo backend beside NCCL ("cpu:gloo,cuda:nccl"); saving in step')
+    return False
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

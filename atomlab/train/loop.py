@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,30 +20,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomlab.device import pick_device
 from atomlab.errors import AtomlabError
-from atomlab.infer.engine import Engine, Request, SamplingParams, resolve_device
 from atomlab.model import ModelArgs, Transformer, count_parameters, flops_per_token
 from atomlab.progress import progress_bar
 from atomlab.recipe import ModelConfig, TrainConfig
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
-from atomlab.train.checkpoint import (
-    complete_checkpoints,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    save_weights,
-)
+from atomlab.train.checkpoint import Checkpointer, complete_checkpoints, load_checkpoint, load_weights, save_weights
 from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, current_world, parallelize, setup
 from atomlab.train.lora import apply_lora, merge_lora, save_adapter
-from atomlab.train.metrics import MetricsLogger
-from atomlab.train.parallel import check_layout, gradient_sync, layout_name, resolve_layout, whole_model
-from atomlab.train.peak import device_peak_flops
+from atomlab.train.loss import chunked_head
+from atomlab.train.metrics import MetricsLogger, Throughput
+from atomlab.train.parallel import Layout, check_layout, gradient_sync, layout_name, resolve_layout, whole_model
+from atomlab.train.peak import MFUMeter, measured_precision, resolve_precision
+
+VOCAB_MULTIPLE = 128  # the embedding and output rows of a pretrained model (GPU matmuls like multiples of 128)
 
 
 def model_args(config: ModelConfig, vocab_size: int) -> ModelArgs:
-    shared = {f.name for f in dataclasses.fields(ModelArgs)} - {"vocab_size", "hidden"}
-    return ModelArgs(vocab_size=vocab_size, hidden=config.hidden, **{name: getattr(config, name) for name in shared})
+    shared = {f.name for f in dataclasses.fields(ModelArgs)} - {"vocab_size", "hidden", "vocab_multiple"}
+    return ModelArgs(
+        vocab_size=vocab_size,
+        hidden=config.hidden,
+        vocab_multiple=VOCAB_MULTIPLE,
+        **{name: getattr(config, name) for name in shared if hasattr(config, name)},
+    )
 
 
 def model_args_from_folder(folder: Path) -> ModelArgs:
@@ -93,10 +94,18 @@ class Rows:
         return self.rows([self.order(first + j) for j in range(size)])
 
 
-def lm_loss(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy through `net`, the possibly DDP-wrapped model (DDP syncs only calls made through it)."""
-    logits = net(inputs)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+def lm_loss(
+    net: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    chunk_tokens: int = 0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy (plus z-loss) through `net`, the possibly DDP/FSDP-wrapped model (they synchronise only
+    calls made through it), the output projection taken chunk_tokens positions at a time (atomlab.train.loss)."""
+    vocab = getattr(net, "module", net).args.vocab_size  # DDP keeps the model as .module
+    return net(inputs, head=chunked_head(targets, vocab, chunk_tokens, z_loss, reduction))
 
 
 @torch.no_grad()
@@ -105,45 +114,41 @@ def evaluate(
     windows: Rows,
     byte_lengths: torch.Tensor,
     batch_size: int,
-    max_batches: int | None,
+    max_windows: int | None,
     device: torch.device,
     autocast: Any,
     world: World = SINGLE_PROCESS,
+    chunk_tokens: int = 0,
 ) -> dict[str, float]:
-    """Validation loss (nats/token) and bits per byte over evenly spaced windows (all if max_batches is None).
+    """Validation loss (nats/token) and bits per byte over evenly spaced windows (all if max_windows is None).
 
     Each process evaluates every world.size-th window; all run the same number of forward passes
-    (FSDP needs them in step), a process short of windows repeating one with zero weight.
+    (FSDP needs them in step), a process short of windows repeating one with zero weight. The losses add
+    up on the device (one host synchronisation per pass, not per batch).
     """
     net.eval()
     indices = np.arange(windows.count)
-    if max_batches is not None and max_batches * batch_size < windows.count:
-        indices = np.linspace(0, windows.count - 1, max_batches * batch_size).round().astype(np.int64)
+    if max_windows is not None and max_windows < windows.count:
+        indices = np.linspace(0, windows.count - 1, max(1, max_windows)).round().astype(np.int64)
     mine = indices[world.data_rank :: world.data_size]  # tensor-parallel processes share their windows
     per_process = math.ceil(len(indices) / world.data_size)
-    nats = tokens = bytes_ = 0.0
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = bytes_ = 0.0
     for start in range(0, per_process, batch_size):
         chunk, weight = mine[start : start + batch_size], 1.0
         if len(chunk) == 0:
             chunk, weight = indices[:1], 0.0
         inputs, targets = windows.rows(chunk)
         with autocast:
-            loss = lm_loss(net, inputs.to(device), targets.to(device), reduction="sum")
+            loss = lm_loss(net, inputs.to(device), targets.to(device), reduction="sum", chunk_tokens=chunk_tokens)
         scored = targets >= 0  # -100 marks tokens without loss (prompts in SFT)
-        nats += weight * float(loss)
+        nats += weight * loss.double()
         tokens += weight * int(scored.sum())
         bytes_ += weight * int((byte_lengths[targets.clamp(min=0)] * scored).sum())
-    nats, tokens, bytes_ = (total / world.tp for total in all_reduce_sum([nats, tokens, bytes_], device))
+    totals = all_reduce_sum([float(nats), tokens, bytes_], device)
+    nats, tokens, bytes_ = (total / world.tp for total in totals)  # each tensor-parallel group counted once
     net.train()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1.0, bytes_), "val_tokens": int(tokens)}
-
-
-def pick_device(name: str) -> torch.device:
-    """The recipe's train.device, resolved as the engine resolves devices."""
-    try:
-        return resolve_device(name)
-    except AtomlabError as exc:
-        raise AtomlabError(f"train.device: {exc}") from None
 
 
 def use_deterministic(enabled: bool) -> None:
@@ -169,7 +174,10 @@ def sample_text(
     model: Transformer, tokenizer: Any, prompt: str, tokens: int, seed: int, stop: str = END_OF_TEXT
 ) -> str:
     """A sampled continuation of prompt, through the generation engine (the model's own forward, so under
-    FSDP every rank runs it and the blocks' hooks gather their weights)."""
+    FSDP every rank runs it and the blocks' hooks gather their weights; under tensor parallel, a gathered
+    plain copy). Imported here: training needs the engine only for its samples."""
+    from atomlab.infer.engine import Engine, Request, SamplingParams
+
     engine = Engine(whole_model(model), tokenizer, model.embed_tokens.weight.device)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(END_OF_TEXT)]
     params = SamplingParams(tokens, temperature=0.8, top_k=50, seed=seed, stop_token_ids=[tokenizer.token_to_id(stop)])
@@ -244,22 +252,50 @@ class TrainingData(Objective):
     def backward(self, step: int, update: int, run: Run) -> dict[str, Any]:
         train, world, net = run.train, run.world, run.net
         local_batch = train.batch_size // world.data_size  # tensor-parallel processes share their rows
-        total_loss = 0.0
+        # summed on the device in float64 (exactly as Python floats would), read once per step
+        total_loss = torch.zeros((), dtype=torch.float64, device=run.device)
         for micro in range(train.grad_accum):
             first = (step * train.grad_accum + micro) * train.batch_size + world.data_rank * local_batch
             inputs, targets = self.train.batch(first, local_batch)
             with gradient_sync(net, micro == train.grad_accum - 1):
                 with run.autocast:
-                    loss = lm_loss(net, inputs.to(run.device), targets.to(run.device)) / train.grad_accum
+                    loss = lm_loss(
+                        net,
+                        inputs.to(run.device),
+                        targets.to(run.device),
+                        "mean",
+                        train.loss_chunk_tokens,
+                        train.z_loss,
+                    )
+                    loss = loss / train.grad_accum
                 loss.backward()
-            total_loss += float(loss.detach())
-        total_loss = all_reduce_sum([total_loss], run.device)[0] / world.size
+            total_loss += loss.detach().double()
+        total_loss = all_reduce_sum([float(total_loss)], run.device)[0] / world.size
         return {"loss": total_loss, "tokens": train.batch_size * train.grad_accum * self.train.seq_len}
 
     def validate(self, run: Run, final: bool) -> dict[str, Any]:
-        local_batch = run.train.batch_size // run.world.data_size
-        limit = None if final else run.train.eval_batches
-        return evaluate(run.net, self.val, self.byte_lengths, local_batch, limit, run.device, run.autocast, run.world)
+        train = run.train
+        local_batch = train.batch_size // run.world.data_size
+        return evaluate(
+            run.net,
+            self.val,
+            self.byte_lengths,
+            local_batch,
+            validation_windows(train, self.val.seq_len, local_batch, final),
+            run.device,
+            run.autocast,
+            run.world,
+            train.loss_chunk_tokens,
+        )
+
+
+def validation_windows(train: TrainConfig, seq_len: int, local_batch: int, final: bool) -> int | None:
+    """How many validation windows a pass reads: eval_batches of them periodically, all in the final pass,
+    never more than train.eval_tokens' worth (None: all)."""
+    limits = [] if final else [train.eval_batches * local_batch]
+    if train.eval_tokens:
+        limits.append(max(1, train.eval_tokens // seq_len))
+    return min(limits) if limits else None
 
 
 def pretrain(
@@ -286,29 +322,15 @@ def pretrain(
     return summary
 
 
-def autocast_context(device: torch.device) -> Any:
-    """bf16 autocast where the hardware computes in bf16 (CUDA, CPUs with AVX512-BF16 or AMX); fp32
-    elsewhere, since emulated bf16 is slower than fp32 (detected at run time, not assumed)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private but long-standing torch.cpu API
-    if device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def autocast_context(device: torch.device, precision: str) -> Any:
+    """bf16 autocast (the weights, the optimizer and the loss stay fp32) or nothing (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def fit(
-    ctx: StepContext,
-    label: str,
-    args: ModelArgs,
-    train: TrainConfig,
-    tokenizer: Any,
-    data: Objective,
-    init_weights: Path | None = None,
-) -> dict[str, Any]:
-    """The training loop, for every kind of update (pretraining, SFT, DPO, GRPO): a model (fresh, or
-    loaded from init_weights), trained on `data`'s objective under train's schedule, with periodic
-    validation, samples and checkpoints."""
+def start_processes(train: TrainConfig, label: str) -> tuple[torch.device, World]:
+    """The device and the processes of this job (torch.distributed joined under torchrun)."""
     device = pick_device(train.device)
     use_deterministic(train.deterministic)
     world = setup(device.type)
@@ -316,12 +338,46 @@ def fit(
         device = torch.device("cuda", world.local_rank)
     else:  # the cores are shared by the processes on this machine
         torch.set_num_threads(train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
-    mesh_layout = resolve_layout(train.parallel, world.size, label)
-    check_layout(mesh_layout, args, train.batch_size, label)
-    if mesh_layout.tp > 1 and not data.tensor_parallel:
+    return device, world
+
+
+def plan_layout(train: TrainConfig, args: ModelArgs, data: Objective, world: World, label: str) -> Layout:
+    """The job's device-mesh layout (train.parallel), checked against the model, the batch and the objective."""
+    layout = resolve_layout(train.parallel, world.size, label)
+    check_layout(layout, args, train.batch_size, label)
+    if layout.tp > 1 and not data.tensor_parallel:
         raise AtomlabError(f"{label}.parallel: tp > 1 is not supported for {label} yet; use dp_shard and dp_replicate")
-    world = dataclasses.replace(world, tp=mesh_layout.tp)
-    torch.manual_seed(ctx.seed)
+    return layout
+
+
+@dataclasses.dataclass
+class Built:
+    """What build_model makes: the plain model, the module to train through, the parameter counts and the
+    LoRA adapters (None without LoRA)."""
+
+    model: Transformer
+    net: torch.nn.Module
+    params: dict[str, int]
+    lora: Any
+    adapted: Any
+    layout: Layout
+
+
+def build_model(
+    ctx: StepContext,
+    label: str,
+    args: ModelArgs,
+    train: TrainConfig,
+    tokenizer: Any,
+    data: Objective,
+    init_weights: Path | None,
+    device: torch.device,
+    world: World,
+    mesh_layout: Layout,
+) -> Built:
+    """The model, fresh (seeded, the same on every process) or loaded from init_weights, with LoRA if asked,
+    on the device, set up for the objective, and wrapped for the job's parallelism."""
+    adapted = None
     model = Transformer(args)  # on the host: a sharded layout copies it into shards, one tensor at a time
     model.init_weights(torch.Generator().manual_seed(ctx.seed))  # the same on every process
     if init_weights is not None:
@@ -343,23 +399,99 @@ def fit(
         compile=train.compile,
         activation_checkpointing=train.activation_checkpointing,
     )
-    optimizer = build_optimizer(model, train, device)
-    autocast = autocast_context(device)
-    run = Run(net, model, train, device, autocast, world)
+    return Built(model, net, params, lora, adapted, mesh_layout)
 
-    flops_token = flops_per_token(args, params["matmul"])
-    peak = device_peak_flops(device) * world.size  # MFU of the whole job
 
-    start_step = 0
+def resume(
+    ctx: StepContext, model: Transformer, optimizer: torch.optim.Optimizer, data: Objective, world: World
+) -> int:
+    """The step to start from: 0, or that of the latest complete checkpoint, restored (--resume)."""
     checkpoints = complete_checkpoints(ctx.folder) if ctx.resume else []
-    if checkpoints:
-        meta = load_checkpoint(checkpoints[-1], model, optimizer, world)
-        start_step = meta["step"]
-        data.restore(meta.get("objective", {}))
-        if world.is_main:
-            print(
-                f"resumed from {checkpoints[-1]} (step {start_step}, saved by {meta.get('processes', 1)} process(es))"
-            )
+    if not checkpoints:
+        return 0
+    meta = load_checkpoint(checkpoints[-1], model, optimizer, world)
+    data.restore(meta.get("objective", {}))
+    if world.is_main:
+        print(f"resumed from {checkpoints[-1]} (step {meta['step']}, saved by {meta.get('processes', 1)} process(es))")
+    return meta["step"]
+
+
+def describe_run(built: Built, data: Objective, world: World, run: Run, flops_token: int, peak: float) -> str:
+    params, lora, train = built.params, built.lora, run.train
+    layout = "1 process"
+    if world.distributed:
+        layout = f"{world.size} processes ({layout_name(train.parallel, built.layout)})"
+    precision = "bf16 autocast" if isinstance(run.autocast, torch.autocast) else "fp32"
+    return (
+        f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
+        f"{flops_token / 1e6:.1f} MFLOP/token"
+        + (f", LoRA rank {lora.rank} on {', '.join(lora.targets)}" if lora is not None else "")
+        + f"; {layout} on {run.device} ({precision}), peak {peak / 1e9:.1f} GFLOP/s"
+        + (f"; {data.describe()}" if data.describe() else "")
+    )
+
+
+def optimizer_step(
+    step: int, data: Objective, run: Run, optimizer: torch.optim.Optimizer, label: str
+) -> tuple[dict[str, Any], float, float]:
+    """One loop step: the schedule's learning rate, then each of the objective's updates (gradient,
+    clipping, AdamW). Returns the objective's record (its loss and tokens included), the learning rate
+    and the last update's gradient norm."""
+    train = run.train
+    lr = learning_rate(step, train)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for update in range(data.updates_per_step):
+        record = data.backward(step, update, run)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), train.grad_clip or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(record["loss"]):
+        raise AtomlabError(
+            f"{label}.lr: loss became {record['loss']} at step {step + 1}; lower {label}.lr ({train.lr})"
+        )
+    return record, lr, grad_norm
+
+
+def sample_into_record(ctx: StepContext, run: Run, tokenizer: Any, data: Objective, done: int) -> str:
+    """The objective's sample prompt continued at this step, appended to samples.txt."""
+    text = sample_text(
+        run.model, tokenizer, data.sample_prompt, run.train.sample_tokens, ctx.seed + done, data.sample_stop
+    )
+    if run.world.is_main:
+        with open(ctx.folder / "samples.txt", "a", encoding="utf-8") as handle:
+            handle.write(f"--- step {done} ---\n{text}\n")
+    return text
+
+
+def fit(
+    ctx: StepContext,
+    label: str,
+    args: ModelArgs,
+    train: TrainConfig,
+    tokenizer: Any,
+    data: Objective,
+    init_weights: Path | None = None,
+) -> dict[str, Any]:
+    """The training loop, for every kind of update (pretraining, SFT, DPO, GRPO): a model (fresh, or
+    loaded from init_weights), trained on `data`'s objective under train's schedule, with periodic
+    validation, samples and checkpoints. Its pieces, in order: processes and device, precision, the model
+    and its parallelism (build_model), optimizer, resume, the steps, the step's files."""
+    device, world = start_processes(train, label)
+    mesh_layout = plan_layout(train, args, data, world, label)
+    world = dataclasses.replace(world, tp=mesh_layout.tp)
+    precision = resolve_precision(train.precision, device)
+    torch.manual_seed(ctx.seed)
+    built = build_model(ctx, label, args, train, tokenizer, data, init_weights, device, world, mesh_layout)
+    model = built.model
+    optimizer = build_optimizer(model, train, device)
+    run = Run(built.net, model, train, device, autocast_context(device, precision), world)
+    flops_token = flops_per_token(args, built.params["matmul"])
+    meter = MFUMeter(device, precision, world.size)  # MFU of the whole job, against the precision in use
+    start_step = resume(ctx, model, optimizer, data, world)
+    checkpointer = Checkpointer(ctx.folder, train.keep_checkpoints, world, train.async_checkpoint)
+
     metrics = None
     if world.is_main:
         metrics = MetricsLogger(
@@ -370,58 +502,23 @@ def fit(
             run_name=ctx.step.dirname,
             config={"model": args.to_dict(), "train": train.model_dump()},
         )
-        write_json(
-            ctx.folder / "config.json",
-            {
-                "architecture": "atomlab-transformer",
-                **args.to_dict(),
-                "parameters": params,
-                "flops_per_token": flops_token,
-            },
-        )
-        layout = "1 process"
-        if world.distributed:
-            layout = f"{world.size} processes ({layout_name(train.parallel, mesh_layout)})"
-        precision = "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"
-        print(
-            f"model: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), "
-            f"{flops_token / 1e6:.1f} MFLOP/token"
-            + (f", LoRA rank {lora.rank} on {', '.join(lora.targets)}" if lora is not None else "")
-            + f"; {layout} on {device} ({precision}), peak {peak / 1e9:.1f} GFLOP/s"
-            + (f"; {data.describe()}" if data.describe() else "")
-        )
+        config = {"architecture": "atomlab-transformer", **args.to_dict()}
+        write_json(ctx.folder / "config.json", {**config, "parameters": built.params, "flops_per_token": flops_token})
+        print(describe_run(built, data, world, run, flops_token, meter.peak))
 
+    net = run.net
     net.train()
     history: list[float] = []
-    window_start, window_tokens = time.perf_counter(), 0
     # tokens trained on so far (logged cumulatively; a resumed run continues from its log)
     total_tokens = metrics.records[-1].get("tokens", 0) if metrics is not None and metrics.records else 0
-    tokens_per_second = mfu = 0.0
+    speed = Throughput(flops_token, meter)
     with progress_bar(label, total=train.max_steps, completed=start_step, enabled=world.is_main) as bar:
         for step in range(start_step, train.max_steps):
-            lr = learning_rate(step, train)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for update in range(data.updates_per_step):
-                record = data.backward(step, update, run)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            total_loss = record.pop("loss")
-            step_tokens = record.pop("tokens")
-            if not math.isfinite(total_loss):
-                raise AtomlabError(
-                    f"{label}.lr: loss became {total_loss} at step {step + 1}; lower {label}.lr ({train.lr})"
-                )
+            record, lr, grad_norm = optimizer_step(step, data, run, optimizer, label)
+            total_loss, step_tokens = record.pop("loss"), record.pop("tokens")
             done = step + 1
-            window_tokens += step_tokens
             total_tokens += step_tokens
-            elapsed = time.perf_counter() - window_start
-            if elapsed > 2.0 or done == train.max_steps:
-                tokens_per_second = window_tokens / elapsed
-                mfu = tokens_per_second * flops_token / peak
-                window_start, window_tokens = time.perf_counter(), 0
+            speed.add(step_tokens, last=done == train.max_steps)
             history.append(total_loss)
             record = {
                 "step": done,
@@ -429,10 +526,11 @@ def fit(
                 "lr": lr,
                 "grad_norm": round(grad_norm, 6),
                 "tokens": total_tokens,
-                "tokens_per_s": round(tokens_per_second, 1),
-                "mfu": round(mfu, 4),
+                **speed.record(),
                 **record,
             }
+            if speed.problem_to_report() and world.is_main:
+                bar.log(f"warning: {meter.problem}")
             if done % train.eval_every == 0 or done == train.max_steps:
                 validation = data.validate(run, done == train.max_steps)
                 record.update(validation)
@@ -442,44 +540,67 @@ def fit(
                         + (f", val bits/byte {record['val_bpb']:.3f}" if "val_bpb" in record else "")
                     )
             if data.sample_prompt is not None and (done % train.sample_every == 0 or done == train.max_steps):
-                record["sample"] = sample_text(
-                    model, tokenizer, data.sample_prompt, train.sample_tokens, ctx.seed + done, data.sample_stop
-                )
-                if world.is_main:
-                    with open(ctx.folder / "samples.txt", "a", encoding="utf-8") as handle:
-                        handle.write(f"--- step {done} ---\n{record['sample']}\n")
+                record["sample"] = sample_into_record(ctx, run, tokenizer, data, done)
             if metrics is not None:
                 metrics.log(record)
-            bar.update(done, loss=total_loss, tokens_per_s=tokens_per_second, mfu=mfu)
+            bar.update(done, loss=total_loss, tokens_per_s=speed.tokens_per_second, mfu=speed.mfu or 0.0)
+            checkpointer.poll()
             if done % train.checkpoint_every == 0 and done != train.max_steps:
                 if metrics is not None:
                     metrics.flush()
                 position = {"data_position": done * train.grad_accum * train.batch_size, "objective": data.state()}
-                save_checkpoint(ctx.folder, done, model, optimizer, position, train.keep_checkpoints, world)
-    if lora is not None:  # the adapter in PEFT's format, then merged: the step's weights are a plain model
+                checkpointer.save(done, model, optimizer, position)
+    checkpointer.finish()
+    return finish(ctx, built, run, data, init_weights, metrics, history, total_tokens, speed, precision)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: the most this process's tensors took on the GPU, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def finish(
+    ctx: StepContext,
+    built: Built,
+    run: Run,
+    data: Objective,
+    init_weights: Path | None,
+    metrics: MetricsLogger | None,
+    history: list[float],
+    total_tokens: int,
+    speed: Throughput,
+    precision: str,
+) -> dict[str, Any]:
+    """The step's files: LoRA's adapter, the weights, the summary (main process; {} on the others)."""
+    train, world = run.train, run.world
+    if built.lora is not None:  # the adapter in PEFT's format, then merged: the step's weights are a plain model
         if world.is_main:
-            save_adapter(ctx.folder, adapted, lora, str(init_weights.parent) if init_weights else "")
-        merge_lora(adapted)
-    save_weights(model, ctx.folder / "model.safetensors", world)
+            save_adapter(ctx.folder, built.adapted, built.lora, str(init_weights.parent) if init_weights else "")
+        merge_lora(built.adapted)
+    save_weights(built.model, ctx.folder / "model.safetensors", world)
     if metrics is None:
         return {}
     metrics.close()
     final = metrics.last_eval()
     summary = {
-        "parameters": params,
-        "flops_per_token": flops_token,
+        "parameters": built.params,
+        "flops_per_token": speed.flops_per_token,
         "steps": train.max_steps,
         "tokens": total_tokens,
         "final_train_loss": round(float(np.mean(history[-10:])), 4) if history else None,
         "val_loss": final.get("val_loss"),
         "val_bpb": final.get("val_bpb"),
-        "tokens_per_s": round(tokens_per_second, 1),
-        "mfu": round(mfu, 4),
-        "peak_flops": peak,
-        "device": str(device),
+        **speed.summary(),
+        "device": str(run.device),
+        "peak_memory_gib": round(peak_memory(run.device) / 2**30, 3),
         "processes": world.size,
-        "parallel": layout_name(train.parallel, mesh_layout) if world.distributed else "none",
-        "precision": "bf16" if isinstance(autocast, torch.autocast) else "fp32",
+        "parallel": layout_name(train.parallel, built.layout) if world.distributed else "none",
+        "precision": precision,
+        **({"precision_measured": measured_precision(str(run.device)).record()} if train.precision == "auto" else {}),
         **data.summary(metrics.records),
         "sample": metrics.last_sample(),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,48 @@ class MetricsLogger:
 
     def last_sample(self) -> str:
         return next((r["sample"] for r in reversed(self.records) if "sample" in r), "")
+
+
+class Throughput:
+    """Tokens/s and MFU over windows of at least 2 s of training (the last step closes one too)."""
+
+    WINDOW_S = 2.0
+
+    def __init__(self, flops_per_token: int, meter: Any) -> None:
+        self.flops_per_token, self.meter = flops_per_token, meter  # meter: atomlab.train.peak.MFUMeter
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.tokens_per_second = 0.0
+        self.mfu: float | None = 0.0
+        self._reported = False
+
+    def add(self, tokens: int, last: bool = False) -> None:
+        self.window_tokens += tokens
+        elapsed = time.perf_counter() - self.window_start
+        if elapsed > self.WINDOW_S or last:
+            self.tokens_per_second = self.window_tokens / elapsed
+            self.mfu = self.meter.mfu(self.tokens_per_second * self.flops_per_token)
+            self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def problem_to_report(self) -> bool:
+        """True once, the first time the MFU could not be reported."""
+        if self.meter.problem and not self._reported:
+            self._reported = True
+            return True
+        return False
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": round(self.tokens_per_second, 1),
+            "mfu": None if self.mfu is None else round(self.mfu, 4),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        figures = {**self.record(), "peak_flops": self.meter.peak, "peak_precision": self.meter.precision}
+        if self.meter.problem:
+            figures["mfu_problem"] = self.meter.problem
+        return figures
+
+
+def percent(share: float | None) -> str:
+    """A share as a percentage; None (an MFU the run could not measure, see atomlab.train.peak) as n/a."""
+    return "n/a" if share is None else f"{share:.1%}"
