@@ -12,6 +12,7 @@ from atomlab.errors import AtomlabError
 from atomlab.pipeline import build_steps
 from atomlab.recipe import validate_recipe
 from atomlab.release.reproduce import Tolerance, check_sources, compare_file
+from atomlab.release.timings import digest_without_speed, split_log, split_speed
 from tests.conftest import atomlab, step_folder
 
 
@@ -120,3 +121,21 @@ def test_data_sources_are_checked_by_content_when_the_bundle_records_it(tmp_path
     corpus.write_text("an edited text\n")
     with pytest.raises(AtomlabError, match="data source file corpus.txt: its sha256"):
         check_sources(bundle, lineage, build_steps(recipe, tmp_path), recipe, tmp_path)
+
+
+def test_a_training_log_is_recorded_without_its_speed_figures(tmp_path):
+    def log(name, speed, loss):
+        rows = [{"step": s, "loss": loss, "tokens_per_s": speed * s, "mfu": speed / 1e4} for s in (1, 2)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    fast, slow, other = log("a.jsonl", 900.0, 2.5), log("b.jsonl", 300.0, 2.5), log("c.jsonl", 900.0, 2.25)
+    text, series = split_log(fast)
+    assert "tokens_per_s" not in text and "mfu" not in text and '"loss": 2.5' in text
+    assert series == [{"step": 1, "tokens_per_s": 900.0, "mfu": 0.09}, {"step": 2, "tokens_per_s": 1800.0, "mfu": 0.09}]
+    # lineage.json's digest of the log is the sha256 of the bundle's copy; only results change it
+    assert digest_without_speed(fast)["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert digest_without_speed(fast) == digest_without_speed(slow) != digest_without_speed(other)
+    summary = {"val_loss": 2.0, "tokens_per_s": 5.0, "rl": {"rollout_tokens_per_s": 3.0, "accuracy": 0.5}}
+    assert split_speed(summary) == ({"val_loss": 2.0, "rl": {"accuracy": 0.5}},
+                                    {"tokens_per_s": 5.0, "rl": {"rollout_tokens_per_s": 3.0}})
