@@ -19,8 +19,8 @@ from atomlab.errors import AtomlabError
 from atomlab.evaluate.step import POST_TRAINING
 from atomlab.pipeline import recipe_as_run
 from atomlab.recipe import Recipe
-from atomlab.release.cards import STAGES, environment_figures, model_card, released_metrics
-from atomlab.release.openness import grade, read_bundle
+from atomlab.release.cards import STAGES, environment_figures, model_card, openness_section, released_metrics
+from atomlab.release.openness import Grade, grade, read_bundle
 from atomlab.release.reproduce import LINEAGE, SOURCES, lineage
 from atomlab.release.sign import SIGNATURE
 from atomlab.release.timings import TIMINGS, machine_record, split_log, without_speed
@@ -77,6 +77,16 @@ def write_machine_record(ctx: StepContext, out: Path, logs: dict[str, list[dict[
 
 def environment_accuracy(evaluated: dict[str, Any]) -> dict[str, Any]:
     return {stage: environment_figures(evaluated["stages"][stage]) for stage in evaluated["stage_order"]}
+
+
+def grade_with_card(out: Path, recipe: Recipe) -> Grade:
+    """The bundle's openness grade, written to openness.json before its model card, which quotes it."""
+    # the card is a graded component, so grade with it in place, then write it with the grade
+    # the manifest is written after this step returns: grade with the code version it will record
+    write_atomic(out / "MODEL_CARD.md", "")
+    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
+    write_json(out / "openness.json", graded.to_dict())
+    return graded
 
 
 def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
@@ -140,11 +150,7 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         shutil.copyfile(plot, out / plot.name)
     write_json(out / LINEAGE, lineage(ctx.inputs))  # every step's hash, settings, outputs: what reproduce checks
     write_machine_record(ctx, out, logs)
-    # the card is a graded component, so grade with it in place, then write it with the grade
-    # the manifest is written after this step returns: grade with the code version it will record
-    write_atomic(out / "MODEL_CARD.md", "")
-    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
-    write_json(out / "openness.json", graded.to_dict())
+    graded = grade_with_card(out, recipe)
     write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded,
                                                    stages_run))
     return {
@@ -214,7 +220,8 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     for stage, envs in metrics.get("environment_accuracy", {}).items():
         for env, r in envs.items():
             lines.append(f"- {stage}, {env}: held-out pass@1 {r['pass@1']:.3f} ({r['tasks']} tasks)")
-    write_atomic(out / "MODEL_CARD.md", "\n".join(lines) + "\n")
+    graded = grade_with_card(out, recipe)
+    write_atomic(out / "MODEL_CARD.md", "\n".join([*lines, "", *openness_section(graded)]) + "\n")
     return {"bundle": str(out), "base_model": record["base_model"], "released_stage": metrics["released_stage"]}
 
 

@@ -259,6 +259,21 @@ def _limits(recipe: Recipe, stats: dict[str, Any], tokens: dict[str, Any], langu
     return lines
 
 
+def openness_section(grade: Grade) -> list[str]:
+    """The card's Openness section: the class reached, each class's share, what is missing with the fix."""
+    lines = [
+        "## Openness",
+        "",
+        f"Model Openness Framework: **{grade.label}** (computed by `atomlab openness`, as the Model Openness Tool "
+        "evaluates; see `openness.json`). Share of each class's requirements met: "
+        + ", ".join(f"{LABELS[c].split(' (')[0]} {grade.requirements_met[c]:.0f}%" for c in (3, 2, 1))
+        + ".",
+    ]
+    if grade.missing:
+        lines += ["", "Missing or not counted:", ""] + [f"- {c.name}: {c.fix}" for c in grade.missing]
+    return lines
+
+
 def model_card(
     recipe: Recipe,
     config: dict[str, Any],
@@ -332,16 +347,7 @@ def model_card(
         "",
         *_limits(recipe, stats, tokens, language, codes, stages_run, metrics),
         "",
-        "## Openness",
-        "",
-        f"Model Openness Framework: **{grade.label}** (computed by `atomlab openness`, as the Model Openness Tool "
-        "evaluates; see `openness.json`). Share of each class's requirements met: "
-        + ", ".join(f"{LABELS[c].split(' (')[0]} {grade.requirements_met[c]:.0f}%" for c in (3, 2, 1))
-        + ".",
-    ]
-    if grade.missing:
-        lines += ["", "Missing or not counted:", ""] + [f"- {c.name}: {c.fix}" for c in grade.missing]
-    lines += [
+        *openness_section(grade),
         "",
         "## Licence",
         "",
