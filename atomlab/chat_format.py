@@ -12,6 +12,7 @@ SFT, DPO, GRPO and evaluation all go through this one class:
     ids, mask = fmt.encode(messages)           # mask[i]: token i is part of an assistant reply (what SFT trains on)
     fmt.encode_many(conversations)             # the same for many conversations, encoded in one batch
     fmt.stop_token_ids                         # the ids that end a reply
+    fmt.describe()                             # what a step records of the format it trained with
 
 Rendering follows transformers exactly: a sandboxed Jinja environment with trim_blocks and lstrip_blocks,
 `raise_exception`, `strftime_now`, a `tojson` that does not escape HTML, loop controls, `{% generation %}`,
@@ -35,6 +36,7 @@ eos_token, and the control token the template writes right after an assistant re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -210,6 +212,7 @@ class ChatFormat:
         self._globals = dict(self._compiled.globals)
         self.has_generation_blocks = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
         added = tokenizer.get_added_tokens_decoder()
+        added_texts = {t.content for t in added.values()}
         self.control_tokens = sorted({t.content for t in added.values() if t.special}, key=len, reverse=True)
         pattern = "|".join(map(re.escape, self.control_tokens)) or "(?!)"
         self._control_re = re.compile(pattern)
@@ -225,6 +228,12 @@ class ChatFormat:
             (tokenizer.id_to_token(i) for i in stops if tokenizer.id_to_token(i)), key=len, reverse=True
         )
         self._stop_re = re.compile("|".join(map(re.escape, stop_texts)) or "(?!)")
+        known = [t for t in (self.end_of_turn, self.special_tokens.get("eos_token")) if t and t in added_texts]
+        # the token that ends a reply (a sample during training stops there): the end of turn, else eos
+        self.reply_end: str | None = known[0] if known else (stop_texts[0] if stop_texts else None)
+        # an id to pad training rows with (padding is never trained on): the pad token, else a stop token
+        pads = [t for t in (self.special_tokens.get("pad_token"), PAD) if t and t in added_texts]
+        self.pad_token_id: int = tokenizer.token_to_id(pads[0]) if pads else min(stops, default=0)
 
     # ------------------------------------------------------------------ construction
 
@@ -258,6 +267,14 @@ class ChatFormat:
         generation = _read_json(folder / "generation_config.json")
         eos_ids = _ids(generation.get("eos_token_id")) or _ids(_read_json(folder / "config.json").get("eos_token_id"))
         return cls(tokenizer, template, special, eos_ids, where=where)
+
+    def describe(self) -> dict[str, Any]:
+        """The format as a step records it: where the template came from, its sha256, the stop token ids."""
+        return {
+            "template": Path(self.where).name,  # the file's name: no path of this machine in a step's outputs
+            "template_sha256": hashlib.sha256(self.template.encode("utf-8")).hexdigest(),
+            "stop_token_ids": sorted(self.stop_token_ids),
+        }
 
     # ------------------------------------------------------------------ rendering
 

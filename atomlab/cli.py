@@ -14,6 +14,7 @@ from pathlib import Path
 from atomlab import __version__, launch
 from atomlab import plan as plan_command
 from atomlab.data import cli as data_cli
+from atomlab.ecosystem import cli as ecosystem_cli
 from atomlab.envs import cli as envs_cli
 from atomlab.errors import AtomlabError
 from atomlab.evaluate import lm_eval as lm_eval_cli
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     envs_cli.register(commands)
     data_cli.register(commands)
     hub_cli.register(commands)
+    ecosystem_cli.register(commands)
     return top
 
 

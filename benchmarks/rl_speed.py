@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from atomlab.chat_format import ChatFormat
 from atomlab.infer.engine import load_model
 from atomlab.posttrain.rl import GRPO
 from atomlab.recipe import validate_recipe
@@ -51,7 +52,7 @@ def main() -> None:
         rl = {"environments": [args.environment], "batch_size": prompts, "group_size": samples}
         recipe = validate_recipe({"rl": {**rl, "max_tokens": args.max_tokens, "lr": 1e-9}})
         # the rl step's own objective (its defaults: clip 0.2, no KL, one update per batch), as fit() calls it
-        grpo = GRPO(recipe, tokenizer)
+        grpo = GRPO(recipe, ChatFormat.from_folder(folder, tokenizer))  # the bundle's template and stops
         grpo.setup(model, tokenizer, device, SINGLE_PROCESS, recipe.seed)
         optimizer = build_optimizer(model, recipe.rl, device)  # lr 1e-9: the update's cost, not its effect
         run = Run(model, model, recipe.rl, device, nullcontext(), SINGLE_PROCESS)

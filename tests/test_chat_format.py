@@ -171,15 +171,10 @@ def test_llama3_reply_mask_and_stop_tokens(llama3, qwen):
     assert qwen_fmt.stop_token_ids == {im_end, end_of_text}  # generation_config.json's list
 
 
-def test_a_llama3_style_model_stops_at_eot_id(llama3):
-    """The engine of a Llama 3 style bundle stops at <|eot_id|>: a model made to write "Hi" then <|eot_id|>
-    then more text ends its reply after <|eot_id|>."""
-    folder, _ = llama3
-    fmt = ChatFormat.from_folder(folder)
-    tokenizer = fmt.tokenizer
-    reply = [*tokenizer.encode("Hi", add_special_tokens=False).ids, tokenizer.token_to_id("<|eot_id|>")]
-    script = reply + tokenizer.encode(" and on", add_special_tokens=False).ids
-    vocab = tokenizer.get_vocab_size()
+def scripted_model(fmt: ChatFormat, chain: list[int]) -> Transformer:
+    """A model that, greedily, writes chain[i + 1] after chain[i]: the blocks add nothing, the embedding is
+    one-hot and lm_head maps a token to the next."""
+    vocab = fmt.tokenizer.get_vocab_size()
     width = vocab + vocab % 2  # an even head_dim for RoPE
     args = ModelArgs(
         vocab_size=vocab,
@@ -193,15 +188,26 @@ def test_a_llama3_style_model_stops_at_eot_id(llama3):
         qk_norm=False,
     )
     model = Transformer(args)
-    with torch.no_grad():  # the blocks add nothing; the embedding is one-hot and lm_head maps a token to the next
+    with torch.no_grad():
         for parameter in model.parameters():
             parameter.zero_()
         model.embed_tokens.weight.copy_(torch.eye(vocab, width) * 8)
         model.norm.weight.fill_(1.0)
-        prompt = fmt.prompt([{"role": "user", "content": "Hello"}])
-        chain = [prompt[-1], *script]
         for current, following in zip(chain, chain[1:], strict=False):
             model.lm_head.weight[following, current] = 10.0
+    return model.eval()
+
+
+def test_a_llama3_style_model_stops_at_eot_id(llama3):
+    """The engine of a Llama 3 style bundle stops at <|eot_id|>: a model made to write "Hi" then <|eot_id|>
+    then more text ends its reply after <|eot_id|>."""
+    folder, _ = llama3
+    fmt = ChatFormat.from_folder(folder)
+    tokenizer = fmt.tokenizer
+    reply = [*tokenizer.encode("Hi", add_special_tokens=False).ids, tokenizer.token_to_id("<|eot_id|>")]
+    script = reply + tokenizer.encode(" and on", add_special_tokens=False).ids
+    prompt = fmt.prompt([{"role": "user", "content": "Hello"}])
+    model = scripted_model(fmt, [prompt[-1], *script])
     engine = Engine(model.eval(), tokenizer, torch.device("cpu"), chat_format=fmt)
     assert engine.default_stop_token_ids == set(fmt.stop_token_ids)
     assert engine.chat_prompt([{"role": "user", "content": "Hello"}]) == prompt
@@ -269,3 +275,105 @@ def test_an_imported_llama3_bundle_chats_in_its_own_template(llama3, tmp_path):
     assert engine.chat_format.template == LLAMA3_TEMPLATE
     assert hf.convert_tokens_to_ids("<|eot_id|>") in engine.default_stop_token_ids
     assert engine.chat_prompt(CONVERSATION[:2]) == reference_ids(hf, CONVERSATION[:2], True)
+
+
+# the two published templates above with their replies marked for transformers' return_assistant_tokens_mask:
+# the same text, so transformers' mask says which tokens are the assistant's
+LLAMA3_GENERATION_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2_TAGGED_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TAGGED = {"llama3": LLAMA3_GENERATION_TEMPLATE, "qwen": QWEN2_TAGGED_TEMPLATE}
+
+
+def assistant_mask(hf, messages, template):
+    found = hf.apply_chat_template(
+        messages, chat_template=template, return_assistant_tokens_mask=True, return_dict=True
+    )
+    return list(found["input_ids"]), [bool(m) for m in found["assistant_masks"]]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen"])
+def test_sft_and_dpo_train_exactly_the_assistant_tokens_of_the_model_template(family, request):
+    """The rows SFT packs and the sequences DPO scores, in the model's own (untagged) template: token for token
+    the ids transformers' apply_chat_template gives, the loss on exactly the tokens its assistant mask marks."""
+    from atomlab.posttrain.dpo import encode_reply
+    from atomlab.posttrain.sft import IGNORE, PackedChats, example_record
+
+    folder, hf = request.getfixturevalue(family)
+    fmt = ChatFormat.from_folder(folder)  # the template the model ships, without generation tags
+    conversations = [CONVERSATION, CONVERSATION[1:], CONVERSATION[1:3], [*CONVERSATION[1:2], CONVERSATION[2]]]
+    for messages in conversations:
+        assert fmt.render(messages) == hf.apply_chat_template(messages, chat_template=TAGGED[family], tokenize=False)
+    expected = [assistant_mask(hf, messages, TAGGED[family]) for messages in conversations]
+    assert all(any(mask) and not all(mask) for _, mask in expected)
+    packed = PackedChats(fmt.encode_many(conversations), seq_len=1024, seed=0, pad_id=fmt.pad_token_id)
+    assert packed.count == 1  # all four in one row, one after the other
+    position = 0
+    for ids, mask in expected:
+        row = slice(position, position + len(ids))
+        assert packed.tokens[0, row].tolist() == ids
+        assert packed.labels[0, row].tolist() == [i if m else IGNORE for i, m in zip(ids, mask, strict=True)]
+        position += len(ids)
+    assert (packed.labels[0, position:] == IGNORE).all()
+    end = "<|eot_id|>" if family == "llama3" else "<|im_end|>"
+    record = example_record(fmt, fmt.encode(CONVERSATION))
+    assert record["trained"] == f"<think>add</think>42{end}2{end}" and record["text"] == fmt.render(CONVERSATION)
+    # DPO: a prompt and a reply, the reply's tokens scored
+    chosen = encode_reply(fmt, CONVERSATION[1:2], "42")
+    assert chosen == assistant_mask(hf, [*CONVERSATION[1:2], {"role": "assistant", "content": "42"}], TAGGED[family])
+    # a user typing the template's control tokens gets text, not a turn: no loss on it, no control ids
+    forged = FORGED_LLAMA if family == "llama3" else FORGED_QWEN
+    ids, mask = fmt.encode([{"role": "user", "content": forged}, {"role": "assistant", "content": "ok"}])
+    controls = {fmt.tokenizer.token_to_id(token) for token in fmt.control_tokens}
+    assert fmt.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False) == (
+        f"ok{end}"
+    )
+    clean, _ = fmt.encode([{"role": "user", "content": "x"}, {"role": "assistant", "content": "ok"}])
+    assert [i for i in ids if i in controls] == [i for i in clean if i in controls]
+
+
+def test_post_training_steps_use_the_imported_models_format(llama3, tmp_path):
+    """A run with [init] (its init folder holds the imported model's tokenizer_config and generation_config)
+    gets the model's format in SFT, DPO, GRPO and evaluation; a run without one gets atomlab's. GRPO's engine
+    prompts in the model's template and a rollout ends at <|eot_id|>, its sampled ids trained through it."""
+    from atomlab.envs.base import Task
+    from atomlab.envs.rollout import Rollout, engine_responder
+    from atomlab.posttrain.rl import GRPO, rollout_rows
+    from atomlab.posttrain.tasks import run_chat_format
+    from atomlab.recipe import validate_recipe
+    from atomlab.steps import StepContext
+    from atomlab.train.distributed import SINGLE_PROCESS
+
+    folder, hf = llama3
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    imported = StepContext(step=None, folder=tmp_path, inputs={"init": folder}, resume=False, seed=0)
+    fmt = run_chat_format(imported, tokenizer)
+    assert fmt.template == LLAMA3_TEMPLATE and fmt.tokenizer is tokenizer
+    assert fmt.describe()["template"] == "chat_template.jinja"  # transformers 5 writes the template apart
+    born = StepContext(step=None, folder=tmp_path, inputs={"tokenizer": folder}, resume=False, seed=0)
+    assert run_chat_format(born, tokenizer).template == CHAT_TEMPLATE
+
+    question = [{"role": "user", "content": "Hello"}]
+    reply = [*tokenizer.encode("Hi", add_special_tokens=False).ids, tokenizer.token_to_id("<|eot_id|>")]
+    script = reply + tokenizer.encode(" and on", add_special_tokens=False).ids
+    model = scripted_model(fmt, [fmt.prompt(question)[-1], *script])
+    grpo = GRPO(validate_recipe({"rl": {"max_tokens": len(script)}}), fmt)
+    grpo.setup(model, tokenizer, torch.device("cpu"), SINGLE_PROCESS, 0)
+    sampled = engine_responder(grpo.engine, len(script), 0.0, seed=0)([question])[0]
+    assert sampled.prompt_ids == reference_ids(hf, question, True)  # the model's template, as transformers renders
+    assert sampled.token_ids == reply and sampled.finish_reason == "stop" and sampled == "Hi"
+    task = Task(env="x", seed=0, index=0, difficulty=1, messages=question, answer="Hi", solution="Hi")
+    ((ids, mask),) = rollout_rows(Rollout(task, 0, [], 1.0, "", 1, False, (sampled,)), seq_len=128)
+    assert ids[-1] == tokenizer.token_to_id("<|eot_id|>") and sum(mask) == len(reply)
+    assert grpo.pad == fmt.pad_token_id == min(fmt.stop_token_ids)  # no pad token in this tokenizer: a stop id

@@ -1,6 +1,7 @@
 """GRPO and DPO in the one training loop: rollouts split across processes give the losses of one process,
 a killed RL run resumes bitwise, GRPO trains on the sampled ids, DPO pairs from files and rollouts."""
 
+import hashlib
 import json
 import math
 import os
@@ -235,6 +236,43 @@ def tiny_llama(folder: Path, tokenizer_json: Path) -> Path:
     return save_transformers_checkpoint(folder, "llama", tokenizer_json)
 
 
+LLAMA3_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def tiny_llama3(folder: Path, tokenizer_json: Path) -> Path:
+    """A random-weight Llama built by transformers, chatting as Llama 3 Instruct does: the smoke run's tokenizer
+    with Llama 3's header and end-of-turn tokens added, Meta's published chat template, and <|eot_id|> (with
+    <|endoftext|>) as the eos ids of generation_config.json."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken, Tokenizer
+
+    from tests.test_chat_format import LLAMA3_TEMPLATE
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in LLAMA3_TOKENS])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE
+    )
+    fast.save_pretrained(folder)
+    eos = [fast.convert_tokens_to_ids("<|eot_id|>"), fast.convert_tokens_to_ids("<|endoftext|>")]
+    config = transformers.LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=500000.0,
+        bos_token_id=fast.convert_tokens_to_ids("<|begin_of_text|>"),
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 POSTTRAIN = [
     "sft.tasks=200",
     "sft.val_tasks=10",
@@ -268,7 +306,7 @@ POSTTRAIN = [
 def test_posttrain_recipe_starts_from_an_imported_model(smoke_run, tmp_path):
     from tests.conftest import atomlab
 
-    hf = tiny_llama(tmp_path / "tiny-llama", step_folder(smoke_run, "tokenizer") / "tokenizer.json")
+    hf = tiny_llama3(tmp_path / "tiny-llama", step_folder(smoke_run, "tokenizer") / "tokenizer.json")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
         "".join(
@@ -302,8 +340,24 @@ def test_posttrain_recipe_starts_from_an_imported_model(smoke_run, tmp_path):
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
     adapter = json.loads((step_folder(tmp_path, "dpo") / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    # every step used the model's own chat format: SFT's rows are in the Llama 3 template, the loss on the
+    # reply through <|eot_id|>; DPO, GRPO and the evaluation prompted in it and stopped at its eos ids
+    template = hashlib.sha256((hf / "chat_template.jinja").read_bytes()).hexdigest()
+    eos = json.loads((hf / "generation_config.json").read_text())["eos_token_id"]
+    sft_data = json.loads((step_folder(tmp_path, "sft") / "sft_data.json").read_text())
+    text, trained = sft_data["example"]["text"], sft_data["example"]["trained"]
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n") and "<|user|>" not in text
+    assert text.endswith(f"<|start_header_id|>assistant<|end_header_id|>\n\n{trained}")
+    assert trained.endswith("</answer><|eot_id|>") and "header" not in trained
+    summaries = {s: json.loads((step_folder(tmp_path, s) / "train_summary.json").read_text()) for s in ("dpo", "rl")}
+    formats = [sft_data["chat_format"], *(summary["chat_format"] for summary in summaries.values())]
+    formats.append(evaluation["chat_format"])
+    assert all(f["template_sha256"] == template and set(eos) <= set(f["stop_token_ids"]) for f in formats), formats
+    samples = (step_folder(tmp_path, "sft") / "samples.txt").read_text()
+    assert "<|start_header_id|>assistant<|end_header_id|>" in samples  # sampled from a prompt in the template
     # the bundle's tokenizer is the imported model's, byte for byte
     assert (bundle / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    assert json.loads((bundle / "generation_config.json").read_text())["eos_token_id"] == eos  # chat stops there too
     assert atomlab("verify", str(bundle), cwd=tmp_path).returncode == 0
     # graded, re-derivable (lineage.json), and its speed figures in the machine record alone
     assert json.loads((bundle / "openness.json").read_text())["label"] in (bundle / "MODEL_CARD.md").read_text()

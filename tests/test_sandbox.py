@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import pytest
 from atomlab.envs import load_environment
 from atomlab.envs.code import TEMPLATES, CodeTests, _fill, _reference, render, strip_fence
 from atomlab.envs.sandbox import Limits, isolation, run_tests, same
+from atomlab.errors import AtomlabError
 
 FAST = Limits(cpu_seconds=2, wall_seconds=5)
 ONE = [((), 1)]
@@ -228,16 +230,37 @@ def planted():
 def test_isolation_reports_which_layers_hold():
     layers = isolation().layers()
     assert set(layers) == {"mount_namespace", "network_namespace", "process_limit", "unprivileged_uid", "audit_hook"}
-    assert layers["mount_namespace"] == (isolation().filesystem == "bwrap")
+    assert layers["mount_namespace"] == bool(isolation().filesystem)
     assert ("mount namespace: read-only minimal root" in isolation().describe()) == layers["mount_namespace"]
     if not shutil.which("bwrap"):
         pytest.skip(NO_BWRAP)
     assert all(layers.values()), isolation().describe()
 
 
-def test_mount_namespace_holds_without_the_audit_hook(planted):
-    if isolation().filesystem != "bwrap":
-        pytest.skip(NO_BWRAP if not shutil.which("bwrap") else "bubblewrap cannot make namespaces here")
+TOOLS = {"bwrap": ("bwrap",), "unshare": ("unshare", "setpriv")}  # each way to a mount namespace, its programs
+
+
+@pytest.fixture(params=list(TOOLS))
+def mount_tool(request, monkeypatch):
+    """The sandbox made with one tool (ATOMLAB_SANDBOX=bwrap or =unshare), found afresh for the test."""
+    from atomlab.envs import sandbox
+
+    missing = [program for program in TOOLS[request.param] if not shutil.which(program)]
+    if missing:
+        pytest.skip(NO_BWRAP if request.param == "bwrap" else f"{', '.join(missing)} (util-linux) missing")
+    monkeypatch.setenv("ATOMLAB_SANDBOX", request.param)
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    try:
+        found = isolation()
+    except AtomlabError as exc:
+        pytest.skip(f"{request.param} cannot make namespaces here: {exc}")
+    assert found.filesystem == request.param and all(found.layers().values()), found.describe()
+    return request.param
+
+
+def test_mount_namespace_holds_without_the_audit_hook(planted, mount_tool):
+    """With either tool, and the audit hook off: nothing of the machine visible, no write outside the run's folder
+    (a world-writable folder included), no connection to a port listening on this machine, no fork."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -245,6 +268,42 @@ def test_mount_namespace_holds_without_the_audit_hook(planted):
         result = run_tests(ATTACKS, "f", [(arguments, HELD)], FAST, audit_hook=False)
     assert result.all_passed, result.error
     assert sorted(p.name for p in planted.iterdir()) == ["secret.txt"]
+    # the run's own folder stays writable; nothing else is, /tmp included
+    probe = "def f():\n    open('here.txt', 'w').write('x')\n    return open('here.txt').read()\n"
+    assert run_tests(probe, "f", [((), "x")], FAST, audit_hook=False).all_passed
+    escape = "def f():\n    open('/tmp/elsewhere.txt', 'w')\n"
+    assert "Read-only file system" in run_tests(escape, "f", ONE, FAST, audit_hook=False).error
+    # no capability left to undo it: chroot, remounting / writable and unmounting /usr are all refused
+    assert run_tests(UNDO, "f", [((), [errno.EPERM] * 3)], FAST, audit_hook=False).all_passed
+
+
+UNDO = """
+import ctypes, os
+
+def f():
+    libc, refused = ctypes.CDLL(None, use_errno=True), []
+    try:
+        os.chroot("/usr")
+    except OSError as exc:
+        refused.append(exc.errno)
+    for call in (lambda: libc.mount(None, b"/", None, 32 | 4096, None), lambda: libc.umount2(b"/usr", 2)):
+        refused.append(ctypes.get_errno() if call() != 0 else 0)
+    return refused
+"""
+
+
+def test_a_required_mount_namespace_that_cannot_be_made_is_one_error(monkeypatch, tmp_path):
+    from atomlab.envs import sandbox
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither bwrap nor unshare to be found
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    monkeypatch.setenv("ATOMLAB_SANDBOX", "namespaces")
+    with pytest.raises(AtomlabError, match="cannot make a mount namespace here.*install bubblewrap") as error:
+        run_tests("def f():\n    return 1\n", "f", ONE, FAST)
+    assert "\n" not in str(error.value)
+    monkeypatch.setenv("ATOMLAB_SANDBOX", "jail")
+    with pytest.raises(AtomlabError, match="ATOMLAB_SANDBOX='jail': expected one of auto, namespaces"):
+        run_tests("def f():\n    return 1\n", "f", ONE, FAST)
 
 
 ORDINARY_USER = """
@@ -258,13 +317,11 @@ print(json.dumps({"layers": isolation().layers(), "describe": isolation().descri
 """
 
 
-def test_an_ordinary_user_gets_the_same_sandbox(planted):
+def test_an_ordinary_user_gets_the_same_sandbox(planted, mount_tool):
     """The attacks again, the whole sandbox (isolation() included) run by an unprivileged user: `nobody`,
     entered with setpriv when the tests run as root; as an ordinary user the tests above already are that."""
     if os.geteuid() != 0:
         pytest.skip("the tests already run as an ordinary user: the tests above are this test")
-    if not shutil.which("bwrap"):
-        pytest.skip(NO_BWRAP)
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is missing: cannot become an unprivileged user")
     user_python = next(
@@ -288,6 +345,7 @@ def test_an_ordinary_user_gets_the_same_sandbox(planted):
     report = json.loads(done.stdout)
     assert report["passed"], report
     assert all(report["layers"].values()) and "as the current uid (65534)" in report["describe"], report
+    assert {"bwrap": "(bubblewrap)", "unshare": "(unshare and setpriv)"}[mount_tool] in report["describe"]
 
 
 # The `code` environment

@@ -17,7 +17,12 @@ What is enforced, from the strongest layer down (`isolation()` says which apply 
   the interpreter's own install folder when it lies elsewhere, a private /dev and /proc, and a
   private, empty /tmp holding only the temporary folder. No home directory, no /etc, no /work,
   nothing else of the machine exists there, so nothing else can be read, and nothing outside the
-  folder can be written, whatever gets past the layers below.
+  folder can be written (/ and /tmp are read-only), whatever gets past the layers below.
+- Kernel, where bubblewrap is missing but `unshare` and `setpriv` (util-linux) and user namespaces
+  exist: the same namespaces and tree, mounted by MOUNT_ROOT inside `unshare --user --map-root-user`,
+  then chroot, then `setpriv` empties the capability bounding set, so the code (uid 0 of its own
+  namespace, nobody outside it) cannot remount, unmount or chroot. `ATOMLAB_SANDBOX=namespaces`
+  (or `=bwrap`, `=unshare`) refuses to run without one of these, in one line.
 - Kernel, always: `setrlimit` before the interpreter starts: CPU seconds (SIGXCPU, then SIGKILL a
   second later), address space (512 MiB by default: a memory hog gets MemoryError), largest file
   written, open files, no core dumps; a new session, and the whole process group is SIGKILLed on
@@ -104,8 +109,10 @@ class Isolation:
 
     python: str
     uid: int | None  # the uid the child drops to (from root), or None to keep the current one
-    network: str  # "bwrap", "root" or "user": how the network namespace is made; "" when none could be
-    filesystem: str = ""  # "bwrap": a mount namespace with a read-only minimal root; "" when none
+    network: str  # "bwrap", "unshare", "root" or "user": how the network namespace is made; "" when none could be
+    # "bwrap" or "unshare" (util-linux, where bubblewrap is missing): a mount namespace with a read-only minimal
+    # root; "" when none
+    filesystem: str = ""
 
     @property
     def process_limit(self) -> bool:
@@ -117,7 +124,7 @@ class Isolation:
         a private /tmp), a network namespace, the kernel's process limit, an unprivileged uid; the audit
         hook always does."""
         return {
-            "mount_namespace": self.filesystem == "bwrap",
+            "mount_namespace": bool(self.filesystem),
             "network_namespace": bool(self.network),
             "process_limit": self.process_limit,
             "unprivileged_uid": self.uid is not None or os.geteuid() != 0,
@@ -126,7 +133,8 @@ class Isolation:
 
     def describe(self) -> str:
         user = f"uid {self.uid}" if self.uid is not None else f"the current uid ({os.geteuid()})"
-        files = "read-only minimal root, private /tmp (bubblewrap)" if self.filesystem else "no (file permissions only)"
+        tool = {"bwrap": "bubblewrap", "unshare": "unshare and setpriv"}.get(self.filesystem)
+        files = f"read-only minimal root, private /tmp ({tool})" if tool else "no (file permissions only)"
         return (
             f"python {self.python} as {user}; mount namespace: {files}; "
             f"network namespace: {'yes' if self.network else 'no (audit hook only)'}; "
@@ -331,8 +339,9 @@ def _child_setup(isolation: Isolation, limits: Limits) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
         # No new processes or threads. Set after setuid: the kernel checks the count when changing
-        # user, and an exceeded limit then would make the exec fail. bwrap must fork: its child sets it.
-        if isolation.filesystem != "bwrap":
+        # user, and an exceeded limit then would make the exec fail. bwrap must fork, and unshare must write
+        # its uid map: in a mount namespace the child sets it (RUNNER's no_processes).
+        if not isolation.filesystem:
             resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
     return setup
@@ -398,42 +407,128 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _bwrap_command(folder: str, python: str) -> list[str]:
-    """bubblewrap's arguments for a child that sees only a read-only /usr (with the /bin, /lib links of a
-    merged-/usr system), the interpreter's install folder, a private /dev and /tmp, and `folder` (no /proc)."""
-    # All of --unshare-all but the PID namespace: its init would exit after reporting the code's status and
-    # could outlive bwrap as a zombie nobody reaps (the code then as init would ignore RLIMIT_CPU's signals)
-    command = [shutil.which("bwrap") or "bwrap", "--unshare-user-try", "--unshare-ipc", "--unshare-net"]
-    command += ["--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--ro-bind", "/usr", "/usr"]
+def _minimal_root(folder: str, python: str) -> list[list[str]]:
+    """The child's whole file system, as bubblewrap options without their dashes: a read-only /usr (with the /bin,
+    /lib links of a merged-/usr system), the interpreter's install folder, a private /dev and /tmp, and `folder`
+    (no /proc); all of it is then made read-only but `folder`. The unshare fallback builds the same tree itself
+    (MOUNT_ROOT)."""
+    entries = [["ro-bind", "/usr", "/usr"]]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = "/" + name
         if os.path.islink(path):
-            command += ["--symlink", os.readlink(path), path]
+            entries.append(["symlink", os.readlink(path), path])
         elif os.path.isdir(path):
-            command += ["--ro-bind", path, path]
+            entries.append(["ro-bind", path, path])
     prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))  # .../bin/python3 -> its install folder
     if prefix != "/usr" and not prefix.startswith("/usr/"):
-        command += ["--ro-bind", prefix, prefix]
+        entries.append(["ro-bind", prefix, prefix])
         if os.path.dirname(python) != os.path.join(prefix, "bin"):  # a venv's link to that interpreter
-            command += ["--ro-bind", os.path.dirname(python), os.path.dirname(python)]
-    command += ["--dev", "/dev", "--tmpfs", "/tmp", "--bind", folder, folder]
-    return [*command, "--remount-ro", "/", "--chdir", folder, "--"]
+            entries.append(["ro-bind", os.path.dirname(python), os.path.dirname(python)])
+    return [*entries, ["dev", "/dev"], ["tmpfs", "/tmp"], ["bind", folder, folder]]
+
+
+def _bwrap_command(folder: str, python: str) -> list[str]:
+    """bubblewrap's arguments for a child that sees only the minimal root."""
+    # All of --unshare-all but the PID namespace: its init would exit after reporting the code's status and
+    # could outlive bwrap as a zombie nobody reaps (the code then as init would ignore RLIMIT_CPU's signals)
+    command = [shutil.which("bwrap") or "bwrap", "--unshare-user-try", "--unshare-ipc", "--unshare-net"]
+    command += ["--unshare-uts", "--unshare-cgroup-try", "--die-with-parent"]
+    for kind, *paths in _minimal_root(folder, python):
+        command += [f"--{kind}", *paths]
+    return [*command, "--remount-ro", "/tmp", "--remount-ro", "/", "--chdir", folder, "--"]  # writable: folder only
+
+
+# The unshare fallback, where bubblewrap is missing: `unshare` (util-linux) makes new user (the caller mapped to
+# root in it), mount, network, IPC and UTS namespaces, then this program, in them and before any of the code is
+# read, mounts the minimal root on an empty folder, read-only but for the run's folder, and chroots into it;
+# `setpriv` then empties the capability bounding set, so the interpreter it starts (uid 0 of the namespace) holds
+# no capability at all: it cannot mount, unmount, remount or chroot its way out. Standard library only.
+MOUNT_ROOT = r"""
+import ctypes, json, os, sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+DEVICES = ("null", "zero", "full", "random", "urandom")
+root, folder, entries = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+
+def mount(source, target, kind, flags, data=None):
+    encode = lambda text: None if text is None else text.encode()
+    if libc.mount(encode(source), encode(target), encode(kind), flags, encode(data)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, "sandbox: mount " + str(source) + " on " + target + ": " + os.strerror(error))
+
+
+def bind(source, target, read_only):
+    mount(source, target, None, MS_BIND | MS_REC)
+    if read_only:  # a remount must keep the flags the kernel locked on the source (nosuid, nodev, noexec)
+        locked = os.statvfs(source).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked)
+
+
+def place(path, directory=True):
+    target = root + path
+    os.makedirs(target if directory else os.path.dirname(target), exist_ok=True)
+    if not directory:
+        open(target, "a").close()
+    return target
+
+
+mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here shows outside
+mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+for kind, *paths in entries:
+    if kind == "ro-bind":
+        bind(paths[0], place(paths[1]), True)
+    elif kind == "symlink":
+        os.symlink(paths[0], root + paths[1])
+    elif kind == "dev":
+        place(paths[0])
+        for name in DEVICES:
+            bind("/dev/" + name, place(paths[0] + "/" + name, directory=False), False)
+    elif kind == "tmpfs":
+        mount("tmpfs", place(paths[0]), "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    elif kind == "bind":
+        bind(paths[0], place(paths[1]), False)
+mount(None, root + "/tmp", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)  # /tmp holds the folder alone
+mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+os.chroot(root)
+os.chdir(folder)
+os.execv(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _unshare_command(folder: str, root: str, python: str) -> list[str]:
+    """The fallback's command: namespaces (unshare), the minimal root mounted on `root` (MOUNT_ROOT), then no
+    capabilities (setpriv), then what follows."""
+    unshare, setpriv = shutil.which("unshare") or "unshare", shutil.which("setpriv") or "setpriv"
+    namespaces = [unshare, "--user", "--map-root-user", "--mount", "--net", "--ipc", "--uts", "--"]
+    mounting = [python, "-I", "-S", "-B", "-c", MOUNT_ROOT, root, folder, json.dumps(_minimal_root(folder, python))]
+    return [*namespaces, *mounting, setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 
 
 def _execute(job: dict[str, Any], isolation: Isolation, limits: Limits) -> _Run:
     folder = os.path.realpath(tempfile.mkdtemp(prefix="atomlab-sandbox-"))
+    # the unshare fallback mounts the child's root on an empty folder of its own (seen empty from here)
+    root = ""
+    if isolation.filesystem == "unshare":
+        root = os.path.realpath(tempfile.mkdtemp(prefix="atomlab-sandbox-root-"))
     read_end = write_end = -1
     try:
         if isolation.uid is not None:
-            os.chown(folder, isolation.uid, isolation.uid)
+            for path in filter(None, (folder, root)):
+                os.chown(path, isolation.uid, isolation.uid)
         job_path = os.path.join(folder, ".job.json")
         with open(job_path, "w", encoding="utf-8") as handle:
-            json.dump({**job, "folder": folder, "no_processes": isolation.filesystem == "bwrap"}, handle)
+            json.dump({**job, "folder": folder, "no_processes": bool(isolation.filesystem)}, handle)
         read_end, write_end = os.pipe()
         environment = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"}
         command = [isolation.python, "-I", "-S", "-B", "-c", RUNNER, job_path, str(write_end)]
         if isolation.filesystem == "bwrap":
             command = [*_bwrap_command(folder, isolation.python), *command]
+        elif isolation.filesystem == "unshare":
+            command = [*_unshare_command(folder, root, isolation.python), *command]
         started = time.monotonic()
         process = subprocess.Popen(
             command,
@@ -473,6 +568,8 @@ def _execute(job: dict[str, Any], isolation: Isolation, limits: Limits) -> _Run:
             if fd >= 0:
                 os.close(fd)
         _remove_tree(folder)
+        if root:
+            _remove_tree(root)
 
 
 def _collect(process: subprocess.Popen, results_fd: int, limits: Limits, started: float) -> _Run:
@@ -625,15 +722,34 @@ _isolation: Isolation | None = None
 _isolation_lock = threading.Lock()
 
 
-def _candidates() -> list[Isolation]:
-    """Strongest first: bubblewrap's namespaces (as nobody, from root), then an unprivileged uid (as root),
-    then a network namespace, then the interpreter alone."""
+SANDBOX_SETTING = "ATOMLAB_SANDBOX"
+# what ATOMLAB_SANDBOX may ask for: the strongest that works (default), a mount namespace by either tool, one tool
+MODES = {"auto": None, "namespaces": ("bwrap", "unshare"), "bwrap": ("bwrap",), "unshare": ("unshare",)}
+
+
+def sandbox_mode() -> str:
+    mode = os.environ.get(SANDBOX_SETTING, "") or "auto"
+    if mode not in MODES:
+        raise AtomlabError(f"{SANDBOX_SETTING}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def _candidates(mode: str = "auto") -> list[Isolation]:
+    """Strongest first: bubblewrap's namespaces (as nobody, from root), then unshare's, then an unprivileged uid
+    (as root), then a network namespace, then the interpreter alone; `mode` keeps only the mount namespaces."""
     pythons = [sys.executable]
     if os.path.realpath(FALLBACK_PYTHON) != os.path.realpath(sys.executable) and os.access(FALLBACK_PYTHON, os.X_OK):
         pythons.append(FALLBACK_PYTHON)
-    contained = [Isolation(p, NOBODY if os.geteuid() == 0 else None, "bwrap", "bwrap") for p in pythons]
-    if not shutil.which("bwrap"):
-        contained = []
+    uid = NOBODY if os.geteuid() == 0 else None
+    tools = {"bwrap": ("bwrap",), "unshare": ("unshare", "setpriv")}
+    contained = [
+        Isolation(p, uid, tool, tool)
+        for tool in MODES[mode] or tools
+        if all(shutil.which(program) for program in tools[tool])
+        for p in pythons
+    ]
+    if MODES[mode] is not None:
+        return contained
     if os.geteuid() == 0:
         found = [Isolation(p, NOBODY, net) for net in ("root", "user", "") for p in pythons]
         return contained + found + [Isolation(sys.executable, None, net) for net in ("root", "")]
@@ -656,12 +772,21 @@ def isolation() -> Isolation:
     with _isolation_lock:
         if _isolation is None:
             _resolve_unshare()
-            for candidate in _candidates():
+            mode = sandbox_mode()
+            candidates = _candidates(mode)
+            for candidate in candidates:
                 if _works(candidate):
                     _isolation = candidate
                     break
             else:
-                raise AtomlabError(f"the code sandbox cannot start {sys.executable} (tried {len(_candidates())} ways)")
+                if mode != "auto":
+                    raise AtomlabError(
+                        f"{SANDBOX_SETTING}={mode}: the code sandbox cannot make a mount namespace here ("
+                        + (f"tried {len(candidates)} ways" if candidates else "neither bwrap nor unshare+setpriv found")
+                        + "); install bubblewrap (apt-get install bubblewrap) or allow unprivileged user namespaces "
+                        "(sysctl user.max_user_namespaces), or unset it for the weaker layers"
+                    )
+                raise AtomlabError(f"the code sandbox cannot start {sys.executable} (tried {len(candidates)} ways)")
         return _isolation
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomlab.chat_format import ChatFormat
 from atomlab.envs import Task, load_environment
 from atomlab.envs.rollout import engine_responder, run_episodes
 from atomlab.infer.engine import Engine
@@ -54,9 +55,11 @@ def score_model(
     max_tokens: int,
     seed: int,
     device: torch.device | None = None,
+    chat_format: ChatFormat | None = None,
 ) -> dict[str, Any]:
-    """Greedy and sampled accuracy of one model on tasks (of one or more environments)."""
-    engine = Engine(model, tokenizer, device or torch.device("cpu"))
+    """Greedy and sampled accuracy of one model on tasks (of one or more environments), prompted in
+    `chat_format` and stopping at its stop tokens (default: atomlab's)."""
+    engine = Engine(model, tokenizer, device or torch.device("cpu"), chat_format)
     results: dict[str, Any] = {"environments": {}}
     for env_id in dict.fromkeys(task.env for task in tasks):
         env = load_environment(env_id)

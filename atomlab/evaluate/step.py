@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from atomlab.chat_format import ChatFormat
 from atomlab.data.loader import held_out_documents
 from atomlab.errors import AtomlabError
 from atomlab.evaluate.environments import paired_difference, score_model
@@ -21,6 +22,7 @@ from atomlab.posttrain.tasks import (
     held_out_seed,
     held_out_tasks,
     read_trained_prompts,
+    run_chat_format,
     tokenizer_file,
     training_seed,
 )
@@ -94,7 +96,8 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         if stage in ctx.inputs and documents:
             by_stage[stage] = _bits_per_byte(score_documents(load_model(ctx.inputs[stage]), tokenizer, held_out()))
 
-    engine = Engine(model, tokenizer, torch.device("cpu"))
+    chat_format = run_chat_format(ctx, tokenizer)  # an imported model's template and stop tokens, else atomlab's
+    engine = Engine(model, tokenizer, torch.device("cpu"), chat_format)
     settings = recipe.evaluate
     requests = [
         Request(
@@ -123,7 +126,7 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "documents": len(documents),
     }
     if recipe.evaluate.environments:
-        results.update(environment_results(ctx, recipe, tokenizer, model))
+        results.update(environment_results(ctx, recipe, chat_format, model))
         headline["accuracy"] = {
             stage: {env: round(r["pass@1"], 4) for env, r in scores["environments"].items()}
             for stage, scores in results["stages"].items()
@@ -145,9 +148,10 @@ def evaluate_step(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
 POST_TRAINING = ("sft", "dpo", "rl")  # the trained stages evaluated beside the base model, in graph order
 
 
-def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: Transformer) -> dict[str, Any]:
-    """Held-out accuracy of the base model and of each post-trained one, after checking that no
-    held-out question was trained on; paired differences between consecutive stages."""
+def environment_results(ctx: StepContext, recipe: Recipe, chat_format: ChatFormat, base: Transformer) -> dict[str, Any]:
+    """Held-out accuracy of the base model and of each post-trained one (prompted in the run's chat format,
+    stopping at its stop tokens), after checking that no held-out question was trained on; paired
+    differences between consecutive stages."""
     settings = recipe.evaluate
     tasks = held_out_tasks(settings, recipe.seed)
     held_out = {task.prompt_hash for task in tasks}
@@ -170,7 +174,13 @@ def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: 
     scores = {}
     for stage, model in stages.items():
         scores[stage] = score_model(
-            model, tokenizer, tasks, samples=settings.samples, max_tokens=settings.max_tokens, seed=recipe.seed
+            model,
+            chat_format.tokenizer,
+            tasks,
+            samples=settings.samples,
+            max_tokens=settings.max_tokens,
+            seed=recipe.seed,
+            chat_format=chat_format,
         )
         for env, result in scores[stage]["environments"].items():
             low, high = result["pass@1_ci95"]
@@ -183,4 +193,10 @@ def environment_results(ctx: StepContext, recipe: Recipe, tokenizer: Any, base: 
                 scores[before]["environments"][env]["correct"], scores[after]["environments"][env]["correct"]
             )
     # the stages in training order (eval.json sorts keys)
-    return {"decontamination": decontamination, "stage_order": names, "stages": scores, "comparisons": comparisons}
+    return {
+        "decontamination": decontamination,
+        "chat_format": chat_format.describe(),
+        "stage_order": names,
+        "stages": scores,
+        "comparisons": comparisons,
+    }

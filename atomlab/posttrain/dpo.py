@@ -23,16 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from atomlab.chat_format import ChatFormat
 from atomlab.envs.base import prompt_hash
 from atomlab.envs.rollout import SampledReply, engine_responder, run_tasks
 from atomlab.errors import AtomlabError
 from atomlab.infer.engine import Engine
 from atomlab.model import Transformer
 from atomlab.posttrain.rl import pad_rows
-from atomlab.posttrain.sft import checked_messages, jsonl_records
+from atomlab.posttrain.sft import Sequence, checked_messages, jsonl_records
 from atomlab.posttrain.tasks import (
     environments,
     held_out_hashes,
+    run_chat_format,
     starting_model,
     tokenizer_file,
     training_tasks,
@@ -40,11 +42,9 @@ from atomlab.posttrain.tasks import (
 )
 from atomlab.recipe import DPOConfig, Recipe
 from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import PAD, encode_chat, load_tokenizer
+from atomlab.tokenizer import load_tokenizer
 from atomlab.train.distributed import World, all_gather_objects, all_reduce_sum, current_world
 from atomlab.train.loop import Objective, Run, fit, model_args_from_folder
-
-Sequence = tuple[list[int], list[bool]]  # token ids and, per token, whether it is a reply token
 
 
 def read_pairs_file(path: Path) -> list[dict[str, Any]]:
@@ -71,8 +71,9 @@ def read_pairs_file(path: Path) -> list[dict[str, Any]]:
     return pairs
 
 
-def encode_reply(tokenizer: Any, messages: list[dict[str, str]], reply: str) -> Sequence:
-    return encode_chat(tokenizer, [*messages, {"role": "assistant", "content": reply}])
+def encode_reply(chat_format: ChatFormat, messages: list[dict[str, str]], reply: str) -> Sequence:
+    """The prompt and a reply in the model's chat format; the mask on the reply's tokens through its end of turn."""
+    return chat_format.encode([*messages, {"role": "assistant", "content": reply}])
 
 
 def sampled_sequence(reply: SampledReply) -> Sequence:
@@ -143,9 +144,9 @@ def pad_sequences(sequences: list[Sequence], pad: int, seq_len: int) -> tuple[to
 class DPO(Objective):
     """One DPO step: `dpo.batch_size` pairs (each process its share, chosen and rejected in one forward)."""
 
-    def __init__(self, recipe: Recipe, tokenizer: Any, base: Path) -> None:
-        self.recipe, self.config, self.tokenizer = recipe, recipe.dpo, tokenizer
-        self.pad = tokenizer.token_to_id(PAD)
+    def __init__(self, recipe: Recipe, chat_format: ChatFormat, base: Path) -> None:
+        self.recipe, self.config, self.chat_format = recipe, recipe.dpo, chat_format
+        self.pad = chat_format.pad_token_id
         self.held_out = held_out_hashes(recipe.evaluate, recipe.seed) if recipe.evaluate.environments else set()
         self.file_pairs: list[tuple[Sequence, Sequence]] = []
         self.trained_prompts: set[str] = set()
@@ -157,8 +158,8 @@ class DPO(Objective):
             self.trained_prompts.update(prompt_hash(p["messages"]) for p in kept)
             self.file_pairs += [
                 (
-                    encode_reply(tokenizer, p["messages"], p["chosen"]),
-                    encode_reply(tokenizer, p["messages"], p["rejected"]),
+                    encode_reply(chat_format, p["messages"], p["chosen"]),
+                    encode_reply(chat_format, p["messages"], p["rejected"]),
                 )
                 for p in kept
             ]
@@ -168,7 +169,8 @@ class DPO(Objective):
         pairs = list(self.file_pairs)
         if self.config.environments:
             model.eval()
-            made, prompts, info = rollout_pairs(self.recipe, Engine(model, tokenizer, device), world, self.held_out)
+            engine = Engine(model, tokenizer, device, self.chat_format)  # prompts in its template, stops at its eos
+            made, prompts, info = rollout_pairs(self.recipe, engine, world, self.held_out)
             model.train()
             pairs += made
             self.trained_prompts |= prompts
@@ -272,13 +274,14 @@ class DPO(Objective):
             "val_reward_accuracy": last.get("val_reward_accuracy"),
             "val_reward_margin": last.get("val_reward_margin"),
             "sources": self.sources,
+            "chat_format": self.chat_format.describe(),
         }
 
 
 def dpo(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
     start = starting_model(ctx)
     tokenizer = load_tokenizer(tokenizer_file(ctx))
-    objective = DPO(recipe, tokenizer, base)
+    objective = DPO(recipe, run_chat_format(ctx, tokenizer), base)
     summary = fit(
         ctx, "dpo", model_args_from_folder(start), recipe.dpo, tokenizer, objective, start / "model.safetensors"
     )

@@ -20,7 +20,9 @@ from atomlab.recipe import InitConfig
 from atomlab.steps import StepContext, sha256_file, write_json
 
 INIT_RECORD = "init.json"
-MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
+# the model, its tokenizer and chat settings: tokenizer_config.json holds the chat template (import inlines it) and
+# special tokens, generation_config.json the eos ids that end a reply (atomlab.chat_format reads both)
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def source_folder(config: InitConfig, base: Path) -> Path:

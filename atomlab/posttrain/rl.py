@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from atomlab.chat_format import ChatFormat
 from atomlab.envs import Task
 from atomlab.envs.rollout import Rollout, SampledReply, engine_responder, run_tasks
 from atomlab.errors import AtomlabError
@@ -40,6 +41,7 @@ from atomlab.posttrain.tasks import (
     check_difficulty,
     environments,
     held_out_hashes,
+    run_chat_format,
     starting_model,
     tokenizer_file,
     training_tasks,
@@ -47,7 +49,7 @@ from atomlab.posttrain.tasks import (
 )
 from atomlab.recipe import Recipe, RLConfig
 from atomlab.steps import StepContext
-from atomlab.tokenizer import PAD, load_tokenizer
+from atomlab.tokenizer import load_tokenizer
 from atomlab.train.distributed import World, all_gather_rows, all_reduce_max, all_reduce_sum, current_world
 from atomlab.train.loop import Objective, Run, fit, model_args_from_folder
 
@@ -146,10 +148,11 @@ class GRPO(Objective):
     """One GRPO step: the step's tasks rolled out (each process its share), rewards gathered, advantages
     per group, then the clipped surrogate on the sampled tokens, `updates_per_batch` times."""
 
-    def __init__(self, recipe: Recipe, tokenizer: Any) -> None:
+    def __init__(self, recipe: Recipe, chat_format: ChatFormat) -> None:
         self.config: RLConfig = recipe.rl
         self.seed = recipe.seed
-        self.pad = tokenizer.token_to_id(PAD)
+        self.chat_format = chat_format
+        self.pad = chat_format.pad_token_id
         self.updates_per_step = self.config.updates_per_batch
         self.envs = environments(self.config.environments, "rl.environments")
         self.loaded = {env.id: env for env in self.envs}
@@ -170,8 +173,9 @@ class GRPO(Objective):
         if world.distributed and self.config.parallel == "fsdp":
             # the engine keeps its own copies of whole matrices, which an FSDP-sharded model does not have
             raise AtomlabError('rl.parallel: GRPO rollouts need whole weights on each process; use "ddp"')
-        # one engine for the whole run: it follows the policy's weights as the optimizer changes them
-        self.engine = Engine(model, tokenizer, device)
+        # one engine for the whole run: it follows the policy's weights as the optimizer changes them; prompts
+        # in the model's chat template, replies ending at its stop tokens
+        self.engine = Engine(model, tokenizer, device, self.chat_format)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.config.kl_coef > 0 else None
 
     def describe(self) -> str:
@@ -317,13 +321,14 @@ class GRPO(Objective):
             "final_difficulty": self.curriculum.level,
             "skipped_groups": int(sum(config.batch_size - r["useful_groups"] for r in records)),
             "rollout_tokens_per_s": round(self.rollout_tokens / max(self.rollout_seconds, 1e-9), 1),
+            "chat_format": self.chat_format.describe(),
         }
 
 
 def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     start = starting_model(ctx)
     tokenizer = load_tokenizer(tokenizer_file(ctx))
-    objective = GRPO(recipe, tokenizer)
+    objective = GRPO(recipe, run_chat_format(ctx, tokenizer))
     summary = fit(
         ctx, "rl", model_args_from_folder(start), recipe.rl, tokenizer, objective, start / "model.safetensors"
     )

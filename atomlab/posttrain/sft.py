@@ -22,6 +22,7 @@ from atomlab.errors import AtomlabError
 from atomlab.posttrain.tasks import (
     environments,
     held_out_hashes,
+    run_chat_format,
     starting_model,
     tokenizer_file,
     training_tasks,
@@ -29,19 +30,20 @@ from atomlab.posttrain.tasks import (
 )
 from atomlab.recipe import Recipe
 from atomlab.steps import StepContext, write_json
-from atomlab.tokenizer import CHAT_ROLES, PAD, load_tokenizer
+from atomlab.tokenizer import CHAT_ROLES, END_OF_TEXT, load_tokenizer
 from atomlab.train.loop import Rows, TrainingData, fit, model_args_from_folder
 
 IGNORE = -100  # target of tokens that carry no loss
+Sequence = tuple[list[int], list[bool]]  # token ids and, per token, whether it is a reply token (carries loss)
 
 
 class PackedChats(Rows):
     """Tokenised conversations packed greedily, in order, into rows of seq_len+1 tokens; a conversation
     never straddles two rows, the rest of a row is padding. Targets are IGNORE outside assistant replies."""
 
-    def __init__(self, examples: list[tuple[list[int], list[bool]]], seq_len: int, seed: int, pad_id: int) -> None:
+    def __init__(self, examples: list[Sequence], seq_len: int, seed: int, pad_id: int) -> None:
         self.seed, self.seq_len = seed, seq_len
-        rows: list[list[tuple[list[int], list[bool]]]] = []
+        rows: list[list[Sequence]] = []
         used = seq_len + 2  # forces a new row for the first example
         self.truncated = 0
         for ids, mask in examples:
@@ -158,16 +160,27 @@ def sft_conversations(recipe: Recipe, base: Path) -> dict[str, Any]:
     return {"train": train, "val": val, "sources": sources, "held_out_removed": removed}
 
 
+def example_record(chat_format: ChatFormat, example: Sequence) -> dict[str, str]:
+    """A training example as text, control tokens written out: all of it, and the part that carries loss."""
+    ids, mask = example
+    decode = chat_format.tokenizer.decode
+    return {
+        "text": decode(ids, skip_special_tokens=False),
+        "trained": decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False),
+    }
+
+
 def sft(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
     config = recipe.sft
     start = starting_model(ctx)
     tokenizer = load_tokenizer(tokenizer_file(ctx))
     args = model_args_from_folder(start)
     chats = sft_conversations(recipe, base)
-    pad = tokenizer.token_to_id(PAD)
     seed = ctx.seed
     rng = np.random.default_rng(seed)
-    chat_format = ChatFormat.for_tokenizer(tokenizer)
+    chat_format = run_chat_format(ctx, tokenizer)  # an imported model's own template, else atomlab's;
+    # the mask of each example covers exactly its assistant replies, each through the token that ends it
+    pad = chat_format.pad_token_id
     train_examples = chat_format.encode_many(chats["train"])
     train_examples = [train_examples[i] for i in rng.permutation(len(train_examples))]
     length = min(config.pack_length or args.seq_len, args.seq_len)
@@ -183,12 +196,15 @@ def sft(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
         "train_rows": train_rows.count,
         "train_tokens_with_loss": train_rows.trained_tokens,
         "truncated": train_rows.truncated,
+        "chat_format": chat_format.describe(),
+        "example": example_record(chat_format, train_examples[0]),
     }
     write_json(ctx.folder / "sft_data.json", data_summary)
     print(
         f"sft: {len(chats['train']):,} conversations packed into {train_rows.count:,} rows of {length} tokens "
-        f"({train_rows.trained_tokens:,} assistant tokens), {len(chats['val']):,} for validation"
+        f"({train_rows.trained_tokens:,} assistant tokens), {len(chats['val']):,} for validation "
+        f"(chat format: {chat_format.where})"
     )
-    data = TrainingData(train_rows, val_rows, sample_prompt, sample_stop="<|end|>")
+    data = TrainingData(train_rows, val_rows, sample_prompt, sample_stop=chat_format.reply_end or END_OF_TEXT)
     summary = fit(ctx, "sft", args, config, tokenizer, data, init_weights=start / "model.safetensors")
-    return {**summary, "data": {k: v for k, v in data_summary.items() if k != "sources"}}
+    return {**summary, "data": {k: v for k, v in data_summary.items() if k not in ("sources", "example")}}

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
+from atomlab.chat_format import ChatFormat
 from atomlab.envs import Environment, Task, load_environment
 from atomlab.errors import AtomlabError
 from atomlab.recipe import EvaluateConfig
@@ -84,3 +87,11 @@ def tokenizer_file(ctx: StepContext) -> Path:
     """The run's tokenizer.json: the tokenizer step's, or the imported model's when the recipe starts from one."""
     folder = ctx.inputs["tokenizer"] if "tokenizer" in ctx.inputs else ctx.inputs["init"]
     return folder / "tokenizer.json"
+
+
+def run_chat_format(ctx: StepContext, tokenizer: Tokenizer) -> ChatFormat:
+    """The chat format every post-training step and the evaluation use: an imported model's own (its chat
+    template, special tokens and eos ids, which the init step keeps), else atomlab's."""
+    if "init" in ctx.inputs:
+        return ChatFormat.from_folder(ctx.inputs["init"], tokenizer)
+    return ChatFormat.for_tokenizer(tokenizer)

@@ -171,8 +171,9 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
     write_machine_record(ctx, out, copy_stage_logs(ctx, out))
     shutil.copyfile(init / "tokenizer.json", out / "tokenizer.json")
-    if (init / "tokenizer_config.json").is_file():
-        shutil.copyfile(init / "tokenizer_config.json", out / "tokenizer_config.json")
+    for optional in ("tokenizer_config.json", "generation_config.json"):  # chat template; every EOS id
+        if (init / optional).is_file():
+            shutil.copyfile(init / optional, out / optional)
     base_config = json.loads((init / "config.json").read_text(encoding="utf-8"))
     write_json(
         out / "config.json",
