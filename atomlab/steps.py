@@ -151,10 +151,44 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that pick the kernels, and so the rounding, of float maths (SSE4, AVX, AVX2, AVX-512, AMX)
+ROUNDING_FLAGS = ("avx", "amx", "fma", "f16c", "sse4")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix instruction sets (Linux's /proc/cpuinfo), [] where it is not known."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted({f for f in line.split(":", 1)[1].split() if f.startswith(ROUNDING_FLAGS)})
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict[str, Any]:
+    """What decides a result's floating-point rounding on this machine: CPU model and instruction sets,
+    cores and threads, torch and the kernels it picked, the GPU."""
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "architecture": platform.machine(),
+        "instruction_set": cpu_flags(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+    }
+
+
 def host_info() -> dict[str, Any]:
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "user": getpass.getuser() if hasattr(os, "getuid") else "",
     }

@@ -136,13 +136,14 @@ def run_and_measure(arguments: list[str]) -> dict[str, float]:
             raise SystemExit(f"atomlab run failed:\n{result.stderr}")
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         metrics = json.loads(next(Path(folder, "runs").glob("release-*/metrics.json")).read_text())
-    pretrain = metrics["stages"]["pretrain"]
+        timings = json.loads(next(Path(folder, "runs").glob("release-*/timings.json")).read_text())
+    speed = timings["steps"]["pretrain"]["speed"]  # the bundle's machine record holds the speed figures
     return {
         "wall_s": wall,
         "peak_rss_mib": peak_kib / 1024,
-        "val_bits_per_byte": pretrain["val_bits_per_byte"],
-        "tokens_per_s": pretrain["tokens_per_s"],
-        "mfu": pretrain["mfu"],
+        "val_bits_per_byte": metrics["stages"]["pretrain"]["val_bits_per_byte"],
+        "tokens_per_s": speed["tokens_per_s"],
+        "mfu": speed["mfu"],
     }
 
 

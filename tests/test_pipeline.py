@@ -33,7 +33,7 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
         "recipe.toml",
         "REPORT.md",
         "training_curves.png",
-        "throughput.png",
+        "timings.json",
         "bits_per_byte_by_document.png",
         "report.html",
         "eval.json",
@@ -51,7 +51,7 @@ def test_bundle_is_readable_without_atomlab(smoke_run):
     assert 0 < pretrain["val_bits_per_byte"] < 8
     assert abs(metrics["held_out_bits_per_byte"] - pretrain["val_bits_per_byte"]) < 0.3  # whole documents vs windows
     report = (bundle / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3 and "Held-out documents" in report
+    assert report.count("data:image/png;base64,") == 2 and "Held-out documents" in report
     card = (bundle / "MODEL_CARD.md").read_text()
     for section in (
         "## Architecture",

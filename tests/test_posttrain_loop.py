@@ -360,6 +360,12 @@ def test_posttrain_recipe_starts_from_an_imported_model(smoke_run, tmp_path):
     assert (bundle / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
     assert json.loads((bundle / "generation_config.json").read_text())["eos_token_id"] == eos  # chat stops there too
     assert atomlab("verify", str(bundle), cwd=tmp_path).returncode == 0
+    # graded, re-derivable (lineage.json), and its speed figures in the machine record alone
+    assert json.loads((bundle / "openness.json").read_text())["label"] in (bundle / "MODEL_CARD.md").read_text()
+    assert set(json.loads((bundle / "lineage.json").read_text())) == {"init", "sft", "dpo", "rl", "evaluate"}
+    assert "tokens_per_s" not in (bundle / "dpo_log.jsonl").read_text() + (bundle / "metrics.json").read_text()
+    assert set(json.loads((bundle / "timings.json").read_text())["logs"]) == {"sft_log.jsonl", "dpo_log.jsonl",
+                                                                              "rl_log.jsonl"}
 
 
 def test_lora_adapter_loads_in_peft_and_merges_to_the_same_model(smoke_run, tmp_path):

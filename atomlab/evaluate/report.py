@@ -1,19 +1,18 @@
 """The report card of a run: Markdown and a self-contained HTML page, with PNG plots.
 
-Training and validation loss, throughput (tokens/s and MFU), bits per byte on each held-out
-document, and sample outputs. Written by the evaluate step; the release bundle carries it.
+Training and validation loss, bits per byte on each held-out document, and sample outputs; not the
+training speed, which describes the machine (the bundle's `timings.json` records it). Written by the
+evaluate step; the release bundle carries it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
 from pathlib import Path
 from typing import Any
 
 from atomlab.recipe import Recipe
-from atomlab.train.metrics import percent
 
 
 def _pyplot() -> Any:
@@ -52,20 +51,6 @@ def plot_training(metrics_log: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="tokens (millions)", ylabel="bits per byte", title="Validation bits per byte (held-out documents)")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    _save(figure, path)
-
-
-def plot_throughput(metrics_log: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
-    steps = [r for r in metrics_log if r.get("tokens_per_s")]
-    figure, left = plt.subplots(figsize=(7, 3.4))
-    left.plot([r["step"] for r in steps], [r["tokens_per_s"] for r in steps], color="C0")
-    left.set(xlabel="step", ylabel="tokens/s", title="Training throughput")
-    right = left.twinx()
-    mfu = [100 * r["mfu"] if r.get("mfu") is not None else math.nan for r in steps]  # None: not measurable
-    right.plot([r["step"] for r in steps], mfu, color="C1", alpha=0.6)
-    right.set_ylabel("MFU (%)", color="C1")
-    left.grid(alpha=0.3)
     _save(figure, path)
 
 
@@ -187,8 +172,10 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
         f"| validation loss (nats/token) | {summary['val_loss']:.4f} |",
         f"| training tokens | {summary['tokens']:,} |",
         f"| parameters | {summary['parameters']['total']:,} |",
-        f"| throughput | {summary['tokens_per_s']:,.0f} tokens/s, MFU {percent(summary['mfu'])} "
-        f"on {summary['device']} |",
+        f"| device | {summary['device']} |",
+        "",
+        "Training speed and wall time describe the machine, not the model: the release bundle keeps them in",
+        "`timings.json`, so that this report is the same whenever the run is derived again.",
         "",
         "![training curves](training_curves.png)",
         "",
@@ -201,8 +188,6 @@ def _markdown(recipe: Recipe, log: list[dict[str, Any]], summary: dict[str, Any]
         f"| {r['step']} | {r['tokens']:,} | {r['loss']:.3f} | {r['val_loss']:.3f} | {r['val_bpb']:.3f} |" for r in evals
     ]
     lines += [
-        "",
-        "![throughput](throughput.png)",
         "",
         "## Held-out documents",
         "",
@@ -296,7 +281,6 @@ def write_report_card(
     """The report card; `base_model` names the imported model a run started from (it has no pretraining)."""
     if base_model is None:
         plot_training(log, folder / "training_curves.png")
-        plot_throughput(log, folder / "throughput.png")
         plot_documents(results["documents"], folder / "bits_per_byte_by_document.png")
     if "stages" in results:
         plot_accuracy(results["stages"], folder / "accuracy_by_stage.png")

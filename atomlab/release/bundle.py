@@ -19,10 +19,11 @@ from atomlab.errors import AtomlabError
 from atomlab.evaluate.step import POST_TRAINING
 from atomlab.pipeline import recipe_as_run
 from atomlab.recipe import Recipe
-from atomlab.release.cards import STAGES, environment_figures, model_card, released_metrics
-from atomlab.release.openness import grade, read_bundle
-from atomlab.release.reproduce import LINEAGE, lineage
+from atomlab.release.cards import STAGES, environment_figures, model_card, openness_section, released_metrics
+from atomlab.release.openness import Grade, grade, read_bundle
+from atomlab.release.reproduce import LINEAGE, SOURCES, lineage
 from atomlab.release.sign import SIGNATURE
+from atomlab.release.timings import TIMINGS, machine_record, split_log, without_speed
 from atomlab.steps import MANIFEST, StepContext, code_version, load_manifest, sha256_file, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 from atomlab.train.checkpoint import export_checkpoints
@@ -52,18 +53,40 @@ def released_stage(ctx: StepContext) -> Path:
     return next(ctx.inputs[s] for s in ("rl", "dpo", "sft", "pretrain", "init") if s in ctx.inputs)
 
 
-def copy_stage_logs(ctx: StepContext, out: Path) -> None:
-    """Each post-training stage's log, and the LoRA adapter (PEFT format) of the released stage if it has one."""
-    for stage in POST_TRAINING:
-        if stage in ctx.inputs:
-            shutil.copyfile(ctx.inputs[stage] / "metrics.jsonl", out / f"{stage}_log.jsonl")
+def copy_stage_logs(ctx: StepContext, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each training stage's log without its speed figures (`train_log.jsonl` for pretraining,
+    `<stage>_log.jsonl`), and the LoRA adapter (PEFT format) of the released stage if it has one.
+    Returns the speed figures per log, for timings.json."""
+    speed = {}
+    for stage in ("pretrain", *POST_TRAINING):
+        if stage in ctx.inputs and (ctx.inputs[stage] / "metrics.jsonl").is_file():
+            name = "train_log.jsonl" if stage == "pretrain" else f"{stage}_log.jsonl"
+            text, speed[name] = split_log(ctx.inputs[stage] / "metrics.jsonl")
+            write_atomic(out / name, text)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if (released_stage(ctx) / name).is_file():
             shutil.copyfile(released_stage(ctx) / name, out / name)
+    return speed
+
+
+def write_machine_record(ctx: StepContext, out: Path, logs: dict[str, list[dict[str, Any]]]) -> None:
+    """timings.json: every figure of the machine (speed, wall time, timestamps, hosts), which no other
+    file of the bundle holds, so that those are the same bytes whenever the run is derived again."""
+    write_json(out / TIMINGS, machine_record(ctx.inputs, logs))
 
 
 def environment_accuracy(evaluated: dict[str, Any]) -> dict[str, Any]:
     return {stage: environment_figures(evaluated["stages"][stage]) for stage in evaluated["stage_order"]}
+
+
+def grade_with_card(out: Path, recipe: Recipe) -> Grade:
+    """The bundle's openness grade, written to openness.json before its model card, which quotes it."""
+    # the card is a graded component, so grade with it in place, then write it with the grade
+    # the manifest is written after this step returns: grade with the code version it will record
+    write_atomic(out / "MODEL_CARD.md", "")
+    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
+    write_json(out / "openness.json", graded.to_dict())
+    return graded
 
 
 def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
@@ -75,13 +98,14 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     final = released_stage(ctx)
     stages_run = [stage for stage in STAGES if stage in ctx.inputs]
     shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
-    copy_stage_logs(ctx, out)
+    logs = copy_stage_logs(ctx, out)
     shutil.copyfile(tok / "tokenizer.json", out / "tokenizer.json")
-    for name in ("metrics.jsonl", "samples.txt"):
-        if (train / name).exists():
-            shutil.copyfile(train / name, out / ("train_log.jsonl" if name == "metrics.jsonl" else name))
+    if (train / "samples.txt").exists():
+        shutil.copyfile(train / "samples.txt", out / "samples.txt")
     for shard in sorted(data.glob("provenance-*")):  # every input document: kept, or why it was dropped
         shutil.copyfile(shard, out / shard.name)
+    if (data / SOURCES).is_file():  # each source file's sha256, which reproduce checks first
+        shutil.copyfile(data / SOURCES, out / SOURCES)
     export_checkpoints(train, out)  # safetensors and JSON: a bundle holds no pickle (DCP's .metadata is one)
 
     model_config = json.loads((train / "config.json").read_text())
@@ -125,11 +149,8 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
     write_json(out / LINEAGE, lineage(ctx.inputs))  # every step's hash, settings, outputs: what reproduce checks
-    # the card is a graded component, so grade with it in place, then write it with the grade
-    # the manifest is written after this step returns: grade with the code version it will record
-    write_atomic(out / "MODEL_CARD.md", "")
-    graded = grade(read_bundle(out, code_version()), recipe.release.model_name, "bundle")
-    write_json(out / "openness.json", graded.to_dict())
+    write_machine_record(ctx, out, logs)
+    graded = grade_with_card(out, recipe)
     write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded,
                                                    stages_run))
     return {
@@ -148,7 +169,7 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     record = json.loads((init / "init.json").read_text(encoding="utf-8"))
     final = released_stage(ctx)
     shutil.copyfile(final / "model.safetensors", out / "model.safetensors")
-    copy_stage_logs(ctx, out)
+    write_machine_record(ctx, out, copy_stage_logs(ctx, out))
     shutil.copyfile(init / "tokenizer.json", out / "tokenizer.json")
     for optional in ("tokenizer_config.json", "generation_config.json"):  # chat template; every EOS id
         if (init / optional).is_file():
@@ -169,8 +190,8 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         "base_model_source": record["kind"],
         "released_stage": final.name.rsplit("-", 1)[0],
         "parameters": base_config.get("parameters"),
-        "stages": {
-            stage: json.loads((ctx.inputs[stage] / "train_summary.json").read_text())
+        "stages": {  # speed figures aside: they are in timings.json
+            stage: without_speed(json.loads((ctx.inputs[stage] / "train_summary.json").read_text()))
             for stage in POST_TRAINING
             if stage in ctx.inputs
         },
@@ -183,6 +204,7 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
         shutil.copyfile(evaluation / name, out / ("REPORT.md" if name == "report.md" else name))
     for plot in sorted(evaluation.glob("*.png")):
         shutil.copyfile(plot, out / plot.name)
+    write_json(out / LINEAGE, lineage(ctx.inputs))
     stages = [stage for stage in POST_TRAINING if stage in ctx.inputs]
     lines = [
         "---",
@@ -199,7 +221,8 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     for stage, envs in metrics.get("environment_accuracy", {}).items():
         for env, r in envs.items():
             lines.append(f"- {stage}, {env}: held-out pass@1 {r['pass@1']:.3f} ({r['tasks']} tasks)")
-    write_atomic(out / "MODEL_CARD.md", "\n".join(lines) + "\n")
+    graded = grade_with_card(out, recipe)
+    write_atomic(out / "MODEL_CARD.md", "\n".join([*lines, "", *openness_section(graded)]) + "\n")
     return {"bundle": str(out), "base_model": record["base_model"], "released_stage": metrics["released_stage"]}
 
 

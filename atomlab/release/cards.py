@@ -19,7 +19,6 @@ from atomlab.evaluate.step import POST_TRAINING
 from atomlab.recipe import Recipe
 from atomlab.release import spdx
 from atomlab.release.openness import CODE_LICENSE, LABELS, Grade
-from atomlab.train.metrics import percent
 
 STAGES = ("pretrain", *POST_TRAINING)  # training order; the released model is the last one run
 EVAL_NAME = {"pretrain": "base"}  # eval.json calls the pretrained model "base"
@@ -55,9 +54,7 @@ def released_metrics(
             "val_bits_per_byte": summary["val_bpb"],
             "final_train_loss": summary["final_train_loss"],
             "train_tokens": summary["tokens"],
-            "steps": summary["steps"],
-            "tokens_per_s": summary["tokens_per_s"],
-            "mfu": summary["mfu"],
+            "steps": summary["steps"],  # its speed is the machine's: timings.json
         }
     )
     released = stages_run[-1]
@@ -186,7 +183,7 @@ def _training_stages(recipe: Recipe, stages_run: list[str], summary: dict[str, A
     rows += [
         ("seed", recipe.seed),
         ("device", summary["device"]),
-        ("throughput (pretraining)", f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {percent(summary['mfu'])}"),
+        ("speed and wall time", "a record of the machine, not of the model: `timings.json`"),
     ]
     return lines + _table(rows)
 
@@ -259,6 +256,21 @@ def _limits(recipe: Recipe, stats: dict[str, Any], tokens: dict[str, Any], langu
                      + (f" on {', '.join(environments)}" if environments else "")
                      + "; no safety tuning. Its accuracy outside those tasks is unmeasured.")
     lines.append("- It must not be used for decisions about people.")
+    return lines
+
+
+def openness_section(grade: Grade) -> list[str]:
+    """The card's Openness section: the class reached, each class's share, what is missing with the fix."""
+    lines = [
+        "## Openness",
+        "",
+        f"Model Openness Framework: **{grade.label}** (computed by `atomlab openness`, as the Model Openness Tool "
+        "evaluates; see `openness.json`). Share of each class's requirements met: "
+        + ", ".join(f"{LABELS[c].split(' (')[0]} {grade.requirements_met[c]:.0f}%" for c in (3, 2, 1))
+        + ".",
+    ]
+    if grade.missing:
+        lines += ["", "Missing or not counted:", ""] + [f"- {c.name}: {c.fix}" for c in grade.missing]
     return lines
 
 
@@ -335,16 +347,7 @@ def model_card(
         "",
         *_limits(recipe, stats, tokens, language, codes, stages_run, metrics),
         "",
-        "## Openness",
-        "",
-        f"Model Openness Framework: **{grade.label}** (computed by `atomlab openness`, as the Model Openness Tool "
-        "evaluates; see `openness.json`). Share of each class's requirements met: "
-        + ", ".join(f"{LABELS[c].split(' (')[0]} {grade.requirements_met[c]:.0f}%" for c in (3, 2, 1))
-        + ".",
-    ]
-    if grade.missing:
-        lines += ["", "Missing or not counted:", ""] + [f"- {c.name}: {c.fix}" for c in grade.missing]
-    lines += [
+        *openness_section(grade),
         "",
         "## Licence",
         "",

@@ -265,8 +265,10 @@ def read_bundle(folder: Path, code: dict[str, Any] | None = None) -> list[Compon
     weights_license = release.get("license")  # weights, configs, logs and the documents written by the run
     if code is None:
         code = json.loads((folder / "manifest.json").read_text()).get("code", {}) if has("manifest.json") else {}
-    version, commit = code.get("atomlab"), code.get("git_commit")
-    code_where = f"atomlab {version}" + (f" (git {commit[:12]})" if commit else "") if version else ""
+    # the source digest, which the step hashes hold, rather than the git commit: a docs-only commit or an
+    # install without git gives the same steps, and must give the same openness.json when reproduced
+    version, source = code.get("atomlab"), code.get("atomlab_source")
+    code_where = f"atomlab {version}" + (f" (source {source[:12]})" if source else "") if version else ""
     code_fix = "rebuild the bundle with atomlab, whose manifest records the code version"
 
     def code(name: str, module: str) -> Component:
