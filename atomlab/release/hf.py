@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,9 @@ def atomlab_tensor_name(name: str) -> str:
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """atomlab tensor name -> shape, as stored (a tied lm_head is stored once, as embed_tokens)."""
+    stored = replace(args, vocab_multiple=1)  # files hold the real vocabulary, never its padding
     with torch.device("meta"):  # shapes only: nothing is allocated, even for a large model
-        model = Transformer(args)
+        model = Transformer(stored)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     if args.tie_embeddings:
         shapes.pop("lm_head.weight")
