@@ -447,7 +447,9 @@ def test_export_then_import_gives_identical_tensors(which, exports, smoke_bundle
     assert all(torch.equal(original[name], back[name]) for name in original)
     original_config = json.loads((bundle / "config.json").read_text())
     back_config = json.loads((tmp_path / "back/config.json").read_text())
-    assert model_args_from_config(back_config, bundle) == model_args_from_config(original_config, bundle)
+    # the same architecture; the vocabulary's padding (a layout for GPU matmuls) is not in the HF format
+    back_args, original_args = (model_args_from_config(c, bundle) for c in (back_config, original_config))
+    assert replace(back_args, vocab_multiple=1) == replace(original_args, vocab_multiple=1)
     assert verify_bundle(tmp_path / "back") == []
 
 
