@@ -31,9 +31,22 @@ def dry_run(work: Path, *overrides: str, pythonpath: Path | None = None) -> dict
 
 
 def test_settings_that_change_nothing_reuse_every_step(smoke_run):
-    quiet = ["train.tensorboard=true", "train.checkpoint_every=3", "train.keep_checkpoints=5", "train.threads=1"]
+    quiet = [
+        "train.tensorboard=true",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=5",
+        "train.threads=1",
+        "train.async_checkpoint=true",
+    ]
     assert dry_run(smoke_run, *quiet) == dict.fromkeys(STEPS, "reuse")
-    assert TrainConfig.NOT_HASHED == {"tensorboard", "wandb", "checkpoint_every", "keep_checkpoints", "threads"}
+    assert TrainConfig.NOT_HASHED == {
+        "tensorboard",
+        "wandb",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "threads",
+        "async_checkpoint",
+    }
     logged = dry_run(smoke_run, "train.eval_every=3")  # the released training log would differ: hashed
     assert logged["tokenizer"] == "reuse" and logged["pretrain"] == "run"
 
