@@ -23,7 +23,8 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
 
     base = base or Path.cwd()
     # post-training reads the held-out questions to keep them out of its training data
-    held_out = {"evaluate_environments": recipe.evaluate.model_dump(include={"environments", "tasks", "difficulty"})}
+    held_out_settings = {"environments", "tasks", "difficulty", "max_tokens"}
+    held_out = {"evaluate_environments": recipe.evaluate.model_dump(include=held_out_settings)}
     if recipe.init is not None:  # start from an existing model: no data, tokenizer or pretraining
         from atomlab.posttrain.init import init_fingerprint, init_model
 
@@ -69,12 +70,20 @@ def build_steps(recipe: Recipe, base: Path | None = None) -> list[Step]:
             "seed": recipe.seed,
             "sample_prompt": recipe.release.sample_prompt,
             "data_mix": [entry.model_dump() for entry in recipe.data.mix],
+            **(held_out if recipe.train.eval_environments else {}),  # the accuracy logged while training
         }
         pretrain_step = Step(
             "pretrain",
             train_config,
             [tokenizer],
-            lambda ctx: pretrain(ctx, recipe.model, recipe.train, recipe.release.sample_prompt, recipe.data.mix),
+            lambda ctx: pretrain(
+                ctx,
+                recipe.model,
+                recipe.train,
+                recipe.release.sample_prompt,
+                recipe.data.mix,
+                recipe.evaluate,
+            ),
             resumable=True,
             collective=True,
             identity=hashed(train_config, train=recipe.train),

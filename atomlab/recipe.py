@@ -304,6 +304,11 @@ class TrainConfig(Section):
     # the most validation tokens any validation pass reads, the final one included (0: no cap); the default
     # is above the tiny recipe's whole validation split, so its figures are those of all the data
     eval_tokens: int = Field(1_048_576, ge=0)
+    # held-out accuracy while training: at every validation, greedy pass@1 on the first eval_env_tasks of the
+    # evaluate step's held-out tasks of these environments (so never a trained question), logged as
+    # "<environment id>/pass@1"; each must be one of evaluate.environments
+    eval_environments: list[str] = Field(default_factory=list)
+    eval_env_tasks: int = Field(100, ge=1)
     sample_every: int = Field(500, ge=1)
     sample_tokens: int = Field(64, ge=1)
     checkpoint_every: int = Field(200, ge=1)
@@ -502,6 +507,27 @@ class Recipe(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    @model_validator(mode="after")
+    def _held_out_while_training(self) -> Recipe:
+        """Accuracy measured during training uses the evaluate step's held-out tasks, which training never sees:
+        only those environments, and no more tasks than it holds out."""
+        for name in ("train", "sft", "dpo", "rl"):
+            section = getattr(self, name)
+            if section is None or not section.eval_environments:
+                continue
+            unknown = [env for env in section.eval_environments if env not in self.evaluate.environments]
+            if unknown:
+                raise ValueError(
+                    f"{name}.eval_environments: {', '.join(unknown)} not in evaluate.environments "
+                    f"({self.evaluate.environments}); add it there, whose held-out tasks training never sees"
+                )
+            if section.eval_env_tasks > self.evaluate.tasks:
+                raise ValueError(
+                    f"{name}.eval_env_tasks ({section.eval_env_tasks}) is more than evaluate.tasks "
+                    f"({self.evaluate.tasks}), the held-out tasks; lower it"
+                )
+        return self
 
 
 BUILTIN = ("tiny", "smoke", "posttrain")

@@ -148,6 +148,8 @@ POST = [
     "sft.eval_every=6",
     "sft.sample_every=12",
     "sft.checkpoint_every=6",
+    'sft.eval_environments=["arithmetic"]',
+    "sft.eval_env_tasks=20",
     "rl.max_steps=3",
     "rl.batch_size=4",
     "rl.group_size=4",
@@ -175,6 +177,17 @@ def post_run(smoke_run, tmp_path_factory):
     finally:
         os.chdir(cwd)
     return work
+
+
+def test_sft_logs_held_out_accuracy_as_the_evaluate_step_measures_it(post_run):
+    """sft.eval_environments: greedy pass@1 on the first eval_env_tasks held-out tasks at each validation; at the
+    last step it is the evaluate step's figure for the SFT model on those same tasks."""
+    log = [json.loads(line) for line in (step_folder(post_run, "sft") / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["arithmetic-v1/pass@1"] for r in log if "arithmetic-v1/pass@1" in r}
+    assert sorted(logged) == [6, 12]
+    evaluation = json.loads((step_folder(post_run, "evaluate") / "eval.json").read_text())
+    correct = evaluation["stages"]["sft"]["environments"]["arithmetic-v1"]["correct"]
+    assert logged[12] == pytest.approx(sum(correct[:20]) / 20)
 
 
 def test_post_trained_run_evaluates_every_stage_and_releases_the_last(post_run):

@@ -46,6 +46,29 @@ def paired_difference(first: list[float], second: list[float], z: float = Z95) -
     return {"difference": mean, "ci_low": mean - half, "ci_high": mean + half, "tasks": len(diff)}
 
 
+def greedy_rollouts(engine: Engine, env: Any, tasks: list[Task], max_tokens: int, seed: int) -> list[Any]:
+    """One greedy episode of each task, in task order."""
+    return run_episodes(env, tasks, engine_responder(engine, max_tokens, 0.0, seed), samples=1)
+
+
+class HeldOutAccuracy:
+    """Greedy pass@1 of a model on held-out tasks, per environment, as the training loop logs it at each
+    validation ({"arithmetic-v1/pass@1": 0.42}); prompted in `chat_format`, replies up to max_tokens."""
+
+    def __init__(self, tasks: list[Task], chat_format: ChatFormat, max_tokens: int, seed: int) -> None:
+        self.tasks, self.chat_format, self.max_tokens, self.seed = tasks, chat_format, max_tokens, seed
+
+    def __call__(self, model: Transformer) -> dict[str, float]:
+        device = model.embed_tokens.weight.device
+        engine = Engine(model, self.chat_format.tokenizer, device, self.chat_format)
+        accuracy = {}
+        for env_id in dict.fromkeys(task.env for task in self.tasks):
+            mine = [task for task in self.tasks if task.env == env_id]
+            rollouts = greedy_rollouts(engine, load_environment(env_id), mine, self.max_tokens, self.seed)
+            accuracy[f"{env_id}/pass@1"] = round(float(np.mean([r.reward >= 1.0 for r in rollouts])), 6)
+        return accuracy
+
+
 def score_model(
     model: Transformer,
     tokenizer: Any,
@@ -64,7 +87,7 @@ def score_model(
     for env_id in dict.fromkeys(task.env for task in tasks):
         env = load_environment(env_id)
         mine = [task for task in tasks if task.env == env_id]
-        greedy = run_episodes(env, mine, engine_responder(engine, max_tokens, 0.0, seed), samples=1)  # in task order
+        greedy = greedy_rollouts(engine, env, mine, max_tokens, seed)
         correct = [1.0 if r.reward >= 1.0 else 0.0 for r in greedy]
         sampled = run_episodes(env, mine, engine_responder(engine, max_tokens, 1.0, seed + 1), samples=samples)
         hits: dict[str, int] = {task.id: 0 for task in mine}

@@ -33,6 +33,7 @@ from atomlab.posttrain.rl import pad_rows
 from atomlab.posttrain.sft import Sequence, checked_messages, jsonl_records
 from atomlab.posttrain.tasks import (
     environments,
+    held_out_accuracy,
     held_out_hashes,
     run_chat_format,
     starting_model,
@@ -282,9 +283,9 @@ def dpo(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
     start = starting_model(ctx)
     tokenizer = load_tokenizer(tokenizer_file(ctx))
     objective = DPO(recipe, run_chat_format(ctx, tokenizer), base)
-    summary = fit(
-        ctx, "dpo", model_args_from_folder(start), recipe.dpo, tokenizer, objective, start / "model.safetensors"
-    )
+    held_out = held_out_accuracy(ctx, recipe.evaluate, recipe.dpo, recipe.seed, tokenizer)
+    args, weights = model_args_from_folder(start), start / "model.safetensors"
+    summary = fit(ctx, "dpo", args, recipe.dpo, tokenizer, objective, weights, held_out)
     if current_world().is_main:
         write_trained_prompts(ctx.folder, objective.trained_prompts)
         write_json(ctx.folder / "dpo_data.json", {"sources": objective.sources, "train_pairs": len(objective.train)})

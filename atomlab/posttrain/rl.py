@@ -40,6 +40,7 @@ from atomlab.model import Transformer
 from atomlab.posttrain.tasks import (
     check_difficulty,
     environments,
+    held_out_accuracy,
     held_out_hashes,
     run_chat_format,
     starting_model,
@@ -331,9 +332,9 @@ def rl(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     start = starting_model(ctx)
     tokenizer = load_tokenizer(tokenizer_file(ctx))
     objective = GRPO(recipe, run_chat_format(ctx, tokenizer))
-    summary = fit(
-        ctx, "rl", model_args_from_folder(start), recipe.rl, tokenizer, objective, start / "model.safetensors"
-    )
+    held_out = held_out_accuracy(ctx, recipe.evaluate, recipe.rl, recipe.seed, tokenizer)
+    args, weights = model_args_from_folder(start), start / "model.safetensors"
+    summary = fit(ctx, "rl", args, recipe.rl, tokenizer, objective, weights, held_out)
     if current_world().is_main:
         write_trained_prompts(ctx.folder, objective.trained_prompts)
     return summary

@@ -21,6 +21,7 @@ from atomlab.envs.base import prompt_hash
 from atomlab.errors import AtomlabError
 from atomlab.posttrain.tasks import (
     environments,
+    held_out_accuracy,
     held_out_hashes,
     run_chat_format,
     starting_model,
@@ -206,5 +207,6 @@ def sft(ctx: StepContext, recipe: Recipe, base: Path) -> dict[str, Any]:
         f"(chat format: {chat_format.where})"
     )
     data = TrainingData(train_rows, val_rows, sample_prompt, sample_stop=chat_format.reply_end or END_OF_TEXT)
-    summary = fit(ctx, "sft", args, config, tokenizer, data, init_weights=start / "model.safetensors")
+    held_out = held_out_accuracy(ctx, recipe.evaluate, config, recipe.seed, tokenizer)
+    summary = fit(ctx, "sft", args, config, tokenizer, data, start / "model.safetensors", held_out)
     return {**summary, "data": {k: v for k, v in data_summary.items() if k not in ("sources", "example")}}

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
 from atomlab.chat_format import ChatFormat
 from atomlab.envs import Environment, Task, load_environment
 from atomlab.errors import AtomlabError
-from atomlab.recipe import EvaluateConfig
+from atomlab.recipe import EvaluateConfig, TrainConfig
 from atomlab.steps import StepContext
 
 TRAINED_PROMPTS = "trained_prompts.txt"  # prompt hashes a training step trained on, one per line
@@ -95,3 +96,16 @@ def run_chat_format(ctx: StepContext, tokenizer: Tokenizer) -> ChatFormat:
     if "init" in ctx.inputs:
         return ChatFormat.from_folder(ctx.inputs["init"], tokenizer)
     return ChatFormat.for_tokenizer(tokenizer)
+
+
+def held_out_accuracy(
+    ctx: StepContext, evaluate: EvaluateConfig, section: TrainConfig, seed: int, tokenizer: Tokenizer
+) -> Any:
+    """What the training loop measures at each validation when `section.eval_environments` is set (else None):
+    greedy pass@1 on the first eval_env_tasks of the evaluate step's held-out tasks, in the run's chat format."""
+    if not section.eval_environments:
+        return None
+    from atomlab.evaluate.environments import HeldOutAccuracy
+
+    settings = evaluate.model_copy(update={"environments": section.eval_environments, "tasks": section.eval_env_tasks})
+    return HeldOutAccuracy(held_out_tasks(settings, seed), run_chat_format(ctx, tokenizer), evaluate.max_tokens, seed)

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from atomlab.device import pick_device
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, Transformer, count_parameters, flops_per_token
 from atomlab.progress import progress_bar
-from atomlab.recipe import ModelConfig, TrainConfig
+from atomlab.recipe import EvaluateConfig, ModelConfig, TrainConfig
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
 from atomlab.train.checkpoint import Checkpointer, complete_checkpoints, load_checkpoint, load_weights, save_weights
@@ -299,9 +299,16 @@ def validation_windows(train: TrainConfig, seq_len: int, local_batch: int, final
 
 
 def pretrain(
-    ctx: StepContext, model_config: ModelConfig, train: TrainConfig, sample_prompt: str, mix: Sequence[Any] = ()
+    ctx: StepContext,
+    model_config: ModelConfig,
+    train: TrainConfig,
+    sample_prompt: str,
+    mix: Sequence[Any] = (),
+    evaluate: EvaluateConfig | None = None,
 ) -> dict[str, Any]:
+    """The pretrain step; with train.eval_environments, `evaluate`'s held-out tasks are scored as it trains."""
     from atomlab.data.loader import TokenShards, WindowLoader, write_loader_record, write_trained_mix
+    from atomlab.posttrain.tasks import held_out_accuracy
 
     tok_folder = ctx.inputs["tokenizer"]
     tokenizer = load_tokenizer(tok_folder / "tokenizer.json")
@@ -316,7 +323,8 @@ def pretrain(
     if current_world().is_main:  # what `atomlab data explain` needs to replay any step's batch
         write_loader_record(ctx.folder, tok_folder, train_windows, train, mix)
     data = TrainingData(train_windows, val_windows, sample_prompt)
-    summary = fit(ctx, "pretrain", args, train, tokenizer, data)
+    held_out = held_out_accuracy(ctx, evaluate, train, ctx.seed, tokenizer) if evaluate is not None else None
+    summary = fit(ctx, "pretrain", args, train, tokenizer, data, held_out=held_out)
     if summary:  # the main process: the tokens trained per source and licence
         write_trained_mix(ctx.folder, train_windows, train.max_steps * train.grad_accum * train.batch_size)
     return summary
@@ -473,10 +481,12 @@ def fit(
     tokenizer: Any,
     data: Objective,
     init_weights: Path | None = None,
+    held_out: Callable[[Transformer], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The training loop, for every kind of update (pretraining, SFT, DPO, GRPO): a model (fresh, or
     loaded from init_weights), trained on `data`'s objective under train's schedule, with periodic
-    validation, samples and checkpoints. Its pieces, in order: processes and device, precision, the model
+    validation (and `held_out`'s accuracy figures of the model, if given: see train.eval_environments),
+    samples and checkpoints. Its pieces, in order: processes and device, precision, the model
     and its parallelism (build_model), optimizer, resume, the steps, the step's files."""
     device, world = start_processes(train, label)
     mesh_layout = plan_layout(train, args, data, world, label)
@@ -539,6 +549,10 @@ def fit(
                         f"step {done}: train loss {total_loss:.3f}, val loss {record['val_loss']:.3f}"
                         + (f", val bits/byte {record['val_bpb']:.3f}" if "val_bpb" in record else "")
                     )
+                if held_out is not None:  # every process generates (FSDP gathers per block), the main one logs
+                    accuracy = held_out(whole_model(run.model))
+                    record.update(accuracy)
+                    bar.log(f"step {done}: " + ", ".join(f"held-out {k} {v:.3f}" for k, v in accuracy.items()))
             if data.sample_prompt is not None and (done % train.sample_every == 0 or done == train.max_steps):
                 record["sample"] = sample_into_record(ctx, run, tokenizer, data, done)
             if metrics is not None:
