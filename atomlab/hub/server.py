@@ -53,9 +53,8 @@ from atomlab.hub.db import (
     VersionFile,
 )
 from atomlab.hub.store import BlobStore
+from atomlab.manifest import MANIFEST, SIGNATURE
 
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
 # bitwise: every file; timings-aside: every file but the speed figures (tokens/s, MFU) it logs
 VERDICTS = ("bitwise", "timings-aside", "within-tolerance", "different", "failed")
 BITWISE = ("bitwise", "timings-aside")
