@@ -17,6 +17,7 @@ from atomlab.errors import AtomlabError  # noqa: E402
 from atomlab.hub.client import HubClient, detect_kind  # noqa: E402
 from atomlab.steps import list_files, package_digest, write_json  # noqa: E402
 from tests.conftest import atomlab, running_server  # noqa: E402
+from tests.test_hub import database  # noqa: E402, F401 - the fixture: SQLite, and PostgreSQL where one runs
 
 PREPARE, TOKENIZE, PRETRAIN, EVALUATE, RELEASE = "aa" * 8, "bb" * 8, "cc" * 8, "dd" * 8, "ee" * 8
 
@@ -99,12 +100,12 @@ def model_bundle(folder: Path) -> Path:
 def test_datasets_environments_runs_lineage_and_evaluations_by_the_hub(tmp_path):
     from atomlab.hub.jobs import score_folder
 
-    work, database = tmp_path, str(tmp_path / "hub.db")
-    token = atomlab("hub", "institution", "lab-a", "--db", database, cwd=work).stdout.strip().splitlines()[-1]
+    work, hub_db = tmp_path, str(tmp_path / "hub.db")
+    token = atomlab("hub", "institution", "lab-a", "--db", hub_db, cwd=work).stdout.strip().splitlines()[-1]
     data, tokens = dataset_folders(work)
     package = environment_package(work / "countdown")
     bundle = model_bundle(work / "bundle")
-    with running_server(["hub", "serve", "--db", database, "--store", str(work / "store")], "/api/health") as url:
+    with running_server(["hub", "serve", "--db", hub_db, "--store", str(work / "store")], "/api/health") as url:
         remote = ["--url", url, "--token", token]
         # the kind is found from each folder: a prepare-data step is a dataset, a package an environment
         assert (
@@ -203,7 +204,7 @@ def test_datasets_environments_runs_lineage_and_evaluations_by_the_hub(tmp_path)
         assert "lab-a/countdown" in listed and "lab-a/tiny" not in listed.replace("lab-a/countdown", "")
 
 
-def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
+def test_migrations_upgrade_a_0001_hub_with_data(tmp_path):
     """A hub database made by revision 0001, with a model in it, upgrades in place: every object becomes a
     model, nothing is lost, and the new columns and the jobs table work; it also goes back down."""
     from alembic import command
@@ -232,7 +233,7 @@ def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
         connection.execute(text(f"INSERT INTO version_files VALUES (1, 'model.safetensors', '{'ab' * 32}', 5)"))
     engine.dispose()
 
-    assert db.migrate(url) == "0002"
+    assert db.migrate(url) == "0003"
     engine = db.connect(url)
     with db.sessions(engine)() as session:
         model = session.get(db.Model, 1)
@@ -252,7 +253,7 @@ def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
         assert connection.execute(text("SELECT name FROM models")).scalars().all() == ["tiny"]
         assert "kind" not in {row[1] for row in connection.execute(text("PRAGMA table_info(models)"))}
     engine.dispose()
-    assert db.migrate(url) == "0002"
+    assert db.migrate(url) == "0003"
 
 
 MIRROR_SCRIPT = """
@@ -304,9 +305,9 @@ def test_a_hub_mirrors_every_kind_of_object_with_its_signature(tmp_path):
     hubs = {}
     for side in ("source", "target"):
         (work / side).mkdir()
-        database = str(work / side / "hub.db")
-        token = atomlab("hub", "institution", "lab-a", "--db", database, cwd=work).stdout.strip().splitlines()[-1]
-        hubs[side] = (["hub", "serve", "--db", database, "--store", str(work / side / "store")], token)
+        hub_db = str(work / side / "hub.db")
+        token = atomlab("hub", "institution", "lab-a", "--db", hub_db, cwd=work).stdout.strip().splitlines()[-1]
+        hubs[side] = (["hub", "serve", "--db", hub_db, "--store", str(work / side / "store")], token)
     with (
         running_server(hubs["source"][0], "/api/health") as source_url,
         running_server(hubs["target"][0], "/api/health") as target_url,
@@ -395,3 +396,134 @@ print("torch" in sys.modules)
     unlisted = ("countdown_env/__pycache__/x.pyc", "stray.txt")
     assert problems == str([f"unlisted: {path} (not in the manifest)" for path in unlisted])
     assert torch_loaded == "False"
+
+
+def scanned_links(session, version) -> dict[str, list[str]]:
+    """Lineage as the hub found it before its lineage index: by comparing a version with every other."""
+    from sqlalchemy import select
+
+    from atomlab.hub.db import ModelVersion
+
+    def same_environment(used: str, registered: str) -> bool:
+        return used == registered or used.startswith(f"{registered}-v")
+
+    mine = version.lineage or {}
+    steps, inputs = set(mine.get("steps") or []), set(mine.get("inputs") or [])
+    used_envs = set(mine.get("environments") or [])
+    kind = version.model.kind
+    links: dict[str, list[str]] = {"datasets": [], "runs": [], "environments": [], "models": [], "used_by": []}
+    for other in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+        if other.id == version.id:
+            continue
+        ref, theirs, other_kind = f"{other.model.full_name}@{other.number}", other.lineage or {}, other.model.kind
+        their_steps, their_inputs = set(theirs.get("steps") or []), set(theirs.get("inputs") or [])
+        registered = set((other.details or {}).get("environments") or [])
+        if other_kind == "dataset" and other.step_hash and other.step_hash in steps:
+            links["datasets"].append(ref)
+        if kind == "dataset" and version.step_hash and version.step_hash in their_steps:
+            links["used_by"].append(ref)
+        if kind == "model" and other_kind == "run" and inputs and inputs <= their_steps:
+            links["runs"].append(ref)
+        if kind == "run" and other_kind == "model" and their_inputs and their_inputs <= steps:
+            links["models"].append(ref)
+        if other_kind == "environment" and any(same_environment(u, r) for u in used_envs for r in registered):
+            links["environments"].append(ref)
+        if kind == "environment":
+            mine_registered = set((version.details or {}).get("environments") or [])
+            their_envs = set(theirs.get("environments") or [])
+            if any(same_environment(u, r) for u in their_envs for r in mine_registered):
+                links["used_by"].append(ref)
+    return links
+
+
+def fill_hub(session, seed: int) -> None:
+    """Objects of every kind with random lineage drawn from a few step hashes, environment names (some a
+    prefix of another: `count`, `countdown`, `countdown-v1`) and base models, several versions each."""
+    import random
+
+    from atomlab.hub import db
+
+    rng = random.Random(seed)
+    hashes = [f"{i:016x}" for i in range(10)]
+    used_names = ["countdown-v1", "countdown", "count-v2", "arith-v1", "arith-very-v3", "a_b-v1"]
+    registered_names = ["countdown", "count", "countdown-v1", "arith", "arith-very", "a_b", "arith-v"]
+    lab = db.Institution(name="lab-a")
+    session.add(lab)
+    models = []
+    for number in range(24):
+        kind = db.KINDS[number % 4]
+        model = db.Model(institution=lab, name=f"{kind}-{number}", kind=kind)
+        session.add(model)
+        models.append(model)
+        for version in range(1, rng.randint(1, 3) + 1):
+            inputs = rng.sample(hashes, rng.randint(0, 2))
+            steps = sorted(set(inputs) | set(rng.sample(hashes, rng.randint(0, 4))))
+            lineage = {"inputs": sorted(inputs), "steps": steps, "environments": rng.sample(used_names, 2)}
+            details = {"environments": rng.sample(registered_names, 2)} if kind == "environment" else {}
+            parent = rng.choice(models[:-1]).full_name + rng.choice(["", "@1"]) if len(models) > 1 else None
+            session.add(
+                db.ModelVersion(
+                    model=model,
+                    number=version,
+                    manifest_sha256=f"{number:032x}{version:032x}",
+                    manifest={},
+                    step_hash=rng.choice(hashes) if kind in ("model", "dataset") else None,
+                    lineage=lineage if rng.random() < 0.9 else None,
+                    details=details,
+                    base_model=parent if kind == "model" and rng.random() < 0.6 else None,
+                    pushed_by="token",
+                )
+            )
+    session.commit()
+
+
+def test_migration_0003_indexes_lineage_and_the_index_answers_as_a_scan_did(tmp_path, database):  # noqa: F811
+    """A 0002 hub holding versions of every kind upgrades to 0003, which fills the lineage index from
+    them; every version's lineage links and every model's derived models, now looked up in the index,
+    are what comparing each version with every other found; an export from before the index imports
+    with its index rebuilt."""
+    from sqlalchemy import select
+
+    from atomlab.hub import db
+    from atomlab.hub.archive import export_hub, import_hub
+    from atomlab.hub.server import derived_models, lineage_links
+
+    def check(url: str) -> int:
+        engine = db.connect(url)
+        with db.sessions(engine)() as session:
+            versions = list(session.scalars(select(db.ModelVersion)))
+            for version in versions:
+                assert lineage_links(session, version) == scanned_links(session, version), version.model.name
+            for model in session.scalars(select(db.Model)):
+                scanned = [
+                    m.name
+                    for m in session.scalars(select(db.Model).order_by(db.Model.id))
+                    if (m.versions[-1].base_model or "").split("@")[0] == model.full_name
+                ]
+                assert [m.name for m in derived_models(session, model)] == scanned
+            found = sum(any(lineage_links(session, v).values()) for v in versions)
+        engine.dispose()
+        return found
+
+    url = database  # a SQLite file, or a fresh PostgreSQL database
+    engine = db.connect(url)
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", db.database_url(url).replace("%", "%%"))
+    command.upgrade(config, "0002")
+    with db.sessions(engine)() as session:
+        fill_hub(session, seed=13)
+    engine.dispose()
+    assert db.migrate(url) == "0003"
+    assert check(url) > 20  # links of every kind were there to find
+
+    export_hub(url, str(tmp_path / "store"), tmp_path / "export")
+    document = json.loads((tmp_path / "export" / "hub.json").read_text())
+    assert document["tables"]["lineage_keys"]
+    del document["tables"]["lineage_keys"]  # as a hub before 0003 exported it
+    write_json(tmp_path / "export" / "hub.json", document)
+    import_hub(tmp_path / "export", str(tmp_path / "restored.db"), str(tmp_path / "restored-store"))
+    assert check(str(tmp_path / "restored.db")) > 20
