@@ -262,24 +262,91 @@ class HubClient:
         partial = target.with_name(target.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
-        for file in version["files"]:
-            destination = partial / file["path"]
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with self.http.stream("GET", f"/api/blobs/{file['sha256']}") as response:
-                if response.status_code != 200:
-                    raise AtomlabError(f"{self.url}: {file['path']} could not be downloaded ({response.status_code})")
-                with open(destination, "wb") as handle:
-                    for block in response.iter_bytes(CHUNK):
-                        digest.update(block)
-                        handle.write(block)
-            if digest.hexdigest() != file["sha256"]:
-                shutil.rmtree(partial)
-                raise AtomlabError(f"{name}: {file['path']} arrived with a different sha256; nothing was written")
+        with BlobDownloads(self.url, self.http.headers.get("authorization"), self.http.timeout.read) as downloads:
+            for file in version["files"]:
+                destination = partial / file["path"]
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                if downloads.fetch(file["sha256"], destination, file["path"]) != file["sha256"]:
+                    shutil.rmtree(partial)
+                    raise AtomlabError(f"{name}: {file['path']} arrived with a different sha256; nothing was written")
         if target.exists():
             shutil.rmtree(target)
         os.replace(partial, target)
         return target
+
+
+class BlobDownloads:
+    """Blob downloads over one kept-alive connection, with the standard library's http.client reading each
+    body straight into one reused buffer that is hashed and written from in place. httpx parses and copies
+    a body in 64 KB pieces, which made a pull cost the client 3x the CPU per GB (hashing included;
+    benchmarks/hub_load.py). Behind an HTTP proxy (the *_proxy variables) httpx, which honours them,
+    downloads instead."""
+
+    def __init__(self, url: str, authorization: str | None, timeout: float | None) -> None:
+        import http.client
+        import urllib.parse
+        import urllib.request
+
+        self.url, self.authorization, self.timeout = url, authorization, timeout
+        parts = urllib.parse.urlsplit(url)
+        self.prefix = parts.path.rstrip("/")
+        proxied = parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.http = None if proxied else connection(parts.hostname or "", parts.port, timeout=timeout)
+        self.buffer = bytearray(CHUNK * 4)
+
+    def __enter__(self) -> BlobDownloads:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self.http is not None:
+            self.http.close()
+
+    def fetch(self, sha256: str, destination: Path, label: str) -> str:
+        """Write blob `sha256` to `destination`; returns the sha256 of what arrived."""
+        import http.client
+
+        if self.http is None:
+            return self._fetch_with_httpx(sha256, destination, label)
+        headers = {"Authorization": self.authorization} if self.authorization else {}
+        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: once more, afresh
+            try:
+                self.http.request("GET", f"{self.prefix}/api/blobs/{sha256}", headers=headers)
+                response = self.http.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.http.close()
+                if attempt == 2:
+                    raise AtomlabError(f"{self.url}: cannot reach the hub ({exc})") from None
+            except OSError as exc:
+                raise AtomlabError(f"{self.url}: cannot reach the hub ({exc})") from None
+        if response.status != 200:
+            response.read()
+            raise AtomlabError(f"{self.url}: {label} could not be downloaded ({response.status})")
+        digest, view = hashlib.sha256(), memoryview(self.buffer)
+        try:
+            with open(destination, "wb") as handle:
+                while size := response.readinto(self.buffer):
+                    digest.update(view[:size])
+                    handle.write(view[:size])
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            self.http.close()
+            raise AtomlabError(f"{self.url}: {label} was cut off while downloading ({exc!r})") from None
+        return digest.hexdigest()
+
+    def _fetch_with_httpx(self, sha256: str, destination: Path, label: str) -> str:
+        import httpx
+
+        headers = {"Authorization": self.authorization} if self.authorization else {}
+        digest = hashlib.sha256()
+        with httpx.stream("GET", f"{self.url}/api/blobs/{sha256}", headers=headers, timeout=self.timeout) as response:
+            if response.status_code != 200:
+                raise AtomlabError(f"{self.url}: {label} could not be downloaded ({response.status_code})")
+            with open(destination, "wb") as handle:
+                for block in response.iter_bytes(CHUNK):
+                    digest.update(block)
+                    handle.write(block)
+        return digest.hexdigest()
 
 
 def mirror(source: HubClient, target: HubClient, institution: str | None = None) -> list[str]:
