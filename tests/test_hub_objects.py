@@ -527,3 +527,59 @@ def test_migration_0003_indexes_lineage_and_the_index_answers_as_a_scan_did(tmp_
     write_json(tmp_path / "export" / "hub.json", document)
     import_hub(tmp_path / "export", str(tmp_path / "restored.db"), str(tmp_path / "restored-store"))
     assert check(str(tmp_path / "restored.db")) > 20
+
+
+@pytest.mark.parametrize("through_proxy", [False, True])
+def test_a_pull_cut_off_or_damaged_on_the_way_leaves_nothing(tmp_path, monkeypatch, through_proxy):
+    """A server that announces more bytes than it sends, or sends other bytes than the sha256 it lists:
+    the pull fails in one line and neither the folder nor its .partial is left; also behind an HTTP proxy
+    (the same server, answering absolute URLs), where httpx downloads."""
+    import hashlib
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    good, bad = b"weights" * 1000, b"other bytes"
+    files = [{"path": "a.bin", "sha256": hashlib.sha256(good).hexdigest(), "size": len(good)}]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_GET(self):
+            self.server.requests.append(self.path)
+            if urllib.parse.urlsplit(self.path).path.startswith("/api/objects/"):
+                body = json.dumps({"files": files}).encode()
+            elif self.server.cut:  # the connection closes after half of what Content-Length promised
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(good)))
+                self.end_headers()
+                self.wfile.write(good[: len(good) // 2])
+                self.close_connection = True
+                return
+            else:
+                body = bad
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    if through_proxy:
+        monkeypatch.setenv("http_proxy", url)
+        url = "http://hub.example:8600"  # resolved by the proxy alone
+    try:
+        with HubClient(url) as client:
+            for cut, reason in ((True, "a.bin was cut off while downloading"), (False, "a different sha256")):
+                server.cut = cut
+                with pytest.raises(AtomlabError, match=reason):
+                    client.pull("lab-a/tiny", tmp_path / "pulled")
+                assert not (tmp_path / "pulled").exists() and not (tmp_path / "pulled.partial").exists()
+        assert all(path.startswith("http://") == through_proxy for path in server.requests)
+    finally:
+        server.shutdown()

@@ -262,13 +262,18 @@ class HubClient:
         partial = target.with_name(target.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
-        with BlobDownloads(self.url, self.http.headers.get("authorization"), self.http.timeout.read) as downloads:
-            for file in version["files"]:
-                destination = partial / file["path"]
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                if downloads.fetch(file["sha256"], destination, file["path"]) != file["sha256"]:
-                    shutil.rmtree(partial)
-                    raise AtomlabError(f"{name}: {file['path']} arrived with a different sha256; nothing was written")
+        try:
+            with BlobDownloads(self.url, self.http.headers.get("authorization"), self.http.timeout.read) as downloads:
+                for file in version["files"]:
+                    destination = partial / file["path"]
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    if downloads.fetch(file["sha256"], destination, file["path"]) != file["sha256"]:
+                        raise AtomlabError(
+                            f"{name}: {file['path']} arrived with a different sha256; nothing was written"
+                        )
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if target.exists():
             shutil.rmtree(target)
         os.replace(partial, target)
@@ -329,6 +334,8 @@ class BlobDownloads:
                 while size := response.readinto(self.buffer):
                     digest.update(view[:size])
                     handle.write(view[:size])
+            if response.length:  # http.client ends a body the server closed early without a word
+                raise http.client.IncompleteRead(b"", response.length)
         except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             self.http.close()
             raise AtomlabError(f"{self.url}: {label} was cut off while downloading ({exc!r})") from None
@@ -339,13 +346,16 @@ class BlobDownloads:
 
         headers = {"Authorization": self.authorization} if self.authorization else {}
         digest = hashlib.sha256()
-        with httpx.stream("GET", f"{self.url}/api/blobs/{sha256}", headers=headers, timeout=self.timeout) as response:
-            if response.status_code != 200:
-                raise AtomlabError(f"{self.url}: {label} could not be downloaded ({response.status_code})")
-            with open(destination, "wb") as handle:
-                for block in response.iter_bytes(CHUNK):
-                    digest.update(block)
-                    handle.write(block)
+        try:
+            with httpx.stream("GET", f"{self.url}/api/blobs/{sha256}", headers=headers, timeout=self.timeout) as got:
+                if got.status_code != 200:
+                    raise AtomlabError(f"{self.url}: {label} could not be downloaded ({got.status_code})")
+                with open(destination, "wb") as handle:
+                    for block in got.iter_bytes(CHUNK):
+                        digest.update(block)
+                        handle.write(block)
+        except httpx.HTTPError as exc:
+            raise AtomlabError(f"{self.url}: {label} was cut off while downloading ({exc!r})") from None
         return digest.hexdigest()
 
 
