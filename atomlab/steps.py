@@ -36,21 +36,12 @@ from typing import Any
 
 from atomlab import __version__
 from atomlab.errors import AtomlabError
+from atomlab.manifest import MANIFEST, sha256_file
 from atomlab.train.distributed import SINGLE_PROCESS, World, barrier, broadcast_object
-
-MANIFEST = "manifest.json"
 
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

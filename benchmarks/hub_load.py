@@ -207,8 +207,14 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
         copy = plain_copy(args.clients, args.seconds, weights, scratch)
+    load_after = [round(x, 1) for x in os.getloadavg()]
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_before": load_before},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
         "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "clients": args.clients,
         "bundle_mb": args.megabytes,

@@ -14,9 +14,10 @@ pytest.importorskip("argon2")
 httpx = pytest.importorskip("httpx")
 
 from atomlab.errors import AtomlabError  # noqa: E402
-from atomlab.hub.client import HubClient  # noqa: E402
+from atomlab.hub.client import HubClient, detect_kind  # noqa: E402
 from atomlab.steps import list_files, package_digest, write_json  # noqa: E402
 from tests.conftest import atomlab, running_server  # noqa: E402
+from tests.test_hub import database  # noqa: E402, F401 - the fixture: SQLite, and PostgreSQL where one runs
 
 PREPARE, TOKENIZE, PRETRAIN, EVALUATE, RELEASE = "aa" * 8, "bb" * 8, "cc" * 8, "dd" * 8, "ee" * 8
 
@@ -99,12 +100,12 @@ def model_bundle(folder: Path) -> Path:
 def test_datasets_environments_runs_lineage_and_evaluations_by_the_hub(tmp_path):
     from atomlab.hub.jobs import score_folder
 
-    work, database = tmp_path, str(tmp_path / "hub.db")
-    token = atomlab("hub", "institution", "lab-a", "--db", database, cwd=work).stdout.strip().splitlines()[-1]
+    work, hub_db = tmp_path, str(tmp_path / "hub.db")
+    token = atomlab("hub", "institution", "lab-a", "--db", hub_db, cwd=work).stdout.strip().splitlines()[-1]
     data, tokens = dataset_folders(work)
     package = environment_package(work / "countdown")
     bundle = model_bundle(work / "bundle")
-    with running_server(["hub", "serve", "--db", database, "--store", str(work / "store")], "/api/health") as url:
+    with running_server(["hub", "serve", "--db", hub_db, "--store", str(work / "store")], "/api/health") as url:
         remote = ["--url", url, "--token", token]
         # the kind is found from each folder: a prepare-data step is a dataset, a package an environment
         assert (
@@ -203,7 +204,7 @@ def test_datasets_environments_runs_lineage_and_evaluations_by_the_hub(tmp_path)
         assert "lab-a/countdown" in listed and "lab-a/tiny" not in listed.replace("lab-a/countdown", "")
 
 
-def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
+def test_migrations_upgrade_a_0001_hub_with_data(tmp_path):
     """A hub database made by revision 0001, with a model in it, upgrades in place: every object becomes a
     model, nothing is lost, and the new columns and the jobs table work; it also goes back down."""
     from alembic import command
@@ -232,7 +233,7 @@ def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
         connection.execute(text(f"INSERT INTO version_files VALUES (1, 'model.safetensors', '{'ab' * 32}', 5)"))
     engine.dispose()
 
-    assert db.migrate(url) == "0002"
+    assert db.migrate(url) == "0003"
     engine = db.connect(url)
     with db.sessions(engine)() as session:
         model = session.get(db.Model, 1)
@@ -252,4 +253,333 @@ def test_migration_0002_upgrades_a_0001_hub_with_data(tmp_path):
         assert connection.execute(text("SELECT name FROM models")).scalars().all() == ["tiny"]
         assert "kind" not in {row[1] for row in connection.execute(text("PRAGMA table_info(models)"))}
     engine.dispose()
-    assert db.migrate(url) == "0002"
+    assert db.migrate(url) == "0003"
+
+
+MIRROR_SCRIPT = """
+import json, sys
+from pathlib import Path
+from atomlab.hub.client import HubClient, mirror
+
+source_url, source_token, target_url, target_token, work = sys.argv[1:6]
+work = Path(work)
+with HubClient(source_url, source_token) as source, HubClient(target_url, target_token) as target:
+    source.push(work / "data", "lab-a/books")
+    source.push(work / "tokens", "lab-a/books-tokens")
+    source.push(work / "countdown", "lab-a/countdown", key=work / "keys" / "lab-a-release.key")
+    source.push(work / "bundle", "lab-a/tiny")
+    source.push(work / "bundle-2", "lab-a/tiny")
+    source.push(work / "bundle", "lab-a/tiny-run", kind="run", key=work / "keys" / "lab-a-release.key")
+    copied = mirror(source, target, "lab-a")
+    source.pull("lab-a/countdown", work / "pulled-countdown")
+print(json.dumps({"copied": copied, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.slow  # about 60 s on 2 cores: two hub servers and four CLI processes
+def test_a_hub_mirrors_every_kind_of_object_with_its_signature(tmp_path):
+    """`hub mirror` copies models, datasets, environments and runs (every version, oldest first) from one
+    real hub to another; the second hub re-verifies each, signatures included, and ends with the same
+    digests and lineage; a second mirror copies nothing. The hub client does all that without torch."""
+    import subprocess
+    import sys
+
+    from atomlab.release.sign import keygen, sign_bundle
+    from tests.test_hub import make_bundle
+
+    work = tmp_path
+    data, tokens = dataset_folders(work)
+    data, tokens = data.rename(work / "data"), tokens.rename(work / "tokens")
+    environment_package(work / "countdown")
+    private_key, public_key = keygen(work / "keys", "lab-a-release")
+    lineage = {
+        "prepare-data": {"hash": PREPARE, "config": {}, "inputs": {}},
+        "tokenizer": {"hash": TOKENIZE, "config": {"rl": {"environments": ["countdown-v1"]}}, "inputs": {}},
+    }
+    for name, weights in (("bundle", b"\x00" * 4096), ("bundle-2", b"\x02" * 4096)):
+        bundle = make_bundle(work / name, weights)
+        write_json(bundle / "lineage.json", lineage)
+        step(bundle, "release", RELEASE, {"tokenizer": TOKENIZE})
+    for folder in (data, tokens, work / "bundle", work / "bundle-2"):
+        sign_bundle(folder, private_key)
+    hubs = {}
+    for side in ("source", "target"):
+        (work / side).mkdir()
+        hub_db = str(work / side / "hub.db")
+        token = atomlab("hub", "institution", "lab-a", "--db", hub_db, cwd=work).stdout.strip().splitlines()[-1]
+        hubs[side] = (["hub", "serve", "--db", hub_db, "--store", str(work / side / "store")], token)
+    with (
+        running_server(hubs["source"][0], "/api/health") as source_url,
+        running_server(hubs["target"][0], "/api/health") as target_url,
+    ):
+        source_token, target_token = hubs["source"][1], hubs["target"][1]
+        for url, token in ((source_url, source_token), (target_url, target_token)):
+            with HubClient(url, token) as admin:  # each hub checks lab-a's signatures against its own copy
+                admin.register_key("lab-a", "lab-a-release", public_key.read_text())
+        done = subprocess.run(
+            [sys.executable, "-c", MIRROR_SCRIPT, source_url, source_token, target_url, target_token, str(work)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["copied"] == [
+            "lab-a/books@1",
+            "lab-a/books-tokens@1",
+            "lab-a/countdown@1",
+            "lab-a/tiny@1",
+            "lab-a/tiny@2",
+            "lab-a/tiny-run@1",
+        ]
+        assert not result["torch"]  # pushing, signing, mirroring and pulling imported no torch
+        again = ["hub", "mirror", source_url, "--url", target_url, "--token", target_token, "--institution", "lab-a"]
+        assert "mirrored 0 versions" in atomlab(*again, cwd=work).stdout  # nothing twice
+
+        with HubClient(source_url) as source, HubClient(target_url) as target:
+            assert [o["name"] for o in target.objects()] == [o["name"] for o in source.objects()]
+            for listed in source.objects():
+                for number in source.info(listed["name"])["versions"]:
+                    theirs = source.info(f"{listed['name']}@{number}")
+                    ours = target.info(f"{listed['name']}@{number}")
+                    for field in ("kind", "version", "manifest_sha256", "files", "step_hash", "lineage", "links"):
+                        assert ours[field] == theirs[field], (listed["name"], number, field)
+                    assert ours["signer"] == "lab-a-release", listed["name"]  # verified again on arrival
+            assert target.info("lab-a/tiny")["links"]["datasets"] == ["lab-a/books@1", "lab-a/books-tokens@1"]
+            assert target.info("lab-a/countdown")["links"]["used_by"] == [
+                "lab-a/tiny@1",
+                "lab-a/tiny@2",
+                "lab-a/tiny-run@1",
+            ]
+    # a pulled environment carries the manifest the client made for it, which names its kind
+    assert detect_kind(work / "pulled-countdown") == "environment"
+    assert (work / "pulled-countdown" / "manifest.sig").is_file()
+
+
+def test_the_hub_client_needs_no_torch(tmp_path):
+    """The hub client reads, checks, makes and signs manifests through atomlab.manifest and
+    atomlab.release.sign, so a partner's machine that only pushes and pulls never loads torch."""
+    import subprocess
+    import sys
+
+    environment_package(tmp_path / "countdown")
+    (tmp_path / "countdown" / "stray.txt").write_text("not in the manifest")
+    script = """
+import sys
+from pathlib import Path
+from atomlab.hub.client import HubClient, detect_kind, made_manifest
+from atomlab.manifest import manifest_problems
+from atomlab.release.sign import sign_subject
+
+folder = Path(sys.argv[1])
+assert detect_kind(folder) == "environment"
+text, paths = made_manifest(folder, "environment")
+import hashlib, json
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+key = ed25519.Ed25519PrivateKey.generate().private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+(folder.parent / "k.key").write_bytes(key)
+sign_subject("manifest.json", hashlib.sha256(text.encode()).hexdigest(), folder.parent / "k.key")
+outputs = json.loads(text)["outputs"]
+del outputs["stray.txt"]
+print(manifest_problems(folder, outputs))
+HubClient("http://127.0.0.1:9").close()
+print("torch" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "countdown")], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    problems, torch_loaded = done.stdout.strip().splitlines()[-2:]
+    # the package's cache is not content (not in a made manifest), so it shows as unlisted too
+    unlisted = ("countdown_env/__pycache__/x.pyc", "stray.txt")
+    assert problems == str([f"unlisted: {path} (not in the manifest)" for path in unlisted])
+    assert torch_loaded == "False"
+
+
+def scanned_links(session, version) -> dict[str, list[str]]:
+    """Lineage as the hub found it before its lineage index: by comparing a version with every other."""
+    from sqlalchemy import select
+
+    from atomlab.hub.db import ModelVersion
+
+    def same_environment(used: str, registered: str) -> bool:
+        return used == registered or used.startswith(f"{registered}-v")
+
+    mine = version.lineage or {}
+    steps, inputs = set(mine.get("steps") or []), set(mine.get("inputs") or [])
+    used_envs = set(mine.get("environments") or [])
+    kind = version.model.kind
+    links: dict[str, list[str]] = {"datasets": [], "runs": [], "environments": [], "models": [], "used_by": []}
+    for other in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+        if other.id == version.id:
+            continue
+        ref, theirs, other_kind = f"{other.model.full_name}@{other.number}", other.lineage or {}, other.model.kind
+        their_steps, their_inputs = set(theirs.get("steps") or []), set(theirs.get("inputs") or [])
+        registered = set((other.details or {}).get("environments") or [])
+        if other_kind == "dataset" and other.step_hash and other.step_hash in steps:
+            links["datasets"].append(ref)
+        if kind == "dataset" and version.step_hash and version.step_hash in their_steps:
+            links["used_by"].append(ref)
+        if kind == "model" and other_kind == "run" and inputs and inputs <= their_steps:
+            links["runs"].append(ref)
+        if kind == "run" and other_kind == "model" and their_inputs and their_inputs <= steps:
+            links["models"].append(ref)
+        if other_kind == "environment" and any(same_environment(u, r) for u in used_envs for r in registered):
+            links["environments"].append(ref)
+        if kind == "environment":
+            mine_registered = set((version.details or {}).get("environments") or [])
+            their_envs = set(theirs.get("environments") or [])
+            if any(same_environment(u, r) for u in their_envs for r in mine_registered):
+                links["used_by"].append(ref)
+    return links
+
+
+def fill_hub(session, seed: int) -> None:
+    """Objects of every kind with random lineage drawn from a few step hashes, environment names (some a
+    prefix of another: `count`, `countdown`, `countdown-v1`) and base models, several versions each."""
+    import random
+
+    from atomlab.hub import db
+
+    rng = random.Random(seed)
+    hashes = [f"{i:016x}" for i in range(10)]
+    used_names = ["countdown-v1", "countdown", "count-v2", "arith-v1", "arith-very-v3", "a_b-v1"]
+    registered_names = ["countdown", "count", "countdown-v1", "arith", "arith-very", "a_b", "arith-v"]
+    lab = db.Institution(name="lab-a")
+    session.add(lab)
+    models = []
+    for number in range(24):
+        kind = db.KINDS[number % 4]
+        model = db.Model(institution=lab, name=f"{kind}-{number}", kind=kind)
+        session.add(model)
+        models.append(model)
+        for version in range(1, rng.randint(1, 3) + 1):
+            inputs = rng.sample(hashes, rng.randint(0, 2))
+            steps = sorted(set(inputs) | set(rng.sample(hashes, rng.randint(0, 4))))
+            lineage = {"inputs": sorted(inputs), "steps": steps, "environments": rng.sample(used_names, 2)}
+            details = {"environments": rng.sample(registered_names, 2)} if kind == "environment" else {}
+            parent = rng.choice(models[:-1]).full_name + rng.choice(["", "@1"]) if len(models) > 1 else None
+            session.add(
+                db.ModelVersion(
+                    model=model,
+                    number=version,
+                    manifest_sha256=f"{number:032x}{version:032x}",
+                    manifest={},
+                    step_hash=rng.choice(hashes) if kind in ("model", "dataset") else None,
+                    lineage=lineage if rng.random() < 0.9 else None,
+                    details=details,
+                    base_model=parent if kind == "model" and rng.random() < 0.6 else None,
+                    pushed_by="token",
+                )
+            )
+    session.commit()
+
+
+def test_migration_0003_indexes_lineage_and_the_index_answers_as_a_scan_did(tmp_path, database):  # noqa: F811
+    """A 0002 hub holding versions of every kind upgrades to 0003, which fills the lineage index from
+    them; every version's lineage links and every model's derived models, now looked up in the index,
+    are what comparing each version with every other found; an export from before the index imports
+    with its index rebuilt."""
+    from sqlalchemy import select
+
+    from atomlab.hub import db
+    from atomlab.hub.archive import export_hub, import_hub
+    from atomlab.hub.server import derived_models, lineage_links
+
+    def check(url: str) -> int:
+        engine = db.connect(url)
+        with db.sessions(engine)() as session:
+            versions = list(session.scalars(select(db.ModelVersion)))
+            for version in versions:
+                assert lineage_links(session, version) == scanned_links(session, version), version.model.name
+            for model in session.scalars(select(db.Model)):
+                scanned = [
+                    m.name
+                    for m in session.scalars(select(db.Model).order_by(db.Model.id))
+                    if (m.versions[-1].base_model or "").split("@")[0] == model.full_name
+                ]
+                assert [m.name for m in derived_models(session, model)] == scanned
+            found = sum(any(lineage_links(session, v).values()) for v in versions)
+        engine.dispose()
+        return found
+
+    url = database  # a SQLite file, or a fresh PostgreSQL database
+    engine = db.connect(url)
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", db.database_url(url).replace("%", "%%"))
+    command.upgrade(config, "0002")
+    with db.sessions(engine)() as session:
+        fill_hub(session, seed=13)
+    engine.dispose()
+    assert db.migrate(url) == "0003"
+    assert check(url) > 20  # links of every kind were there to find
+
+    export_hub(url, str(tmp_path / "store"), tmp_path / "export")
+    document = json.loads((tmp_path / "export" / "hub.json").read_text())
+    assert document["tables"]["lineage_keys"]
+    del document["tables"]["lineage_keys"]  # as a hub before 0003 exported it
+    write_json(tmp_path / "export" / "hub.json", document)
+    import_hub(tmp_path / "export", str(tmp_path / "restored.db"), str(tmp_path / "restored-store"))
+    assert check(str(tmp_path / "restored.db")) > 20
+
+
+@pytest.mark.parametrize("through_proxy", [False, True])
+def test_a_pull_cut_off_or_damaged_on_the_way_leaves_nothing(tmp_path, monkeypatch, through_proxy):
+    """A server that announces more bytes than it sends, or sends other bytes than the sha256 it lists:
+    the pull fails in one line and neither the folder nor its .partial is left; also behind an HTTP proxy
+    (the same server, answering absolute URLs), where httpx downloads."""
+    import hashlib
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    good, bad = b"weights" * 1000, b"other bytes"
+    files = [{"path": "a.bin", "sha256": hashlib.sha256(good).hexdigest(), "size": len(good)}]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_GET(self):
+            self.server.requests.append(self.path)
+            if urllib.parse.urlsplit(self.path).path.startswith("/api/objects/"):
+                body = json.dumps({"files": files}).encode()
+            elif self.server.cut:  # the connection closes after half of what Content-Length promised
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(good)))
+                self.end_headers()
+                self.wfile.write(good[: len(good) // 2])
+                self.close_connection = True
+                return
+            else:
+                body = bad
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    if through_proxy:
+        monkeypatch.setenv("http_proxy", url)
+        url = "http://hub.example:8600"  # resolved by the proxy alone
+    try:
+        with HubClient(url) as client:
+            for cut, reason in ((True, "a.bin was cut off while downloading"), (False, "a different sha256")):
+                server.cut = cut
+                with pytest.raises(AtomlabError, match=reason):
+                    client.pull("lab-a/tiny", tmp_path / "pulled")
+                assert not (tmp_path / "pulled").exists() and not (tmp_path / "pulled.partial").exists()
+        assert all(path.startswith("http://") == through_proxy for path in server.requests)
+    finally:
+        server.shutdown()

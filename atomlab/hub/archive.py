@@ -89,6 +89,8 @@ def import_hub(folder: Path, database: str, store_url: str) -> dict[str, int]:
                     text(f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column}'), :top)"),
                     {"top": max(r[column] for r in rows)},
                 )
+        if db.LineageKey.__tablename__ not in tables:  # an export from before the lineage index (0003)
+            db.index_lineage(connection)
     engine.dispose()
     store = BlobStore(store_url)
     for blob in tables.get("blobs", []):

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from atomlab.errors import AtomlabError
+from atomlab.manifest import MANIFEST, SIGNATURE, manifest_problems, read_manifest, sha256_file
 
 CHUNK = 1 << 20
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
 LINEAGE = "lineage.json"
 KINDS = ("model", "dataset", "environment", "run")
 DATASET_STEPS = ("prepare-data", "tokenizer")
@@ -47,11 +46,10 @@ def detect_kind(folder: Path) -> str:
     from atomlab.envs.registry import ENTRY_POINT_GROUP
 
     if (folder / MANIFEST).is_file():
-        try:
-            step = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("step")
-        except ValueError:
-            raise AtomlabError(f"{folder / MANIFEST}: not JSON") from None
-        return "dataset" if step in DATASET_STEPS else "model"
+        manifest = read_manifest(folder)[1]
+        if manifest.get("kind") in KINDS:  # a manifest the hub client made (a pulled environment or run)
+            return manifest["kind"]
+        return "dataset" if manifest.get("step") in DATASET_STEPS else "model"
     pyproject = folder / "pyproject.toml"
     if pyproject.is_file() and ENTRY_POINT_GROUP in pyproject.read_text(encoding="utf-8"):
         return "environment"
@@ -78,8 +76,6 @@ def package_files(folder: Path) -> list[str]:
 def made_manifest(folder: Path, kind: str) -> tuple[str, list[str]]:
     """The manifest text the hub publishes for a folder without one (an environment package, a run),
     and the files it lists."""
-    from atomlab.steps import sha256_file
-
     if kind == "environment":
         paths = package_files(folder)
         project = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8")).get("project") or {}
@@ -166,8 +162,6 @@ class HubClient:
         """Upload one file unless the hub has it already; True when it was sent. The hub hashes what
         it receives and refuses (422) content that is not `sha256`; a file it has already is hashed
         here, so a push never publishes a manifest that the local file does not match."""
-        from atomlab.steps import sha256_file
-
         if self.http.head(f"/api/blobs/{sha256}").status_code == 200:
             if sha256_file(path) != sha256:
                 raise AtomlabError(f"{path}: changed (sha256 differs from the manifest), so it is not pushed")
@@ -201,17 +195,19 @@ class HubClient:
             raise AtomlabError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
         institution, model, _ = split_name(name)
         signature = None
-        if kind in ("environment", "run"):
+        own = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+        # an environment or run carries the manifest made for it when it was pulled from a hub: push that
+        if kind in ("environment", "run") and (own is None or own[1].get("kind") != kind):
             manifest_text, _ = made_manifest(folder, kind)
             if kind == "run" and LINEAGE not in json.loads(manifest_text)["outputs"]:
                 raise AtomlabError(f"{folder}: no {LINEAGE}; a run is the manifests of its steps (a release has one)")
             if key is not None:
                 signature = sign_subject(MANIFEST, hashlib.sha256(manifest_text.encode()).hexdigest(), Path(key))
         else:
-            if not (folder / MANIFEST).is_file():
+            if own is None:
                 raise AtomlabError(f"{folder}: no {MANIFEST}; push a release bundle or a step folder")
-            manifest_text = (folder / MANIFEST).read_text(encoding="utf-8")
-            problems = bundle_problems(folder, json.loads(manifest_text).get("outputs") or {})
+            manifest_text = own[0]
+            problems = manifest_problems(folder, own[1]["outputs"], hash_files=False)  # upload() hashes them
             if problems:
                 raise AtomlabError(f"{folder}: {problems[0]}; it does not match its manifest, so it is not pushed")
             if (folder / SIGNATURE).is_file():
@@ -266,63 +262,132 @@ class HubClient:
         partial = target.with_name(target.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
-        for file in version["files"]:
-            destination = partial / file["path"]
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with self.http.stream("GET", f"/api/blobs/{file['sha256']}") as response:
-                if response.status_code != 200:
-                    raise AtomlabError(f"{self.url}: {file['path']} could not be downloaded ({response.status_code})")
-                with open(destination, "wb") as handle:
-                    for block in response.iter_bytes(CHUNK):
-                        digest.update(block)
-                        handle.write(block)
-            if digest.hexdigest() != file["sha256"]:
-                shutil.rmtree(partial)
-                raise AtomlabError(f"{name}: {file['path']} arrived with a different sha256; nothing was written")
+        try:
+            with BlobDownloads(self.url, self.http.headers.get("authorization"), self.http.timeout.read) as downloads:
+                for file in version["files"]:
+                    destination = partial / file["path"]
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    if downloads.fetch(file["sha256"], destination, file["path"]) != file["sha256"]:
+                        raise AtomlabError(
+                            f"{name}: {file['path']} arrived with a different sha256; nothing was written"
+                        )
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if target.exists():
             shutil.rmtree(target)
         os.replace(partial, target)
         return target
 
 
-def bundle_problems(folder: Path, outputs: dict[str, Any]) -> list[str]:
-    """What is wrong with a folder against its manifest without reading the files (the hub hashes what
-    is uploaded; `upload` hashes what is not): missing files, other sizes, unlisted files."""
-    problems = []
-    for path, entry in sorted(outputs.items()):
-        local = folder / path
-        if not local.is_file():
-            problems.append(f"missing: {path}")
-        elif local.stat().st_size != entry.get("bytes"):
-            problems.append(f"changed: {path} (its size differs from the manifest)")
-    for local in sorted(folder.rglob("*")):
-        rel = local.relative_to(folder).as_posix()
-        if local.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in outputs:
-            problems.append(f"unlisted: {rel} (not in the manifest)")
-    return problems
+class BlobDownloads:
+    """Blob downloads over one kept-alive connection, with the standard library's http.client reading each
+    body straight into one reused buffer that is hashed and written from in place. httpx parses and copies
+    a body in 64 KB pieces, which made a pull cost the client 3x the CPU per GB (hashing included;
+    benchmarks/hub_load.py). Behind an HTTP proxy (the *_proxy variables) httpx, which honours them,
+    downloads instead."""
+
+    def __init__(self, url: str, authorization: str | None, timeout: float | None) -> None:
+        import http.client
+        import urllib.parse
+        import urllib.request
+
+        self.url, self.authorization, self.timeout = url, authorization, timeout
+        parts = urllib.parse.urlsplit(url)
+        self.prefix = parts.path.rstrip("/")
+        proxied = parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.http = None if proxied else connection(parts.hostname or "", parts.port, timeout=timeout)
+        self.buffer = bytearray(CHUNK * 4)
+
+    def __enter__(self) -> BlobDownloads:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self.http is not None:
+            self.http.close()
+
+    def fetch(self, sha256: str, destination: Path, label: str) -> str:
+        """Write blob `sha256` to `destination`; returns the sha256 of what arrived."""
+        import http.client
+
+        if self.http is None:
+            return self._fetch_with_httpx(sha256, destination, label)
+        headers = {"Authorization": self.authorization} if self.authorization else {}
+        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: once more, afresh
+            try:
+                self.http.request("GET", f"{self.prefix}/api/blobs/{sha256}", headers=headers)
+                response = self.http.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.http.close()
+                if attempt == 2:
+                    raise AtomlabError(f"{self.url}: cannot reach the hub ({exc})") from None
+            except OSError as exc:
+                raise AtomlabError(f"{self.url}: cannot reach the hub ({exc})") from None
+        if response.status != 200:
+            response.read()
+            raise AtomlabError(f"{self.url}: {label} could not be downloaded ({response.status})")
+        digest, view = hashlib.sha256(), memoryview(self.buffer)
+        try:
+            with open(destination, "wb") as handle:
+                while size := response.readinto(self.buffer):
+                    digest.update(view[:size])
+                    handle.write(view[:size])
+            if response.length:  # http.client ends a body the server closed early without a word
+                raise http.client.IncompleteRead(b"", response.length)
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            self.http.close()
+            raise AtomlabError(f"{self.url}: {label} was cut off while downloading ({exc!r})") from None
+        return digest.hexdigest()
+
+    def _fetch_with_httpx(self, sha256: str, destination: Path, label: str) -> str:
+        import httpx
+
+        headers = {"Authorization": self.authorization} if self.authorization else {}
+        digest = hashlib.sha256()
+        try:
+            with httpx.stream("GET", f"{self.url}/api/blobs/{sha256}", headers=headers, timeout=self.timeout) as got:
+                if got.status_code != 200:
+                    raise AtomlabError(f"{self.url}: {label} could not be downloaded ({got.status_code})")
+                with open(destination, "wb") as handle:
+                    for block in got.iter_bytes(CHUNK):
+                        digest.update(block)
+                        handle.write(block)
+        except httpx.HTTPError as exc:
+            raise AtomlabError(f"{self.url}: {label} was cut off while downloading ({exc!r})") from None
+        return digest.hexdigest()
 
 
 def mirror(source: HubClient, target: HubClient, institution: str | None = None) -> list[str]:
-    """Copy every public model version of `source` (of one institution, or all) that `target` lacks;
-    the target re-verifies each one as it would any push. Returns NAME@VERSION of what was copied."""
+    """Copy every public object version of `source` (models, datasets, environments, runs; of one
+    institution, or all) that `target` lacks, oldest first, so version numbers follow the source's. Each
+    is pulled with its manifest and signature and pushed as the kind the source says it is; the target
+    re-verifies it as it would any push (file hashes, and the signature against the keys its own copy of
+    the institution registered). Claims and evaluations stay behind: they are statements of the
+    institutions that posted them, which this hub's token cannot make. Returns NAME@VERSION of what was
+    copied."""
     import tempfile
 
-    present = {
-        m["id"]: {v["manifest_sha256"] for v in target.get(f"/api/models/{m['id']}")["versions"]}
-        for m in target.models()
-    }
+    def manifests(hub: HubClient, name: str) -> list[tuple[int, str, str]]:
+        """(number, manifest sha256, kind) of every version of an object, oldest first."""
+        numbers = hub.get(f"/api/objects/{name}")["versions"]
+        found = [hub.get(f"/api/objects/{name}/revision/{number}") for number in numbers]
+        return [(v["version"], v["manifest_sha256"], v["kind"]) for v in found]
+
+    present = {o["name"]: {sha for _, sha, _ in manifests(target, o["name"])} for o in target.objects()}
     copied = []
-    for model in source.models():
-        if institution and model["author"] != institution:
+    for listed in source.objects():
+        if institution and listed["institution"] != institution:
             continue
-        for version in source.get(f"/api/models/{model['id']}")["versions"]:
-            if version["manifest_sha256"] in present.get(model["id"], set()):
+        name = listed["name"]
+        for number, manifest_sha256, kind in manifests(source, name):
+            if manifest_sha256 in present.get(name, set()):
                 continue
             with tempfile.TemporaryDirectory() as scratch:
-                folder = source.pull(f"{model['id']}@{version['version']}", Path(scratch) / "bundle")
-                target.push(folder, model["id"])
-            copied.append(f"{model['id']}@{version['version']}")
+                folder = source.pull(f"{name}@{number}", Path(scratch) / "object")
+                target.push(folder, name, kind=kind)
+            copied.append(f"{name}@{number}")
     return copied
 
 
@@ -602,9 +667,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--key", help="sign the claim with this private key (atomlab keygen)")
     reproduce.set_defaults(handler=_reproduce)
 
-    mirror_command = remote("mirror", "copy the public models of another hub into this one (--url), re-verified")
+    mirror_command = remote(
+        "mirror", "copy another hub's public models, datasets, environments and runs into this one (--url)"
+    )
     mirror_command.add_argument("source", help="the URL of the hub to copy from")
-    mirror_command.add_argument("--institution", help="only this institution's models")
+    mirror_command.add_argument("--institution", help="only this institution's objects")
     mirror_command.set_defaults(handler=_mirror)
 
     for name, handler, help_text in (

@@ -23,14 +23,18 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
+    insert,
+    select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from atomlab.errors import AtomlabError
@@ -159,6 +163,73 @@ class ModelVersion(Base):
     def commit(self) -> str:
         """A 40-hex revision id, as Hugging Face clients expect: the manifest's sha256, shortened."""
         return self.manifest_sha256[:40]
+
+
+class LineageKey(Base):
+    """One thing a version's lineage names, so that lineage is an indexed look-up, not a scan of every
+    version: `hash` its own step hash (models, datasets), `step` every step hash behind it, `input` its
+    direct inputs' step hashes, `base` the model it was post-trained from (without @version), `registers`
+    an environment a package registers, `uses` a name an environment the version's steps used may be
+    registered under (`countdown-v1` may be the `countdown-v1` or the `countdown` of a package). Written
+    with the version (derived from its columns, never edited); migration 0003 filled it for older hubs."""
+
+    __tablename__ = "lineage_keys"
+    __table_args__ = (Index("ix_lineage_keys_relation_key", "relation", "key"),)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    relation: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(1000), primary_key=True)
+
+
+def registered_names(used: str) -> set[str]:
+    """The names a package may register an environment under for a step to use it as `used`: the name
+    itself, and for `countdown-v1` the package's `countdown` at version 1."""
+    return {used} | {used[:i] for i in range(1, len(used)) if used.startswith("-v", i)}
+
+
+def lineage_keys(
+    kind: str,
+    step_hash: str | None,
+    lineage: dict[str, Any] | None,
+    details: dict[str, Any] | None,
+    base_model: str | None,
+) -> set[tuple[str, str]]:
+    """The (relation, key) rows of LineageKey for a version with these columns."""
+    lineage, details = lineage or {}, details or {}
+    keys = {("step", h) for h in lineage.get("steps") or []} | {("input", h) for h in lineage.get("inputs") or []}
+    keys |= {("uses", name) for used in lineage.get("environments") or [] for name in registered_names(used)}
+    if step_hash:
+        keys.add(("hash", step_hash))
+    if base_model:
+        keys.add(("base", base_model.split("@")[0]))
+    if kind == "environment":
+        keys |= {("registers", name) for name in details.get("environments") or []}
+    return keys
+
+
+def index_lineage(connection: Connection) -> int:
+    """(Re)build the lineage index of every version from its columns; returns how many rows it holds.
+    Migration 0003 runs it on a hub that had versions before the index existed, and an import runs it
+    on an export made before then."""
+    versions, models, keys = ModelVersion.__table__, Model.__table__, LineageKey.__table__
+    rows = connection.execute(
+        select(
+            versions.c.id,
+            models.c.kind,
+            versions.c.step_hash,
+            versions.c.lineage,
+            versions.c.details,
+            versions.c.base_model,
+        ).join(models, models.c.id == versions.c.model_id)
+    )
+    entries = [
+        {"version_id": row.id, "relation": relation, "key": key}
+        for row in rows
+        for relation, key in sorted(lineage_keys(row.kind, row.step_hash, row.lineage, row.details, row.base_model))
+    ]
+    connection.execute(delete(keys))
+    if entries:
+        connection.execute(insert(keys), entries)
+    return len(entries)
 
 
 class VersionFile(Base):

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
 from atomlab.hub.db import Claim, Evaluation, Institution, Job, Model, ModelVersion
-from atomlab.hub.server import lineage_links
+from atomlab.hub.server import derived_models, lineage_links
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f7f8fa}
@@ -243,11 +243,7 @@ def add_pages(app: FastAPI, hub: Any) -> None:
             if card is not None and card.size < 2 << 20:
                 with hub.store.open(card.sha256) as handle:
                     card_text = handle.read().decode("utf-8", errors="replace")
-            derived = [
-                m
-                for m in session.scalars(select(Model))
-                if m.versions and (m.versions[-1].base_model or "").split("@")[0] == model.full_name
-            ]
+            derived = derived_models(session, model)
             openness = current.openness
             missing = [m for m in openness.get("missing") or [] if m.get("required")]
             links = lineage_links(session, current)

@@ -46,6 +46,7 @@ from atomlab.hub.db import (
     Evaluation,
     Institution,
     Job,
+    LineageKey,
     Model,
     ModelVersion,
     SigningKey,
@@ -53,9 +54,8 @@ from atomlab.hub.db import (
     VersionFile,
 )
 from atomlab.hub.store import BlobStore
+from atomlab.manifest import MANIFEST, SIGNATURE
 
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
 # bitwise: every file; timings-aside: every file but the speed figures (tokens/s, MFU) it logs
 VERDICTS = ("bitwise", "timings-aside", "within-tolerance", "different", "failed")
 BITWISE = ("bitwise", "timings-aside")
@@ -243,6 +243,10 @@ class Hub:
         session.flush()
         for path, (sha256, size) in files.items():
             session.add(VersionFile(version_id=version.id, path=path, sha256=sha256, size=size))
+        for relation, key in sorted(
+            db.lineage_keys(kind, version.step_hash, version.lineage, version.details, version.base_model)
+        ):
+            session.add(LineageKey(version_id=version.id, relation=relation, key=key))
         self.audit(
             session,
             token,
@@ -521,42 +525,69 @@ def _iso(moment: dt.datetime) -> str:
     return moment.replace(tzinfo=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _same_environment(used: str, registered: str) -> bool:
-    """`arithmetic-v1` (a run's setting) is the `arithmetic` a package registers, at version 1."""
-    return used == registered or used.startswith(f"{registered}-v")
+def _versions_naming(
+    session: Session, relation: str, keys: set[str], kind: str | None = None, besides: int | None = None
+) -> list[ModelVersion]:
+    """The versions (of one kind, or any) whose lineage index holds `relation` with any of `keys`, in
+    the order they were pushed."""
+    if not keys:
+        return []
+    query = (
+        select(ModelVersion)
+        .where(
+            ModelVersion.id.in_(
+                select(LineageKey.version_id).where(LineageKey.relation == relation, LineageKey.key.in_(sorted(keys)))
+            )
+        )
+        .order_by(ModelVersion.id)
+    )
+    if kind is not None:
+        query = query.join(Model).where(Model.kind == kind)
+    if besides is not None:
+        query = query.where(ModelVersion.id != besides)
+    return list(session.scalars(query))
 
 
 def lineage_links(session: Session, version: ModelVersion) -> dict[str, list[str]]:
     """How a version relates to the hub's other objects, by content: the datasets whose step hash its
     steps name, the runs that hold every step it was made from (or the models such a run made), the
-    environment packages that register the environments its steps used, and the reverse of each."""
-    mine = version.lineage or {}
-    steps, inputs = set(mine.get("steps") or []), set(mine.get("inputs") or [])
-    used_envs = set(mine.get("environments") or [])
+    environment packages that register the environments its steps used, and the reverse of each. Each is
+    a look-up in the lineage index (LineageKey), which publish writes with the version."""
+    mine = db.lineage_keys(version.model.kind, version.step_hash, version.lineage, version.details, version.base_model)
+    named = {relation: {key for r, key in mine if r == relation} for relation in ("step", "input", "uses", "registers")}
+    steps, inputs = named["step"], named["input"]
     kind = version.model.kind
+
+    def refs(found: list[ModelVersion]) -> list[str]:
+        return [f"{other.model.full_name}@{other.number}" for other in found]
+
+    def steps_of(other: ModelVersion) -> set[str]:
+        return set((other.lineage or {}).get("steps") or [])
+
+    def inputs_of(other: ModelVersion) -> set[str]:
+        return set((other.lineage or {}).get("inputs") or [])
+
     links: dict[str, list[str]] = {"datasets": [], "runs": [], "environments": [], "models": [], "used_by": []}
-    for other in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
-        if other.id == version.id:
-            continue
-        ref, theirs, other_kind = f"{other.model.full_name}@{other.number}", other.lineage or {}, other.model.kind
-        their_steps, their_inputs = set(theirs.get("steps") or []), set(theirs.get("inputs") or [])
-        registered = set((other.details or {}).get("environments") or [])
-        if other_kind == "dataset" and other.step_hash and other.step_hash in steps:
-            links["datasets"].append(ref)
-        if kind == "dataset" and version.step_hash and version.step_hash in their_steps:
-            links["used_by"].append(ref)
-        if kind == "model" and other_kind == "run" and inputs and inputs <= their_steps:
-            links["runs"].append(ref)
-        if kind == "run" and other_kind == "model" and their_inputs and their_inputs <= steps:
-            links["models"].append(ref)
-        if other_kind == "environment" and any(_same_environment(u, r) for u in used_envs for r in registered):
-            links["environments"].append(ref)
-        if kind == "environment":
-            mine_registered = set((version.details or {}).get("environments") or [])
-            their_envs = set(theirs.get("environments") or [])
-            if any(_same_environment(u, r) for u in their_envs for r in mine_registered):
-                links["used_by"].append(ref)
+    links["datasets"] = refs(_versions_naming(session, "hash", steps, "dataset", version.id))
+    if kind == "dataset" and version.step_hash:
+        links["used_by"] = refs(_versions_naming(session, "step", {version.step_hash}, besides=version.id))
+    if kind == "model" and inputs:  # a run that holds every step the model was made from
+        candidates = _versions_naming(session, "step", inputs, "run", version.id)
+        links["runs"] = refs([run for run in candidates if inputs <= steps_of(run)])
+    if kind == "run":  # the models made from steps this run holds, all of their inputs
+        candidates = _versions_naming(session, "input", steps, "model", version.id)
+        links["models"] = refs([model for model in candidates if inputs_of(model) <= steps])
+    links["environments"] = refs(_versions_naming(session, "registers", named["uses"], "environment", version.id))
+    if kind == "environment":
+        links["used_by"] = refs(_versions_naming(session, "uses", named["registers"], besides=version.id))
     return links
+
+
+def derived_models(session: Session, model: Model) -> list[Model]:
+    """The models whose newest version names `model` as its base model, from the lineage index."""
+    found = _versions_naming(session, "base", {model.full_name}, "model")
+    candidates = sorted({version.model for version in found}, key=lambda m: m.id)
+    return [m for m in candidates if (m.versions[-1].base_model or "").split("@")[0] == model.full_name]
 
 
 def _version_json(version: ModelVersion) -> dict[str, Any]:

@@ -15,16 +15,15 @@ from typing import Any
 from atomlab import __version__
 from atomlab.data.prepare import data_card
 from atomlab.data.tokens import tokens_table
-from atomlab.errors import AtomlabError
 from atomlab.evaluate.step import POST_TRAINING
+from atomlab.manifest import manifest_problems, read_manifest
 from atomlab.pipeline import recipe_as_run
 from atomlab.recipe import Recipe
 from atomlab.release.cards import STAGES, environment_figures, model_card, openness_section, released_metrics
 from atomlab.release.openness import Grade, grade, read_bundle
 from atomlab.release.reproduce import LINEAGE, SOURCES, lineage
-from atomlab.release.sign import SIGNATURE
 from atomlab.release.timings import TIMINGS, machine_record, split_log, without_speed
-from atomlab.steps import MANIFEST, StepContext, code_version, load_manifest, sha256_file, write_atomic, write_json
+from atomlab.steps import StepContext, code_version, write_atomic, write_json
 from atomlab.tokenizer import CHAT_TEMPLATE, END_OF_TEXT, PAD, SPECIAL_TOKENS
 from atomlab.train.checkpoint import export_checkpoints
 
@@ -228,29 +227,10 @@ def release_post_trained(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
 
 def verify_listed(folder: Path) -> dict[str, dict[str, Any]]:
     """The files a bundle's manifest lists, with their sha256 and size."""
-    if not (folder / MANIFEST).is_file():
-        raise AtomlabError(f"{folder}: no {MANIFEST}; not an atomlab bundle or step folder")
-    try:
-        manifest = load_manifest(folder)
-        outputs = manifest["outputs"]
-    except (ValueError, KeyError):
-        raise AtomlabError(f"{folder / MANIFEST}: corrupt manifest (not the JSON atomlab writes)") from None
-    return outputs
+    return read_manifest(folder)[1]["outputs"]
 
 
 def verify_bundle(folder: Path) -> list[str]:
     """Problems found (empty when the bundle is intact): changed, missing or unlisted files.
     manifest.sig, written after the manifest, is checked by `atomlab verify --trusted-keys`."""
-    outputs = verify_listed(folder)
-    problems = []
-    for name, expected in sorted(outputs.items()):
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"missing: {name}")
-        elif path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            problems.append(f"changed: {name} (sha256 differs from the manifest)")
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in outputs:
-            problems.append(f"unlisted: {rel} (not in the manifest)")
-    return problems
+    return manifest_problems(folder, verify_listed(folder))

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from atomlab.errors import AtomlabError
-from atomlab.steps import MANIFEST, sha256_file, write_atomic
+from atomlab.manifest import MANIFEST, SIGNATURE, sha256_file
 
-SIGNATURE = "manifest.sig"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://github.com/atomlab/atomlab/release-signature/v1"
@@ -67,6 +66,8 @@ def keygen(folder: Path, name: str) -> tuple[Path, Path]:
     descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(private)
+    from atomlab.steps import write_atomic  # here: the hub client verifies and signs without the step graph
+
     write_atomic(public_path, public)
     return private_path, public_path
 
@@ -105,6 +106,7 @@ def sign_bundle(bundle: Path, key_path: Path, name: str | None = None) -> dict[s
     if not (bundle / MANIFEST).is_file():
         raise AtomlabError(f"{bundle}: no {MANIFEST}; sign a release bundle")
     from atomlab.release.bundle import verify_bundle
+    from atomlab.steps import write_atomic
 
     problems = verify_bundle(bundle)
     if problems:  # signing vouches for the files: never sign a bundle that does not match its manifest
