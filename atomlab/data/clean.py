@@ -36,7 +36,8 @@ def normalize(text: str) -> str:
     text = unicodedata.normalize("NFC", text).replace("\ufeff", "")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    text = _TRAILING.sub("\n", text)
+    if " \n" in text or "\t\n" in text:  # (a substring search costs less than the regex finding nothing)
+        text = _TRAILING.sub("\n", text)
     return text.strip() + "\n"
 
 

@@ -22,7 +22,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,17 @@ def c4_lines(text: str) -> tuple[str, str | None]:
             continue
         kept.append(line)
     result = "\n".join(kept) + "\n"
-    if len(_SENTENCE_END.findall(result)) < 5:
+    if sum(1 for _ in islice(_SENTENCE_END.finditer(result), 5)) < 5:  # counting stops at 5
         return result, "c4: fewer than 5 sentences"
     return result, None
+
+
+def _words_with_a_letter(text: str) -> int:
+    """How many of text.split()'s words hold a letter. In ASCII the letters are the cased characters, so a
+    lowercased word holds one exactly when str.islower() is true (counted in C, no regex)."""
+    if text.isascii():
+        return sum(map(str.islower, text.lower().split()))
+    return len(_WORD_WITH_LETTER.findall(text))
 
 
 def gopher_quality(text: str) -> str | None:
@@ -85,7 +93,7 @@ def gopher_quality(text: str) -> str | None:
         return "gopher: mostly bullet lines"
     if sum(line.rstrip().endswith(("...", "\u2026")) for line in lines) > 0.3 * len(lines):
         return "gopher: many lines end in an ellipsis"
-    if len(_WORD_WITH_LETTER.findall(text)) < 0.8 * len(words):
+    if _words_with_a_letter(text) < 0.8 * len(words):
         return "gopher: under 80% of words have a letter"
     if len(_STOP_WORDS.intersection(map(str.lower, stripped))) < 2:
         return "gopher: fewer than 2 stop words"
@@ -160,6 +168,15 @@ def gopher_repetition(text: str) -> str | None:
     return None
 
 
+_ASCII_DIGITS = str.maketrans("123456789", "000000000")
+
+
+def _may_hold_ipv4(text: str) -> bool:
+    """False only when the IPv4 pattern cannot match: it needs a digit, a dot and a digit in a row (in
+    ASCII text a plain substring search once the digits are all made 0; \\d is any Unicode digit)."""
+    return "0.0" in text.translate(_ASCII_DIGITS) if text.isascii() else text.count(".") >= 3
+
+
 def mask_pii(text: str) -> str:
     # each pattern is tried only when the text holds what it needs (an @, 3 dots, 2 colons): same result
     if "@" in text:
@@ -172,7 +189,7 @@ def mask_pii(text: str) -> str:
             return match.group(0)
         return "<IP>"
 
-    if text.count(".") >= 3:
+    if _may_hold_ipv4(text):
         text = _IPV4.sub(ip, text)
     return _IPV6.sub(ip, text) if text.count(":") >= 2 else text
 
