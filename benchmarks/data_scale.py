@@ -23,6 +23,7 @@ Language id is off (the generated words are not a language); every other web rul
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -324,7 +325,7 @@ def run_datatrove(base: Path, files: int, workers: int) -> dict:
     """datatrove's MinHash signatures on the first `files` files of the corpus (its MB per CPU-second does
     not depend on how many; all of a large corpus would take hours), measured on the text it read."""
     try:
-        import datatrove
+        import datatrove  # noqa: F401
     except ImportError:
         return {"error": "not installed (pip install 'atomlab[bench]'): its MinHash stage was not run for a ratio"}
     out, folder = base / "out-datatrove", base / "datatrove-input"
@@ -343,7 +344,7 @@ def run_datatrove(base: Path, files: int, workers: int) -> dict:
     return {
         "files": len(chosen),
         "mb": round(mb, 1),
-        "version": datatrove.__version__ if hasattr(datatrove, "__version__") else "?",
+        "version": importlib.metadata.version("datatrove"),
         "workers": workers,
         "tasks": files,
         "seconds": round(result["seconds"], 2),
