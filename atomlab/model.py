@@ -253,8 +253,19 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         if self.post_norms:
             self.post_feedforward_layernorm = RMSNorm(args.d_model, args.norm_eps)
+        # Training with train.compile: torch.compile of `layer` (shared by every block, which it takes as an
+        # argument, so copies of a model call their own weights), run where there is no KV cache; the
+        # generation engine's cached calls, whose shapes change every step, stay eager.
+        self.compiled: Callable[..., torch.Tensor] | None = None
 
     def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        if cache is None and self.compiled is not None:
+            return self.compiled(self, x, cos, sin)
+        return self.layer(x, cos, sin, cache)
+
+    def layer(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
         if self.post_norms:  # OLMo 2: each sublayer's output is normalised before it joins the residual stream

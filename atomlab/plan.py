@@ -228,6 +228,9 @@ class Cluster:
 # Layout, memory, communication, speed
 
 
+LOSS_CHUNK_TOKENS = 4096  # train.loss_chunk_tokens' default: the trainer's loss projects this many tokens at a time
+
+
 @dataclass(frozen=True)
 class Layout:
     """tp GPUs of a node split every matrix; the gpus/tp data-parallel ranks shard the model state in
@@ -240,6 +243,7 @@ class Layout:
     micro_batch: int  # sequences per data-parallel rank per forward/backward
     grad_accum: int
     checkpointing: str
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the trainer's train.loss_chunk_tokens (0: the whole micro-batch)
 
     @property
     def replicas(self) -> int:
@@ -321,8 +325,10 @@ def memory_per_gpu(args: ModelArgs, layout: Layout, precision: str = "bf16") -> 
       4 in fp32) / tp, as with Megatron-style sequence parallelism (Korthikanti et al. §4.2.2), except the
       inputs of q/k/v and gate/up (2h per kept block), which TP all-gathers to the whole sequence
     logits: tokens x vocab x (2 + 4 + 4) bytes: bf16 logits, their fp32 copy for the loss and the fp32
-      log-probabilities cross-entropy keeps (4 + 4 in fp32); not divided by tp, since the trainer gathers
-      the lm_head's vocabulary-split output whole for the loss (no vocabulary-parallel loss).
+      log-probabilities cross-entropy keeps (4 + 4 in fp32), for at most the layout's `loss_chunk_tokens` tokens (the
+      trainer's chunked loss: one chunk's logits exist at a time, forward and backward; 0: the whole
+      micro-batch); under tp the whole micro-batch's, not divided by tp, since the trainer gathers the
+      lm_head's vocabulary-split output whole for the loss (no vocabulary-parallel loss).
     In fp32 (CPU) the per-parameter state is the same 16 bytes: fp32 weights, gradients, m and v.
     Gradients stay sharded under accumulation: the trainer reduce-scatters them every micro-batch (and
     all-reduces across replicas only at the last), see `communication_per_gpu`.
@@ -340,7 +346,9 @@ def memory_per_gpu(args: ModelArgs, layout: Layout, precision: str = "bf16") -> 
     elements = (activation_elements(args, layout.checkpointing) - whole) / layout.tp + whole
     activations = tokens * elements * value_bytes
     logit_bytes = value_bytes + 4 + 4 if precision == "bf16" else 8
-    logits = tokens * args.vocab_size * logit_bytes  # whole on every TP rank: the trainer gathers them for the loss
+    chunk = layout.loss_chunk_tokens
+    chunked = chunk > 0 and layout.tp == 1  # under TP the trainer gathers the logits whole
+    logits = (min(tokens, chunk) if chunked else tokens) * args.vocab_size * logit_bytes
     return Memory(4 * per_gpu, 4 * per_gpu, 8 * per_gpu, gathered, activations, logits)
 
 
@@ -480,6 +488,7 @@ class Constraints:
     shard_gpus: int | None = None
     micro_batch: int | None = None
     checkpointing: str | None = None
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the trainer's, as train.loss_chunk_tokens
 
 
 def _divisors(n: int) -> list[int]:
@@ -545,7 +554,7 @@ def _fastest_at_tp(
             if not _allowed(Layout(tp, dp, shard, 1, 1, mode), constraints):
                 continue
             for micro in micro_batches:  # the largest micro-batch that fits
-                layout = Layout(tp, dp, shard, micro, local_batch // micro, mode)
+                layout = Layout(tp, dp, shard, micro, local_batch // micro, mode, constraints.loss_chunk_tokens)
                 need = memory_per_gpu(args, layout, cluster.accelerator.precision).total
                 if need <= cluster.usable_bytes:
                     comm = communication_per_gpu(args, layout, cluster, reduce_bytes)
@@ -1022,6 +1031,7 @@ def _model_from(options: argparse.Namespace) -> tuple[str, ModelArgs, dict]:
             "global_batch": batch,
             "tokens": recipe.train.max_steps * batch * args.seq_len,
             "checkpointing": "full" if recipe.train.activation_checkpointing else "none",
+            "loss_chunk_tokens": recipe.train.loss_chunk_tokens,
         }
     elif options.layers and options.width and options.vocab:
         from atomlab.recipe import ModelConfig
@@ -1129,6 +1139,7 @@ def _constraints_from(options: argparse.Namespace, args: ModelArgs, cluster: Clu
         shard_gpus=options.shard_group,
         micro_batch=options.micro_batch,
         checkpointing=None if checkpointing == "auto" else checkpointing,
+        loss_chunk_tokens=recipe_run.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS),
     )
 
 

@@ -283,6 +283,7 @@ def compare(run: dict) -> dict:
         layout=run.get("layout"),
         micro_batch=run.get("micro_batch"),
         checkpointing=run["checkpointing"],
+        loss_chunk_tokens=run.get("loss_chunk_tokens", 0),  # the published trainers' loss: whole logits
     )
     try:
         plan = plan_training(args, cluster, global_batch, 1e12, mfu=run.get("mfu"), constraints=constraints)

@@ -533,3 +533,27 @@ def test_logprobs_are_the_model_distribution(untrained):
     assert one(untrained, prompt, max_tokens=3).logprobs is None
     with pytest.raises(AtomlabError, match="logprobs"):
         one(untrained, prompt, max_tokens=3, logprobs=21)
+
+
+def test_a_compiled_model_generates_eagerly_and_the_same(smoke):
+    """train.compile compiles the blocks' cacheless forward (training, validation); the engine's cached calls,
+    whose shapes change every step, run the same blocks eagerly: no new graph, the same tokens."""
+    from torch._dynamo.utils import counters
+
+    from atomlab.train.parallel import speed_features
+
+    model = Transformer(smoke.args)
+    model.load_state_dict(smoke.model.state_dict())
+    speed_features(model, activation_checkpointing=False, compile=True)
+    tokens = torch.tensor([smoke.encode(PROMPTS[1])])
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), smoke.model(tokens), atol=1e-5)  # the compiled forward ran
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    compiled = Engine(model.eval(), smoke.tokenizer, torch.device("cpu"))
+    for text in PROMPTS:
+        prompt = smoke.encode(text)
+        assert one(compiled, prompt, temperature=0, max_tokens=20).token_ids == one(
+            smoke, prompt, temperature=0, max_tokens=20
+        ).token_ids
+    assert counters["stats"]["unique_graphs"] == graphs

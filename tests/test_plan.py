@@ -178,6 +178,24 @@ def test_activation_memory_is_linear_in_tokens():
     assert longer.weights == base.weights
 
 
+def test_logits_memory_is_that_of_the_trainers_loss_chunk():
+    """The chunked loss keeps one chunk's logits at a time: the planner counts loss_chunk_tokens of them (the
+    trainer's default), the whole micro-batch's under tensor parallel, where the trainer gathers them whole."""
+    from atomlab.plan import LOSS_CHUNK_TOKENS
+    from atomlab.recipe import TrainConfig
+
+    assert TrainConfig().loss_chunk_tokens == LOSS_CHUNK_TOKENS
+    args = MODEL_PRESETS["llama3-8b"]  # 8,192 tokens a sequence, 128k vocabulary
+    layout = Layout(tp=1, dp=8, shard=8, micro_batch=2, grad_accum=1, checkpointing="full")
+    chunked, whole = memory_per_gpu(args, layout), memory_per_gpu(args, replace(layout, loss_chunk_tokens=0))
+    assert whole.logits == pytest.approx(2 * args.seq_len / LOSS_CHUNK_TOKENS * chunked.logits)
+    assert chunked.logits == pytest.approx(LOSS_CHUNK_TOKENS * args.vocab_size * (2 + 4 + 4))
+    tensor_parallel = replace(layout, tp=2, dp=4, shard=4)
+    assert memory_per_gpu(args, tensor_parallel).logits == whole.logits
+    short = replace(args, seq_len=1024)  # a micro-batch within one chunk: the whole of it
+    assert memory_per_gpu(short, layout).logits == whole.logits * 1024 / args.seq_len
+
+
 def test_days_scale_inversely_with_gpus():
     args, budget = MODEL_PRESETS["llama3-8b"], 15e12
     half = plan_training(args, Cluster(ACCELERATORS["h100"], 512), 1024, budget)

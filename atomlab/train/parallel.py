@@ -16,10 +16,11 @@ checkpoints (DCP) reshard between layouts and the released weights are the same 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from atomlab.errors import AtomlabError
-from atomlab.model import ModelArgs, Transformer
+from atomlab.model import Block, ModelArgs, Transformer
 
 # FSDP2's warning that the root returns a view: the loss makes no in-place change to the logits
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -263,8 +264,16 @@ def speed_features(model: Transformer, activation_checkpointing: bool | str, com
             else:
                 checkpoint(block)
     if compile:
-        for block in model.layers:
-            block.compile()  # per block, as torchtitan does: FSDP hooks stay outside the graphs
+        layer = compiled_layer()
+        for block in model.layers:  # per block, as torchtitan does: FSDP hooks stay outside the graphs
+            block.compiled = layer
+
+
+@functools.cache
+def compiled_layer() -> Callable[..., torch.Tensor]:
+    """torch.compile of a block's forward without a KV cache, one for every block of every model: the blocks
+    of a model share their shapes, so they share the compiled code."""
+    return torch.compile(Block.layer)
 
 
 def selective_policy() -> tuple[Any, Any]:
