@@ -7,9 +7,10 @@ near copies at known Jaccard), then runs the prepare-data step of the web preset
 sha256 cache emptied before each, so each hashes its sources), then the tokenizer step on that
 output (BPE on a 32 MB sample, every shard encoded), and checks that all give the same bytes. Peak
 memory is the summed RSS of the run's whole process tree (driver, workers and Ray's processes),
-sampled every 0.2 s. When datatrove is installed (`pip install datatrove orjson`, benchmark-only
-dependency), its reader + `MinhashDedupSignature` (5-grams, 14 buckets x 8) runs on the same files
-with the same worker count, and the MB/s per core of both are set side by side.
+sampled every 0.2 s. When datatrove is installed (`pip install 'atomlab[bench]'`: datatrove, orjson
+and spaCy, benchmark-only dependencies), its reader + `MinhashDedupSignature` (5-grams, 14 buckets
+x 8, spaCy's English word tokenizer) runs on the same files with the same worker count, and the
+MB/s per core of both are set side by side.
 
     .venv/bin/python benchmarks/data_scale.py --size 2GB                     # all three configurations
     .venv/bin/python benchmarks/data_scale.py --size 2GB --configs local-2   # one of them
@@ -22,6 +23,7 @@ Language id is off (the generated words are not a language); every other web rul
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
 WORDS_PER_DOC = (300, 900)
-BYTES_PER_DOC = 3_300  # about, for the generator's word-length mix
+BYTES_PER_DOC = 2_550  # about, for the generator's word-length mix (measured: 81 MB in 31,772 documents)
 SETTINGS = {"preset": "web", "languages": [], "decontaminate_environments": False, "val_fraction": 0.01}
 CONFIGS = (("local", 1), ("local", 2), ("ray", 2))
 TOKENIZER_SAMPLE = 32 << 20  # bytes of text BPE trains on (tokenizer.train_bytes)
@@ -102,19 +104,28 @@ def child(spec: dict) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def xxhash64_of_text(text: str) -> int:
+    """datatrove's default shingle hash, xxh64 of the text's UTF-8 bytes. datatrove 0.10 hands xxhash a str,
+    which xxhash 4 refuses ("Strings must be encoded before hashing"): this encodes it first."""
+    import xxhash
+
+    return xxhash.xxh64_intdigest(text.encode("utf-8"))
+
+
 def datatrove_child(spec: dict) -> None:
     """datatrove's JSONL reader and MinHash signature stage on the same files, `workers` at a time."""
+    import xxhash
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
     from datatrove.pipeline.readers import JsonlReader
 
     out = Path(spec["out"])
+    signatures = MinhashDedupSignature(output_folder=str(out / "signatures"), config=MinhashConfig())
+    if int(xxhash.VERSION.split(".")[0]) >= 4:
+        signatures._hash_func = xxhash64_of_text
     started = time.perf_counter()
     LocalPipelineExecutor(
-        pipeline=[
-            JsonlReader(str(Path(spec["base"]) / "web"), glob_pattern="*.jsonl.zst"),
-            MinhashDedupSignature(output_folder=str(out / "signatures"), config=MinhashConfig()),
-        ],
+        pipeline=[JsonlReader(spec["input"], glob_pattern="*.jsonl.zst"), signatures],
         tasks=spec["tasks"],
         workers=spec["workers"],
         logging_dir=str(out / "logs"),
@@ -127,9 +138,10 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_child(base: Path, spec: dict) -> dict:
-    """A child process of this script; returns its result, wall seconds and the peak RSS of its tree."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def run_child(base: Path, spec: dict, root: Path = ROOT) -> dict:
+    """A child process of this script, importing atomlab from `root`; returns its result, wall seconds and
+    the peak RSS of its tree."""
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
     started, cpu_started = time.perf_counter(), children_cpu_seconds()
     child = subprocess.Popen(
@@ -250,7 +262,8 @@ def table(result: dict) -> str:
         lines += [
             "",
             f"datatrove {datatrove['version']} (JsonlReader + MinhashDedupSignature, 5-grams, 14 x 8, "
-            f"{datatrove['workers']} workers, {datatrove['tasks']} tasks) on the same files: "
+            f"{datatrove['workers']} workers, {datatrove['tasks']} tasks) on {datatrove['files']} of the same files "
+            f"({datatrove['mb']:,.0f} MB): "
             f"{datatrove['mb_per_s_per_core']:.2f} MB/s per core ({datatrove['mb_per_cpu_second']:.2f} MB per "
             f"CPU-second; {datatrove['gb_per_core_hour']:.2f} GB per core-hour), "
             f"peak RSS {datatrove['peak_rss_mib']:,.0f} MiB. atomlab's whole map stage, which also normalises, "
@@ -259,6 +272,19 @@ def table(result: dict) -> str:
         ]
     elif datatrove:
         lines += ["", f"datatrove: {datatrove.get('error', 'not run')}"]
+    baseline = result.get("baseline") or {}
+    if "map_mb_per_cpu_second" in baseline and "local-1" in result["runs"]:
+        ours = result["runs"]["local-1"]
+        lines += [
+            "",
+            f"Side by side with `{baseline['root']}` at {baseline['commit']} (local x 1, same corpus, same run): its "
+            f"map stage {baseline['map_mb_per_s_per_core']:.2f} MB/s ({baseline['map_mb_per_cpu_second']:.2f} MB per "
+            f"CPU-second); this code's is {ours['mb_per_cpu_second']['map'] / baseline['map_mb_per_cpu_second']:.2f}x "
+            f"by CPU time, {ours['mb_per_s_per_core']['map'] / baseline['map_mb_per_s_per_core']:.2f}x by wall time. "
+            f"prepare-data outputs byte-identical to it: {'yes' if baseline['identical'] else 'NO'}.",
+        ]
+    elif baseline:
+        lines += ["", f"baseline {baseline.get('root')}: {baseline.get('error', 'needs local-1')}"]
     quality = result["duplicates"]
     lines += [
         "",
@@ -295,20 +321,30 @@ def per_core(mb: float, seconds: dict, workers: int) -> dict:
     return {stage: round(mb / max(t, 1e-9) / workers, 3) for stage, t in seconds.items()}
 
 
-def run_datatrove(base: Path, files: int, workers: int, mb: float) -> dict:
+def run_datatrove(base: Path, files: int, workers: int) -> dict:
+    """datatrove's MinHash signatures on the first `files` files of the corpus (its MB per CPU-second does
+    not depend on how many; all of a large corpus would take hours), measured on the text it read."""
     try:
-        import datatrove
+        import datatrove  # noqa: F401
     except ImportError:
-        return {"error": "not installed (pip install datatrove orjson): its MinHash stage was not run for a ratio"}
-    out = base / "out-datatrove"
+        return {"error": "not installed (pip install 'atomlab[bench]'): its MinHash stage was not run for a ratio"}
+    out, folder = base / "out-datatrove", base / "datatrove-input"
     shutil.rmtree(out, ignore_errors=True)
-    result = run_child(
-        base, {"datatrove": True, "base": str(base), "out": str(out), "tasks": files, "workers": workers}
-    )
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    chosen = sorted((base / "web").glob("*.jsonl.zst"))[:files]
+    for path in chosen:
+        (folder / path.name).symlink_to(path)
+    spec = {"datatrove": True, "base": str(base), "input": str(folder), "out": str(out), "tasks": len(chosen)}
+    result = run_child(base, {**spec, "workers": workers})
     if "error" in result:
         return {"error": f"failed: {result['error']}"}
+    reader = next(s for s in json.loads((out / "logs" / "stats.json").read_text()) if "READER" in s["name"])
+    mb = reader["stats"]["doc_len"]["total"] / 1e6  # characters: bytes, as the generated text is ASCII
     return {
-        "version": datatrove.__version__ if hasattr(datatrove, "__version__") else "?",
+        "files": len(chosen),
+        "mb": round(mb, 1),
+        "version": importlib.metadata.version("datatrove"),
         "workers": workers,
         "tasks": files,
         "seconds": round(result["seconds"], 2),
@@ -319,12 +355,42 @@ def run_datatrove(base: Path, files: int, workers: int, mb: float) -> dict:
     }
 
 
+def run_baseline(base: Path, root: Path, reference: dict) -> dict:
+    """prepare-data of another checkout, local x 1, on the same corpus: map speed and identical bytes."""
+    out = base / "out-baseline"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(base / ".cache", ignore_errors=True)
+    spec = {"base": str(base), "out": str(out), "executor": "local", "workers": 1, "encode": False}
+    result = run_child(base, spec, root.resolve())
+    if "error" in result:
+        return {"root": str(root), "error": result["error"]}
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    summary = result["summary"]
+    mb = summary["read_bytes"] / 1e6
+    return {
+        "root": str(root),
+        "commit": commit.stdout.strip() or "?",
+        "map_mb_per_s_per_core": round(mb / summary["seconds"]["map"], 3),
+        "map_mb_per_cpu_second": round(mb / summary["cpu_seconds"]["map"], 3),
+        "identical": result["files"] == reference,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="2GB", help="uncompressed corpus size, e.g. 50MB or 2GB (default 2GB)")
     parser.add_argument("--configs", default="local-1,local-2,ray-2", help="which runs, e.g. local-2 (default all)")
     parser.add_argument("--no-encode", action="store_true", help="skip the tokenizer step")
     parser.add_argument("--no-datatrove", action="store_true", help="skip datatrove's MinHash stage")
+    parser.add_argument(
+        "--datatrove-files", type=int, default=0, help="run datatrove on the first N files only (default: all)"
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="another atomlab checkout (e.g. the main branch): its prepare-data runs local x 1 on the same corpus, "
+        "for a side-by-side map speed and a check that both write the same bytes",
+    )
     parser.add_argument("--work", default="", help="folder for the corpus and outputs (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the corpus and outputs")
@@ -356,6 +422,12 @@ def main() -> None:
         shutil.rmtree(base / ".cache", ignore_errors=True)  # each run hashes its sources itself
         spec = {"base": str(base), "out": str(out), "executor": executor, "workers": workers}
         result = run_child(base, {**spec, "encode": not args.no_encode})
+        if "cannot start or join Ray" in result.get("error", ""):  # Ray gives a raylet 30 s; a loaded machine
+            print(f"{executor} x {workers}: {result['error']}; trying once more", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out.with_name(out.name + "-tokens"), ignore_errors=True)
+            shutil.rmtree(base / ".cache", ignore_errors=True)
+            result = run_child(base, {**spec, "encode": not args.no_encode})
         if "error" in result:  # e.g. Ray failing to start on an overloaded machine: record it, go on
             print(f"{executor} x {workers} failed: {result['error']}", flush=True)
             failed[f"{executor}-{workers}"] = result["error"]
@@ -398,6 +470,7 @@ def main() -> None:
         )
     if not runs:
         raise SystemExit("no configuration ran: " + json.dumps(failed))
+    baseline = run_baseline(base, Path(args.baseline), reference["prepare-data"]) if args.baseline else {}
     from atomlab.recipe import DataConfig
 
     threshold = DataConfig(**SETTINGS).near_dup_threshold
@@ -405,7 +478,10 @@ def main() -> None:
     datatrove_workers = max(w for _, w in wanted)
     result = {
         "command": f".venv/bin/python benchmarks/data_scale.py --size {args.size}"
-        + (f" --configs {args.configs}" if args.configs != parser.get_default("configs") else ""),
+        + (f" --configs {args.configs}" if args.configs != parser.get_default("configs") else "")
+        + (" --no-encode" if args.no_encode else "")
+        + (f" --datatrove-files {args.datatrove_files}" if args.datatrove_files else "")
+        + (f" --baseline {args.baseline}" if args.baseline else ""),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_average": [load_at_start, os.getloadavg()[0]],
@@ -422,9 +498,10 @@ def main() -> None:
         "runs": runs,
         "failed": failed,
         "duplicates": duplicate_quality(first_out, corpus["planted"], threshold),
+        "baseline": baseline,
         "datatrove": {}
         if args.no_datatrove
-        else run_datatrove(base, corpus["files"], datatrove_workers, first["read_bytes"] / 1e6),
+        else run_datatrove(base, args.datatrove_files or corpus["files"], datatrove_workers),
     }
     result["load_average"][1] = os.getloadavg()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)

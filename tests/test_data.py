@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,53 @@ def test_minhash_separates_editions_from_different_plays():
     duplicates = near_duplicates(signatures, threshold=0.2)
     assert duplicates.keys() == {1, 3}  # each folio edition, and nothing else
     assert duplicates[1][0] == 0 and duplicates[3][0] == 2
+
+
+MIXED = [
+    "",
+    "one",
+    "Plain ASCII words, and_underscores; digits 12 34 and 1.2.3.4.\n" * 3,
+    "K\u212a Kelvin sign lowercases to ASCII; \u00e9t\u00e9 \u00fcber na\u00efve \u6771\u4eac \u0663\u0664 Stra\u00dfe",
+    "x" * 600 + " " + "word " * 12 + "\u00e9" * 300,  # shingles longer than the vectorised path takes
+]
+
+
+def test_minhash_batches_match_zlib_crc32_one_shingle_at_a_time():
+    """The vectorised signature equals the obvious loop: crc32 of each shingle set, min of (a*h+b) mod 2**32."""
+    import zlib
+
+    from atomlab.data.clean import crc32_slices, lower_words
+
+    texts = MIXED + [PARAGRAPH * 40]
+    for ngram in (1, 3, 5):
+        hasher = MinHasher(64, seed=3, ngram=ngram)
+        hasher.BLOCK = 37  # blocks that cut through documents
+        batch = hasher.signatures(texts)
+        for text, signature in zip(texts, batch, strict=True):
+            words = re.findall(r"\w+", text.lower())
+            assert lower_words(text) == words
+            shingles = {" ".join(words[i : i + ngram]) for i in range(max(1, len(words) - ngram + 1))}
+            hashes = np.array([zlib.crc32(s.encode("utf-8")) for s in shingles], dtype=np.uint64)
+            expected = ((np.outer(hashes, hasher.a) + hasher.b) & 0xFFFFFFFF).min(axis=0)
+            assert np.array_equal(signature, expected)
+            assert np.array_equal(hasher.signature(text), signature)
+    data = bytes(range(256)) * 9
+    starts, lengths = np.array([0, 5, 100, 0, 7]), np.array([0, 1, 300, 2000, 256])
+    expected = [zlib.crc32(data[s : s + n]) for s, n in zip(starts, lengths, strict=True)]
+    assert crc32_slices(data, starts, lengths).tolist() == expected
+
+
+def test_fast_paths_of_the_filters_agree_with_their_regex_definitions():
+    from atomlab.data.filters import _WORD_WITH_LETTER, _words_with_a_letter
+
+    for text in MIXED + ["1234 5678 -- ## a1 _9 \u00aa \u0663 x_\n\t", PARAGRAPH]:
+        expected_letters = sum(map(str.isalnum, text)) + sum(map(str.isspace, text))
+        if text:  # the symbol share is pinned from both sides: the count is exactly the per-character one
+            symbols = 1 - expected_letters / len(text)
+            assert quality_problem(text, 1, symbols - 1e-9, 0) == "mostly symbols"
+            assert quality_problem(text, 1, symbols + 1e-9, 0) != "mostly symbols"
+        assert _words_with_a_letter(text) == sum(bool(re.search(r"[^\W\d_]", w)) for w in text.split())
+        assert _words_with_a_letter(text) == len(_WORD_WITH_LETTER.findall(text))
 
 
 def test_embedded_corpus_dedup(tmp_path):

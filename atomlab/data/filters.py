@@ -22,16 +22,18 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from atomlab.data.clean import quality_problem
+from atomlab.data.clean import lower_words, quality_problem
 from atomlab.errors import AtomlabError
 
-_WORD = re.compile(r"\w+")
-_LETTER = re.compile(r"[^\W\d_]")
+# a whitespace-separated word (as str.split() cuts them) that holds a letter: one match each, from its
+# first letter to the word's end
+_WORD_WITH_LETTER = re.compile(r"[^\W\d_]\S*")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _END_PUNCTUATION = (".", "!", "?", '"', "'", "\u201d", "\u2019")
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
@@ -62,16 +64,24 @@ def c4_lines(text: str) -> tuple[str, str | None]:
             continue
         kept.append(line)
     result = "\n".join(kept) + "\n"
-    if len(_SENTENCE_END.findall(result)) < 5:
+    if sum(1 for _ in islice(_SENTENCE_END.finditer(result), 5)) < 5:  # counting stops at 5
         return result, "c4: fewer than 5 sentences"
     return result, None
+
+
+def _words_with_a_letter(text: str) -> int:
+    """How many of text.split()'s words hold a letter. In ASCII the letters are the cased characters, so a
+    lowercased word holds one exactly when str.islower() is true (counted in C, no regex)."""
+    if text.isascii():
+        return sum(map(str.islower, text.lower().split()))
+    return len(_WORD_WITH_LETTER.findall(text))
 
 
 def gopher_quality(text: str) -> str | None:
     words = text.split()
     if not 50 <= len(words) <= 100_000:
         return "gopher: word count outside 50-100,000"
-    stripped = [w.strip(".,;:!?\"'()[]") for w in words]
+    stripped = list(map(str.strip, words, repeat(".,;:!?\"'()[]", len(words))))
     mean = sum(map(len, stripped)) / len(words)
     if not 3 <= mean <= 10:
         return "gopher: mean word length outside 3-10"
@@ -83,9 +93,9 @@ def gopher_quality(text: str) -> str | None:
         return "gopher: mostly bullet lines"
     if sum(line.rstrip().endswith(("...", "\u2026")) for line in lines) > 0.3 * len(lines):
         return "gopher: many lines end in an ellipsis"
-    if sum(map(bool, map(_LETTER.search, words))) < 0.8 * len(words):
+    if _words_with_a_letter(text) < 0.8 * len(words):
         return "gopher: under 80% of words have a letter"
-    if len(_STOP_WORDS & {w.lower() for w in stripped}) < 2:
+    if len(_STOP_WORDS.intersection(map(str.lower, stripped))) < 2:
         return "gopher: fewer than 2 stop words"
     return None
 
@@ -103,12 +113,12 @@ def _duplicate_fraction(items: list[str]) -> tuple[float, float]:
     return count / max(1, len(items)), chars / total
 
 
-def _gram_ids(word_ids: np.ndarray, n: int) -> np.ndarray:
-    """An id per word n-gram (position i covers words i..i+n-1), equal for equal n-grams."""
-    grams = np.zeros(len(word_ids) - n + 1, dtype=np.uint64)
-    for k in range(n):  # polynomial hashing, wrapping: collisions are as rare as 64-bit ones
-        grams = grams * np.uint64(1_000_003) + word_ids[k : len(word_ids) - n + 1 + k]
-    return grams
+def _repeats(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order that sorts `grams`; where each distinct value starts in that order; its count)."""
+    order = np.argsort(grams)
+    ordered = grams[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    return order, starts, np.diff(np.append(starts, len(grams)))
 
 
 def gopher_repetition(text: str) -> str | None:
@@ -118,34 +128,59 @@ def gopher_repetition(text: str) -> str | None:
         by_count, by_chars = _duplicate_fraction(items)
         if by_count > 0.3 or by_chars > 0.2:
             return f"gopher: duplicate {name}s"
-    words = _WORD.findall(text.lower())
-    vocabulary: dict[str, int] = {}
-    word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary) + 1) for w in words), np.uint64, len(words))
+    words = lower_words(text)
+    vocabulary = {word: i for i, word in enumerate(dict.fromkeys(words), 1)}  # ids by first appearance
+    word_ids = np.fromiter(map(vocabulary.__getitem__, words), np.uint64, len(words))
     chars = np.fromiter(map(len, words), np.int64, len(words))
     total = int(chars.sum()) or 1
     prefix = np.concatenate([[0], np.cumsum(chars)])
-    for n, limit in {**TOP_NGRAM_LIMITS, **DUPLICATE_NGRAM_LIMITS}.items():
+    grams = word_ids  # an id per word n-gram (position i covers words i..i+n-1), equal for equal n-grams:
+    bound = np.inf  # polynomial hashing, wrapping, so collisions are as rare as 64-bit ones
+    for n in range(2, max(DUPLICATE_NGRAM_LIMITS) + 1):
         if len(words) < n:
-            continue
-        _, inverse, counts = np.unique(_gram_ids(word_ids, n), return_inverse=True, return_counts=True)
+            break
+        grams = grams[:-1] * np.uint64(1_000_003) + word_ids[n - 1 :]
         if n in TOP_NGRAM_LIMITS:
-            top = int(np.argmax(counts))
-            first = int(np.flatnonzero(inverse == top)[0])
-            if counts[top] > 1 and (prefix[first + n] - prefix[first]) * counts[top] / total > limit:
+            order, starts, counts = _repeats(grams)
+            top = int(np.argmax(counts))  # the first most frequent in sorted order, as np.unique gives it
+            first = int(order[starts[top] : starts[top] + counts[top]].min())  # its first position
+            if counts[top] > 1 and (prefix[first + n] - prefix[first]) * counts[top] / total > TOP_NGRAM_LIMITS[n]:
                 return f"gopher: top {n}-gram too frequent"
             continue
-        starts = np.flatnonzero(counts[inverse] > 1)  # every word inside a repeated n-gram is covered
+        limit = DUPLICATE_NGRAM_LIMITS[n]
+        if bound <= limit:
+            # the words inside a repeated (n+1)-gram are inside repeated n-grams (its two n-grams repeat
+            # too): the covered share only falls as n grows, so one under every later limit ends the check
+            continue
+        order, starts, counts = _repeats(grams)
+        repeated = np.zeros(len(grams), dtype=bool)
+        repeated[order] = np.repeat(counts > 1, counts)
+        if not repeated.any():
+            break
+        where = np.flatnonzero(repeated)  # every word inside a repeated n-gram is covered
         edges = np.zeros(len(words) + 1, dtype=np.int64)
-        np.add.at(edges, starts, 1)
-        np.add.at(edges, starts + n, -1)
+        edges[where] += 1
+        edges[where + n] -= 1
         covered = np.cumsum(edges[:-1]) > 0
-        if chars[covered].sum() / total > limit:
+        bound = chars[covered].sum() / total
+        if bound > limit:
             return f"gopher: duplicated {n}-grams"
     return None
 
 
+_ASCII_DIGITS = str.maketrans("123456789", "000000000")
+
+
+def _may_hold_ipv4(text: str) -> bool:
+    """False only when the IPv4 pattern cannot match: it needs a digit, a dot and a digit in a row (in
+    ASCII text a plain substring search once the digits are all made 0; \\d is any Unicode digit)."""
+    return "0.0" in text.translate(_ASCII_DIGITS) if text.isascii() else text.count(".") >= 3
+
+
 def mask_pii(text: str) -> str:
-    text = _EMAIL.sub("<EMAIL>", text)
+    # each pattern is tried only when the text holds what it needs (an @, 3 dots, 2 colons): same result
+    if "@" in text:
+        text = _EMAIL.sub("<EMAIL>", text)
 
     def ip(match: re.Match) -> str:
         try:
@@ -154,7 +189,9 @@ def mask_pii(text: str) -> str:
             return match.group(0)
         return "<IP>"
 
-    return _IPV6.sub(ip, _IPV4.sub(ip, text))
+    if _may_hold_ipv4(text):
+        text = _IPV4.sub(ip, text)
+    return _IPV6.sub(ip, text) if text.count(":") >= 2 else text
 
 
 _LANGUAGE_ID: Any = None
@@ -178,7 +215,7 @@ def _ngram_key(words: list[str]) -> int:
 
 
 def ngram_keys(text: str, n: int) -> set[int]:
-    words = _WORD.findall(text.lower())
+    words = lower_words(text)
     return {_ngram_key(words[i : i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
@@ -218,7 +255,7 @@ def contamination_table(texts: list[EvaluationText], n: int, path: Path) -> dict
     keys: dict[int, str] = {}
     lengths: set[int] = set()
     for item in texts:
-        words = _WORD.findall(item.text.lower())
+        words = lower_words(item.text)
         size = min(n, len(words))
         if size < 3:
             continue

@@ -104,9 +104,10 @@ def _hash_partition(key: np.ndarray | int, partitions: int) -> Any:
 
 def _test_hook_exit(settings: Settings, task: int, written: int) -> None:
     """Tests kill a map task mid-shard, once, to prove that a resumed run gives the same bytes."""
-    target = os.environ.get("ATOMLAB_TEST_EXIT_IN_MAP")
+    if written != 1 or os.environ.get("ATOMLAB_TEST_EXIT_IN_MAP") != str(task):
+        return
     marker = Path(settings.work) / f".exited-{task}"
-    if target == str(task) and written == 1 and not marker.exists():
+    if not marker.exists():
         marker.write_text("killed once\n")
         os._exit(3)
 
@@ -147,11 +148,13 @@ def _write_line(handle: IO[str], row: dict[str, Any]) -> None:
 
 
 class MapWriter:
-    """A map task's outputs, written as documents arrive. Hash and band records are spilled to their
-    partition files every `batch` documents, so memory stays flat however big the task's file is."""
+    """A map task's outputs, written as documents arrive. MinHash signatures are computed a batch of
+    documents at a time (one vectorised pass over all their shingles), and the hash and band records
+    spilled to their partition files with them, every `batch` documents or `batch_chars` characters, so
+    memory stays flat however big the task's file is."""
 
-    def __init__(self, settings: Settings, task: int, folder: Path, batch: int = 4096) -> None:
-        self.settings, self.task, self.folder, self.batch = settings, task, folder, batch
+    def __init__(self, settings: Settings, task: int, folder: Path, batch: int = 4096, batch_chars: int = 16 << 20):
+        self.settings, self.task, self.folder, self.batch, self.batch_chars = settings, task, folder, batch, batch_chars
         self.hasher = MinHasher(settings.permutations, settings.seed, settings.ngram)
         self.curation = Curation(**settings.curation)
         self.records = open(folder / "records.jsonl", "w", encoding="utf-8")
@@ -161,7 +164,8 @@ class MapWriter:
         self.lengths = open(folder / "lengths.i64", "wb")
         self.count = 0
         self.hashes: list[tuple[int, int, int]] = []
-        self.keys: list[np.ndarray] = []
+        self.texts: list[str] = []  # kept texts whose signatures are not computed yet
+        self.chars = 0
         for p in range(settings.partitions):  # every partition file exists, empty or not
             (folder / f"exact-{p:04d}.bin").touch()
             (folder / f"bands-{p:04d}.bin").touch()
@@ -179,11 +183,10 @@ class MapWriter:
         self.lengths.write(np.int64(len(text)).tobytes())
         digest = bytes.fromhex(content_hash(text))
         self.hashes.append((int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big"), self.number))
-        signature = self.hasher.signature(text)
-        self.signatures.write(signature.astype(np.uint32).tobytes())
-        self.keys.append(band_keys(signature, self.settings.rows))
+        self.texts.append(text)
+        self.chars += len(text)
         self.count += 1
-        if len(self.hashes) >= self.batch:
+        if len(self.hashes) >= self.batch or self.chars >= self.batch_chars:
             self._spill()
 
     @property
@@ -193,10 +196,12 @@ class MapWriter:
     def _spill(self) -> None:
         partitions = self.settings.partitions
         hashes = np.array(self.hashes, dtype=EXACT)
-        bands = np.empty(sum(len(k) for k in self.keys), BAND)
-        if len(bands):
-            bands["key"] = np.concatenate(self.keys)
-            bands["doc"] = np.repeat(hashes["doc"], [len(k) for k in self.keys])
+        signatures = self.hasher.signatures(self.texts)
+        self.signatures.write(signatures.tobytes())
+        keys = band_keys(signatures, self.settings.rows)  # (documents, bands)
+        bands = np.empty(keys.size, BAND)
+        bands["key"] = keys.ravel()
+        bands["doc"] = np.repeat(hashes["doc"], keys.shape[1])
         for records, name, key in ((hashes, "exact", "h1"), (bands, "bands", "key")):
             partition = _hash_partition(records[key], partitions)
             order = np.argsort(partition, kind="stable")
@@ -205,7 +210,7 @@ class MapWriter:
                 if bounds[p + 1] > bounds[p]:
                     with open(self.folder / f"{name}-{p:04d}.bin", "ab") as handle:
                         records[order[bounds[p] : bounds[p + 1]]].tofile(handle)
-        self.hashes, self.keys = [], []
+        self.hashes, self.texts, self.chars = [], [], 0
 
     def close(self) -> int:
         self._spill()
