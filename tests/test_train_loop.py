@@ -151,6 +151,17 @@ def test_mfu_above_100_percent_is_reported_not_printed():
     assert "MFU above 100%" in meter.problem
 
 
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    """The meter measures the peak again after a load spike, a number of times that depends on the machine's
+    load: the global RNG, whose state checkpoints save and reproduce compares, must not move with it."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    meter = MFUMeter(torch.device("cpu"), "fp32", processes=1)
+    assert meter.mfu(meter.peak * 50) is None  # an impossible figure: the peak is measured again
+    measure_matmul_flops(64, repeats=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_async_checkpoint_is_complete_only_after_its_save_and_holds_the_state_of_its_step(tmp_path, one_thread):
     model = model_of()
     optimizer = build_optimizer(model, TrainConfig(max_steps=10, warmup_steps=1), torch.device("cpu"))

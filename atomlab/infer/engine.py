@@ -400,7 +400,8 @@ def _onednn_works() -> bool:
         return False
     try:
         with torch.no_grad():
-            weight, x = torch.randn(24, 40), torch.randn(3, 40)
+            generator = torch.Generator().manual_seed(0)  # the global RNG is training's: left untouched
+            weight, x = torch.randn(24, 40, generator=generator), torch.randn(3, 40, generator=generator)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
             out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
             return torch.allclose(out, F.linear(x, weight), rtol=1e-4, atol=1e-5)

@@ -43,8 +43,11 @@ def measure_matmul_flops(
     current thread settings, after two warm-up calls. Stops early once one call took `give_up_after` seconds
     (an emulated dtype: its first calls already tell it is slow)."""
     m, k, n = shape or (n, n, n)
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
+    # drawn from a generator of its own: a measurement repeated when a load spike spoils it (MFUMeter) must not
+    # move the global RNG, whose state the checkpoints save and `atomlab reproduce` compares
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(k, n, dtype=dtype, device=device, generator=generator)
     best = float("inf")
     for attempt in range(2 + repeats):
         if device.startswith("cuda"):
