@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 from atomlab.errors import AtomlabError
 from atomlab.model import ModelArgs, flops_per_token
+from atomlab.recipe import TrainConfig
 from atomlab.train.peak import GPU_PEAKS
 
 GIB = 2**30
@@ -228,7 +229,8 @@ class Cluster:
 # Layout, memory, communication, speed
 
 
-LOSS_CHUNK_TOKENS = 4096  # train.loss_chunk_tokens' default: the trainer's loss projects this many tokens at a time
+# train.loss_chunk_tokens' default: the trainer's loss projects this many tokens at a time
+LOSS_CHUNK_TOKENS: int = TrainConfig.model_fields["loss_chunk_tokens"].default
 
 
 @dataclass(frozen=True)
