@@ -35,6 +35,7 @@ class Scripted(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         state = self.state
+        self.left = False
         with state["lock"]:
             state["in_flight"] += 1
             state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
@@ -53,11 +54,19 @@ class Scripted(BaseHTTPRequestHandler):
             text = answer(body["messages"])
             self.reply(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
         finally:
-            with state["lock"]:
-                state["in_flight"] -= 1
+            self.leave()
+
+    def leave(self) -> None:
+        """Counted out before the reply is written: a client may send its next request as soon as it has
+        read this one's answer, before this handler thread gets to run again."""
+        if not self.left:
+            self.left = True
+            with self.state["lock"]:
+                self.state["in_flight"] -= 1
 
     def reply(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
+        self.leave()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
