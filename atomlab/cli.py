@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from atomlab import __version__, launch
@@ -106,7 +108,16 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def honour_interrupts() -> None:
+    """A background job of a non-interactive shell (`atomlab run tiny &` in a script) starts with SIGINT
+    ignored, so `kill -INT` would be lost; atomlab takes it, as in the foreground, to mean "finish the step,
+    keep the last checkpoint and stop"."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    honour_interrupts()
     args = parser().parse_args(argv)
     try:
         if hasattr(args, "handler"):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from atomlab.cli import honour_interrupts
 from atomlab.errors import AtomlabError
 from atomlab.launch import register, run_forwarding_interrupt
 
@@ -261,6 +262,14 @@ def test_local_run_passes_an_interrupt_on_and_waits(tmp_path):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)  # to this process alone, as `kill -INT PID` would
 
-    threading.Thread(target=interrupt_when_ready, daemon=True).start()
-    assert run_forwarding_interrupt([sys.executable, "-c", child]) == 130
+    # As `atomlab` does at start: a suite run as a background job starts with SIGINT ignored, and the
+    # child inherits whatever this process does with it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        honour_interrupts()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        threading.Thread(target=interrupt_when_ready, daemon=True).start()
+        assert run_forwarding_interrupt([sys.executable, "-c", child]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert caught.exists()  # the child got the SIGINT, and had finished when the call returned

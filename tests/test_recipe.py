@@ -71,3 +71,18 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.startswith(f"error: {path}: train.lr")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # stopped before any work
+
+
+def test_held_out_accuracy_while_training_only_uses_tasks_evaluate_holds_out(tmp_path):
+    base = '[evaluate]\nenvironments = ["arithmetic"]\ntasks = 50\n'
+    recipe = load_recipe(
+        str(write(tmp_path, base + '[sft]\neval_environments = ["arithmetic"]\neval_env_tasks = 50\n'))
+    )
+    assert recipe.sft.eval_environments == ["arithmetic"] and recipe.sft.eval_env_tasks == 50
+    message = error_of(tmp_path, base + '[train]\neval_environments = ["arithmetic", "sorting"]\n')
+    assert "train.eval_environments: sorting not in evaluate.environments (['arithmetic'])" in message
+    assert "add it there" in message
+    message = error_of(tmp_path, base + '[sft]\neval_environments = ["arithmetic"]\neval_env_tasks = 51\n')
+    assert "sft.eval_env_tasks (51) is more than evaluate.tasks (50)" in message and "lower it" in message
+    # The recipe's own defaults name no environment, so nothing is checked against evaluate.
+    assert load_recipe(str(write(tmp_path, "[evaluate]\nenvironments = []\n"))).train.eval_environments == []

@@ -41,6 +41,8 @@ def start(work: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # Started with SIGINT ignored, as a background job of a script is: atomlab still takes `kill -INT`.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
 
 
