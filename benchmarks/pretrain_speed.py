@@ -8,6 +8,7 @@ fp32, no compile), if its folder is given.
                                                                     # keep it outside the repository)
     python benchmarks/pretrain_speed.py --memory                    # also a short `atomlab run tiny`: RSS
     python benchmarks/pretrain_speed.py --full                      # also the whole default run
+    python benchmarks/pretrain_speed.py --compile                   # also fp32 with train.compile
 
 The three train in turn, `--rounds` times (interleaved, so a shared machine's load falls on all alike);
 each figure is the median step time over the rounds' steps after warm-up. Achieved FLOP/s is tokens/s
@@ -39,24 +40,29 @@ from atomlab.model import Transformer, count_parameters, flops_per_token
 from atomlab.recipe import load_recipe
 from atomlab.steps import cpu_model
 from atomlab.train.loop import autocast_context, build_optimizer, lm_loss, model_args
+from atomlab.train.parallel import speed_features
 from atomlab.train.peak import measure_matmul_flops, measured_precision
 
 RESULTS = Path(__file__).parent / "results" / "pretrain_speed.json"
 TINY_VOCAB = 2056  # what the tiny recipe's tokenizer reaches (config.json of its pretrain step)
 
 
-def atomlab_step_times(precision: str, steps: int, warmup: int) -> tuple[list[float], int]:
-    """Step times of atomlab's training step (the loop's loss, AdamW, clipping, autocast) at the tiny shape."""
+def atomlab_step_times(
+    precision: str, steps: int, warmup: int, compile: bool = False
+) -> tuple[list[float], int, float]:
+    """Step times of atomlab's training step (the loop's loss, AdamW, clipping, autocast) at the tiny shape,
+    its FLOP per token, and the first step's time (with `compile`, as train.compile does: the compile cost)."""
     recipe = load_recipe("tiny")
     train = recipe.train
     args = model_args(recipe.model, TINY_VOCAB)
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(0))
+    speed_features(model, False, compile)
     device = torch.device("cpu")
     optimizer = build_optimizer(model, train, device)
     autocast = autocast_context(device, precision)
     generator = torch.Generator().manual_seed(0)
-    times = []
+    times, first = [], 0.0
     for step in range(warmup + steps):
         tokens = torch.randint(0, args.vocab_size, (train.batch_size, args.seq_len + 1), generator=generator)
         start = time.perf_counter()
@@ -67,9 +73,11 @@ def atomlab_step_times(precision: str, steps: int, warmup: int) -> tuple[list[fl
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(loss.detach())  # the loop reads the loss once per step
+        if step == 0:
+            first = time.perf_counter() - start
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return times, flops_per_token(args, count_parameters(model)["matmul"])
+    return times, flops_per_token(args, count_parameters(model)["matmul"]), first
 
 
 def nanogpt_step_times(folder: Path, steps: int, warmup: int, work: Path) -> tuple[list[float], int]:
@@ -155,11 +163,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="also a short `atomlab run tiny`: wall time, peak RSS")
     parser.add_argument("--full", action="store_true", help="also time the whole default run")
+    parser.add_argument(
+        "--compile", action="store_true", help="also atomlab fp32 with train.compile (its first step: the compile)"
+    )
     options = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
     auto = measured_precision("cpu")
-    programs = {"atomlab fp32": "fp32", f"atomlab auto ({auto.precision})": auto.precision}
+    programs = {"atomlab fp32": ("fp32", False), f"atomlab auto ({auto.precision})": (auto.precision, False)}
+    if options.compile:
+        programs["atomlab fp32 train.compile"] = ("fp32", True)
+    first_steps: dict[str, list[float]] = {name: [] for name in programs}
     times: dict[str, list[float]] = {name: [] for name in programs}
     flops: dict[str, int] = {}
     if options.nanogpt:
@@ -168,9 +182,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for _ in range(options.rounds):
             peaks.append(measure_matmul_flops(1024))
-            for name, precision in programs.items():
-                measured, flops[name] = atomlab_step_times(precision, options.steps, options.warmup)
+            for name, (precision, compile) in programs.items():
+                measured, flops[name], first = atomlab_step_times(precision, options.steps, options.warmup, compile)
                 times[name] += measured
+                first_steps[name].append(first)
             if options.nanogpt:
                 measured, flops["nanoGPT train.py fp32"] = nanogpt_step_times(
                     options.nanogpt, options.steps, options.warmup, Path(work)
@@ -191,6 +206,8 @@ def main() -> None:
             "achieved_gflops": round(achieved / 1e9, 2),
             "mfu_vs_fp32_peak": round(achieved / peak, 4),
         }
+        if name in first_steps:  # the first round's first step: compiling, where train.compile is on
+            rows[name]["first_step_s"] = round(first_steps[name][0], 2)
     baseline = rows.get("nanoGPT train.py fp32")
     for row in rows.values():
         row["flops_ratio_vs_nanogpt"] = (
@@ -209,9 +226,13 @@ def main() -> None:
         "precision_auto": auto.record(),
         "tiny_shape": rows,
         "auto_speedup_vs_fp32": round(
-            rows[next(iter(programs.keys() - {"atomlab fp32"}))]["tokens_per_s"] / fp32_row["tokens_per_s"], 3
+            rows[f"atomlab auto ({auto.precision})"]["tokens_per_s"] / fp32_row["tokens_per_s"], 3
         ),
     }
+    if options.compile:  # per step after the compile; first_step_s is what it costs once per process
+        results["compile_speedup_vs_fp32"] = round(
+            rows["atomlab fp32 train.compile"]["tokens_per_s"] / fp32_row["tokens_per_s"], 3
+        )
     if options.memory or options.full:
         short = [
             "tiny",
@@ -228,12 +249,16 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"\n{cpu_model()}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n")
-    print("| program | tokens/s | FLOP/token | achieved GFLOP/s | MFU | vs nanoGPT |\n|---|---|---|---|---|---|")
+    print(
+        "| program | tokens/s | FLOP/token | achieved GFLOP/s | MFU | vs nanoGPT | first step s |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name, row in rows.items():
         ratio = f"{row['flops_ratio_vs_nanogpt']:.2f}x" if row["flops_ratio_vs_nanogpt"] else "-"
+        first = f"{row['first_step_s']:.1f}" if "first_step_s" in row else "-"
         print(
             f"| {name} | {row['tokens_per_s']:,.0f} | {row['flops_per_token'] / 1e6:.2f}M | "
-            f"{row['achieved_gflops']:.1f} | {row['mfu_vs_fp32_peak']:.1%} | {ratio} |"
+            f"{row['achieved_gflops']:.1f} | {row['mfu_vs_fp32_peak']:.1%} | {ratio} | {first} |"
         )
 
 

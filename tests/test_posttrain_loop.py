@@ -56,6 +56,12 @@ RL = [
     "rl.kl_coef=0.05",
     "rl.checkpoint_every=2",
     "rl.threads=1",
+    # held-out accuracy while training, which under 2 processes every process generates (FSDP: gathered)
+    'rl.eval_environments=["arithmetic"]',
+    "rl.eval_env_tasks=6",
+    "rl.eval_every=3",
+    'evaluate.environments=["arithmetic"]',
+    "evaluate.tasks=6",
 ]
 
 
@@ -121,6 +127,9 @@ def test_rl_on_two_processes_matches_one(smoke_run, plugin, one_process, tmp_pat
     # the same rollouts (seeded by task, sample and turn), the same global group statistics
     for key in ("reward", "accuracy", "useful_groups", "response_tokens"):
         assert [r[key] for r in double] == [r[key] for r in single], key
+    accuracy = [r.get("arithmetic-v1/pass@1") for r in single]
+    assert [a is not None for a in accuracy] == [False, False, True, False, False, True]
+    assert [r.get("arithmetic-v1/pass@1") for r in double] == accuracy
     assert_close([r["loss"] for r in double], [r["loss"] for r in single])
 
 
@@ -150,7 +159,8 @@ def test_rl_killed_and_resumed_is_bitwise_identical(smoke_run, plugin, one_proce
     final = step_folder(work, "rl") / "model.safetensors"
     assert sha256_file(final) == sha256_file(step_folder(one_process, "rl") / "model.safetensors")
     assert [r["step"] for r in log(work)] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in log(work)] == [r["loss"] for r in log(one_process)]
+    for key in ("loss", "arithmetic-v1/pass@1"):
+        assert [r.get(key) for r in log(work)] == [r.get(key) for r in log(one_process)], key
     prompts = step_folder(work, "rl") / "trained_prompts.txt"
     assert prompts.read_text() == (step_folder(one_process, "rl") / "trained_prompts.txt").read_text()
 
@@ -364,8 +374,11 @@ def test_posttrain_recipe_starts_from_an_imported_model(smoke_run, tmp_path):
     assert json.loads((bundle / "openness.json").read_text())["label"] in (bundle / "MODEL_CARD.md").read_text()
     assert set(json.loads((bundle / "lineage.json").read_text())) == {"init", "sft", "dpo", "rl", "evaluate"}
     assert "tokens_per_s" not in (bundle / "dpo_log.jsonl").read_text() + (bundle / "metrics.json").read_text()
-    assert set(json.loads((bundle / "timings.json").read_text())["logs"]) == {"sft_log.jsonl", "dpo_log.jsonl",
-                                                                              "rl_log.jsonl"}
+    assert set(json.loads((bundle / "timings.json").read_text())["logs"]) == {
+        "sft_log.jsonl",
+        "dpo_log.jsonl",
+        "rl_log.jsonl",
+    }
 
 
 def test_lora_adapter_loads_in_peft_and_merges_to_the_same_model(smoke_run, tmp_path):
