@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atomlab.steps import sha256_file
 from tests.conftest import step_folder
 from tests.test_resume import workdir
 
@@ -92,6 +93,27 @@ def test_two_processes_match_one_process(smoke_run, single, tmp_path, parallel):
     for name in ours:
         # gradients summed across processes in another order: float rounding, amplified a little by AdamW
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=5e-5)
+
+
+def test_background_checkpoints_on_two_processes_change_nothing(smoke_run, tmp_path):
+    """train.async_checkpoint under DDP: the checkpoint of step 10 is written while steps 11-20 all-reduce
+    their gradients, its collectives on a gloo group of its own. The weights, and the checkpoint's weights
+    and DCP shards, are those saving in step writes."""
+    folders = {}
+    for mode in ("false", "true"):
+        work = workdir(smoke_run, tmp_path, f"async-{mode}")
+        run(work, 2, "train.parallel=ddp", f"train.async_checkpoint={mode}")
+        folders[mode] = step_folder(work, "pretrain")
+    in_step, background = folders["false"], folders["true"]
+    assert losses(background.parent.parent) == losses(in_step.parent.parent)
+    assert sha256_file(background / "model.safetensors") == sha256_file(in_step / "model.safetensors")
+    checkpoint = "checkpoints/step_0000010/checkpoint.json"
+    files = [json.loads((folder / checkpoint).read_text())["files"] for folder in (in_step, background)]
+    shards = {file for file in files[0] if file.endswith(".distcp")}
+    assert len(shards) == 2 and {file for file in files[1] if file.endswith(".distcp")} == shards  # one a process
+    for file in [*shards, "model.safetensors"]:
+        assert files[1][file] == files[0][file], file
+    assert not list((background / "checkpoints").glob("*.partial"))
 
 
 def descendants(pid: int) -> list[int]:

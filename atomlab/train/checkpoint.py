@@ -130,7 +130,11 @@ class Checkpointer:
 
     def __init__(self, folder: Path, keep: int, world: World = SINGLE_PROCESS, async_save: bool = False) -> None:
         self.folder, self.keep, self.world = folder, keep, world
-        self.async_save = async_save and _async_supported()
+        self.async_save = async_save
+        # The background save's collectives (plans, metadata) run on its writer thread while training's run
+        # on this one: on a group of their own, as DCP's async guide does, so the two never interleave on one
+        # group. gloo, since the staged state is on CPU: NCCL runs checkpoint in the background too.
+        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self.pending: _PendingSave | None = None
         self.completed: Path | None = None  # the latest checkpoint completed
         self.device = torch.device("cpu")
@@ -147,7 +151,7 @@ class Checkpointer:
         target, no_dist = str(partial / "sharded"), not dist.is_initialized()
         shards = None
         if self.async_save:  # the state is staged (copied) now; the files are written by a thread
-            shards = dcp.async_save(state, checkpoint_id=target, no_dist=no_dist)
+            shards = dcp.async_save(state, checkpoint_id=target, process_group=self.group, no_dist=no_dist)
         else:
             dcp.save(state, checkpoint_id=target, no_dist=no_dist)
         meta = {"step": step, "processes": self.world.size, "torch_rng": torch.get_rng_state().tolist(), **extra}
@@ -189,18 +193,6 @@ class Checkpointer:
         barrier()
         self.completed = final
         return final
-
-
-def _async_supported() -> bool:
-    """dcp.async_save needs a CPU-capable process group (gloo) when torch.distributed is joined; with NCCL
-    alone it refuses, and the checkpoints are written synchronously instead (with a note)."""
-    if not dist.is_initialized():
-        return True
-    if torch.device("cpu") in dist.distributed_c10d._get_default_group()._device_types:
-        return True
-    if dist.get_rank() == 0:
-        print('note: train.async_checkpoint needs a gloo backend beside NCCL ("cpu:gloo,cuda:nccl"); saving in step')
-    return False
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
