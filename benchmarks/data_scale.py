@@ -341,16 +341,18 @@ def run_datatrove(base: Path, files: int, workers: int) -> dict:
         return {"error": f"failed: {result['error']}"}
     reader = next(s for s in json.loads((out / "logs" / "stats.json").read_text()) if "READER" in s["name"])
     mb = reader["stats"]["doc_len"]["total"] / 1e6  # characters: bytes, as the generated text is ASCII
+    cores = min(workers, len(chosen))  # one task a file: fewer files than workers leave workers idle
     return {
         "files": len(chosen),
         "mb": round(mb, 1),
         "version": importlib.metadata.version("datatrove"),
         "workers": workers,
-        "tasks": files,
+        "tasks": len(chosen),
+        "cores_used": cores,
         "seconds": round(result["seconds"], 2),
-        "mb_per_s_per_core": round(mb / result["seconds"] / workers, 3),
+        "mb_per_s_per_core": round(mb / result["seconds"] / cores, 3),
         "mb_per_cpu_second": round(mb / result["cpu_seconds"], 3),
-        "gb_per_core_hour": round(mb / 1e3 / (result["seconds"] * workers / 3600), 3),
+        "gb_per_core_hour": round(mb / 1e3 / (result["seconds"] * cores / 3600), 3),
         "peak_rss_mib": round(result["peak_rss_bytes"] / 2**20, 1),
     }
 
