@@ -170,10 +170,11 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     auto = measured_precision("cpu")
-    programs = {"atomlab fp32": ("fp32", False), f"atomlab auto ({auto.precision})": (auto.precision, False)}
+    auto_name, compiled_name = f"atomlab auto ({auto.precision})", "atomlab fp32 train.compile"
+    programs = {"atomlab fp32": ("fp32", False), auto_name: (auto.precision, False)}
     if options.compile:
-        programs["atomlab fp32 train.compile"] = ("fp32", True)
-    first_steps: dict[str, list[float]] = {name: [] for name in programs}
+        programs[compiled_name] = ("fp32", True)
+    first_step: dict[str, float] = {}  # the first round's: compiling, where train.compile is on
     times: dict[str, list[float]] = {name: [] for name in programs}
     flops: dict[str, int] = {}
     if options.nanogpt:
@@ -185,7 +186,7 @@ def main() -> None:
             for name, (precision, compile) in programs.items():
                 measured, flops[name], first = atomlab_step_times(precision, options.steps, options.warmup, compile)
                 times[name] += measured
-                first_steps[name].append(first)
+                first_step.setdefault(name, first)
             if options.nanogpt:
                 measured, flops["nanoGPT train.py fp32"] = nanogpt_step_times(
                     options.nanogpt, options.steps, options.warmup, Path(work)
@@ -206,8 +207,8 @@ def main() -> None:
             "achieved_gflops": round(achieved / 1e9, 2),
             "mfu_vs_fp32_peak": round(achieved / peak, 4),
         }
-        if name in first_steps:  # the first round's first step: compiling, where train.compile is on
-            rows[name]["first_step_s"] = round(first_steps[name][0], 2)
+        if name in first_step:
+            rows[name]["first_step_s"] = round(first_step[name], 2)
     baseline = rows.get("nanoGPT train.py fp32")
     for row in rows.values():
         row["flops_ratio_vs_nanogpt"] = (
@@ -225,14 +226,10 @@ def main() -> None:
         "matmul_fp32_n1024_best_gflops": round(peak / 1e9, 1),
         "precision_auto": auto.record(),
         "tiny_shape": rows,
-        "auto_speedup_vs_fp32": round(
-            rows[f"atomlab auto ({auto.precision})"]["tokens_per_s"] / fp32_row["tokens_per_s"], 3
-        ),
+        "auto_speedup_vs_fp32": round(rows[auto_name]["tokens_per_s"] / fp32_row["tokens_per_s"], 3),
     }
     if options.compile:  # per step after the compile; first_step_s is what it costs once per process
-        results["compile_speedup_vs_fp32"] = round(
-            rows["atomlab fp32 train.compile"]["tokens_per_s"] / fp32_row["tokens_per_s"], 3
-        )
+        results["compile_speedup_vs_fp32"] = round(rows[compiled_name]["tokens_per_s"] / fp32_row["tokens_per_s"], 3)
     if options.memory or options.full:
         short = [
             "tiny",

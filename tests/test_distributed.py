@@ -99,13 +99,12 @@ def test_background_checkpoints_on_two_processes_change_nothing(smoke_run, tmp_p
     """train.async_checkpoint under DDP: the checkpoint of step 10 is written while steps 11-20 all-reduce
     their gradients, its collectives on a gloo group of its own. The weights, and the checkpoint's weights
     and DCP shards, are those saving in step writes."""
-    folders = {}
+    works = {}
     for mode in ("false", "true"):
-        work = workdir(smoke_run, tmp_path, f"async-{mode}")
-        run(work, 2, "train.parallel=ddp", f"train.async_checkpoint={mode}")
-        folders[mode] = step_folder(work, "pretrain")
-    in_step, background = folders["false"], folders["true"]
-    assert losses(background.parent.parent) == losses(in_step.parent.parent)
+        works[mode] = workdir(smoke_run, tmp_path, f"async-{mode}")
+        run(works[mode], 2, "train.parallel=ddp", f"train.async_checkpoint={mode}")
+    assert losses(works["true"]) == losses(works["false"])
+    in_step, background = step_folder(works["false"], "pretrain"), step_folder(works["true"], "pretrain")
     assert sha256_file(background / "model.safetensors") == sha256_file(in_step / "model.safetensors")
     checkpoint = "checkpoints/step_0000010/checkpoint.json"
     files = [json.loads((folder / checkpoint).read_text())["files"] for folder in (in_step, background)]
