@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: set up .venv with the test extras, lint, then pytest.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k resume
+# By default the checks marked slow (multi-process layouts, Ray, whole-bundle reproductions: about 10 more
+# minutes on a 2-core CPU) are left out; --all runs them too (CI does). Extra arguments go to pytest,
+# e.g. scripts/test.sh -k resume, or scripts/test.sh -m slow for the slow checks alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+selection=(-m "not slow")
+if [ "${1:-}" = "--all" ]; then
+  selection=()
+  shift
+fi
 ATOMLAB_EXTRAS="${ATOMLAB_EXTRAS:-test}" scripts/setup.sh
 # The web chat is tested in a real headless browser: Debian's chromium and its driver.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
@@ -39,4 +46,4 @@ else
   echo "warning: PostgreSQL did not start; the hub's PostgreSQL tests will be skipped" >&2
 fi
 .venv/bin/ruff check atomlab tests benchmarks
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q ${selection[@]+"${selection[@]}"} "$@"
