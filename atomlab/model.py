@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,9 @@ class Attention(nn.Module):
         self.fused_qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.fused_qk_norm: torch.Tensor | None = None
         self.widths = [q_width, kv_width, kv_width]
+        # Set from outside under context parallelism (atomlab.train.context_parallel), None otherwise: a call
+        # without a KV cache holds this process's share of each sequence and attends over all of it
+        self.context_parallel: Any = None
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -211,6 +215,11 @@ class Attention(nn.Module):
                 is_causal=cache.causal,
                 enable_gqa=gqa,
             )
+        elif self.context_parallel is not None:  # this process's share of each sequence: keys of all of it
+            split = self.context_parallel
+            keys, values = split.gather(k, dim=2), split.gather(v, dim=2)
+            seen = split.mask(length, x.device, self.sliding_window)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=seen, enable_gqa=gqa)
         elif self.sliding_window and length > self.sliding_window:
             # a query sees the keys at most sliding_window - 1 positions back (Mistral's window)
             positions = torch.arange(length, device=x.device)
@@ -285,6 +294,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.d_model, args.padded_vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # set from outside under context parallelism (atomlab.train.context_parallel): see Attention's
+        self.context_parallel: Any = None
         cos, sin = rope_tables(args, args.seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -305,16 +316,18 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(param, 0.0, std, generator=generator)
 
-    def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, head: Callable | None = None
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, head: Callable | None = None) -> torch.Tensor:
         """Logits (batch, length, vocab) for token ids (batch, length). With a KV cache, the tokens continue
         each row of the cache (which keeps their keys and values) and only the last position's logits are
         computed: (batch, 1, vocab). With `head`, returns head(final hidden states, output weight) instead:
         a loss that applies the output projection itself (atomlab.train.loss, a chunk at a time); under
         tensor parallel, whose output projection is sharded by vocabulary, head(whole logits, None)."""
         length = tokens.shape[1]
-        if cache is None:
+        split = self.context_parallel if cache is None else None
+        if split is not None:  # this process's share of each sequence, at its positions in the whole one
+            positions = split.positions(length, tokens.device)
+            end = length * split.size
+        elif cache is None:
             positions = None
             end = length
         else:
@@ -326,6 +339,8 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos, self.rope_sin
         if positions is None:
             cos, sin = cos[:length], sin[:length]
+        elif split is not None:
+            cos, sin = cos[positions], sin[positions]
         else:  # each row at its own positions: (batch, 1, length, head_dim), broadcast over the heads
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
         x = self.embed_tokens(tokens)

@@ -259,11 +259,15 @@ class ModelConfig(Section):
 
 
 class ParallelLayout(Section):
-    """How a torchrun job's processes split the work (atomlab.train.parallel): replicas x shards x tensor
-    parallel, their product the process count; one size may be -1, for whatever the others leave."""
+    """How a torchrun job's processes split the work (atomlab.train.parallel): replicas x shards x context
+    parallel x tensor parallel, their product the process count; one size may be -1, for whatever the others
+    leave."""
 
     dp_replicate: int = Field(1, ge=-1)  # copies of the model (gradients all-reduced); with dp_shard > 1: HSDP
     dp_shard: int = Field(-1, ge=-1)  # FSDP2 shards of parameters, gradients and optimizer state
+    # context parallel: each sequence split over cp processes (keys and values gathered for attention), for
+    # sequences whose activations do not fit one device; pretraining and SFT
+    cp: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)  # tensor parallel (with sequence parallel) within each data-parallel position
 
     @model_validator(mode="after")

@@ -41,10 +41,10 @@ def torchrun(nproc: int) -> list[str]:
     ]
 
 
-def run(work: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+def run(work: Path, nproc: int, *extra: str, step: str = "pretrain") -> subprocess.CompletedProcess:
     command = torchrun(nproc) if nproc > 1 else [sys.executable, "-m", "atomlab.cli"]
     result = subprocess.run(
-        [*command, "pretrain", "smoke", *SETTINGS, *extra],
+        [*command, step, "smoke", *SETTINGS, *extra],
         cwd=work,
         capture_output=True,
         text=True,
@@ -55,8 +55,8 @@ def run(work: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
-def losses(work: Path) -> list[float]:
-    lines = (step_folder(work, "pretrain") / "metrics.jsonl").read_text().splitlines()
+def losses(work: Path, step: str = "pretrain") -> list[float]:
+    lines = (step_folder(work, step) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
 
 

@@ -1,5 +1,6 @@
-"""Layouts on a device mesh (4 CPU processes, gloo, fp32): tensor parallel x data parallel and HSDP train the
-same model as one process, a TP checkpoint resumes in other layouts, impossible layouts fail in one line."""
+"""Layouts on a device mesh (2 and 4 CPU processes, gloo, fp32): tensor parallel x data parallel, HSDP and context
+parallel train the same model as one process, TP and CP checkpoints resume in other layouts, impossible layouts
+fail in one line."""
 
 import json
 import shlex
@@ -27,6 +28,8 @@ MESH = ["model.n_heads=4", "model.n_kv_heads=2", "train.max_steps=6", "train.eva
 MESH += ["train.checkpoint_every=3", "train.keep_checkpoints=4", "train.grad_accum=2"]
 TP_2_DP_2 = "train.parallel={dp_shard = 2, tp = 2}"
 HSDP_2_2 = "train.parallel={dp_replicate = 2, dp_shard = 2}"
+CP_2 = "train.parallel={dp_shard = 1, cp = 2}"
+FSDP_2_CP_2 = "train.parallel={dp_shard = 2, cp = 2}"
 
 
 def test_layouts_from_shorthands_tables_and_overrides():
@@ -51,11 +54,15 @@ ARGS = ModelArgs(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1
     [
         ({"dp_replicate": 1, "dp_shard": 3, "tp": 1}, 4, 8, "needs a multiple of 3 processes, got 4"),
         ({"dp_replicate": 2, "dp_shard": 2, "tp": 2}, 4, 8, "needs a multiple of 8 processes, got 4"),
-        ({"dp_replicate": 1, "dp_shard": 2, "tp": 1}, 4, 8, "dp_replicate x dp_shard x tp = 2"),
+        ({"dp_replicate": 1, "dp_shard": 2, "tp": 1}, 4, 8, "dp_replicate x dp_shard x cp x tp = 2"),
         ({"dp_replicate": -1, "dp_shard": -1, "tp": 1}, 4, 8, "only one of dp_replicate, dp_shard can be -1"),
         ({"dp_replicate": 1, "dp_shard": -1, "tp": 2}, 4, 8, "tp = 2 must divide model.n_kv_heads (1)"),
         ({"dp_replicate": 1, "dp_shard": -1, "tp": 4}, 4, 8, "tp = 4 must divide model.n_kv_heads (1)"),
         ("fsdp", 4, 6, "train.batch_size (6) must be divisible by the 4 processes"),
+        ({"dp_replicate": 1, "dp_shard": -1, "cp": 2, "tp": 2}, 4, 8, "cp and tp together are not supported yet"),
+        ({"dp_replicate": 1, "dp_shard": 1, "cp": 3, "tp": 1}, 3, 8, "cp = 3 needs model.seq_len (64) divisible by 6"),
+        # the cp processes of a data-parallel position share its rows: 2 x 2 processes split the batch 2 ways
+        ({"dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 1}, 4, 3, "must be divisible by the 2 processes"),
     ],
 )
 def test_impossible_layouts_are_one_line_errors(parallel, processes, batch, message):
@@ -141,6 +148,64 @@ def test_tensor_parallel_checkpoint_resumes_on_fsdp_and_on_one_process(
     for resumed in (on_fsdp, on_one):
         assert len(resumed) == 3  # steps 4..6, from the TP run's weights, optimizer state and data position
         assert_close(resumed, reference[3:])
+
+
+def test_context_parallel_matches_one_process(one_process, smoke_run, tmp_path):
+    """Each of 2 processes holds half of every sequence (an early and a late quarter) and attends over keys
+    gathered from both: the same losses and validation losses as one process, and the same sample (generated
+    by the engine on whole sequences, from the same weights)."""
+    work = workdir(smoke_run, tmp_path, "cp")
+    result = run(work, 2, *MESH, CP_2)
+    assert "2 processes (cp 2)" in result.stdout
+    assert_close(losses(work), losses(one_process))
+    assert_close(validation_losses(work), validation_losses(one_process))
+    assert len(validation_losses(work)) == 2
+    sample = step_folder(work, "pretrain") / "samples.txt"
+    assert sample.read_text() == (step_folder(one_process, "pretrain") / "samples.txt").read_text()
+
+
+def validation_losses(work: Path) -> list[float]:
+    records = [json.loads(line) for line in (step_folder(work, "pretrain") / "metrics.jsonl").read_text().splitlines()]
+    return [record["val_loss"] for record in records if "val_loss" in record]
+
+
+@pytest.mark.slow
+def test_context_parallel_with_fsdp_resumes_on_one_process(one_process, smoke_run, tmp_path):
+    """FSDP 2 x CP 2 (FSDP shards over all 4 processes) trains as one process does, and its checkpoint resumes
+    on 1 process; a sliding-window model (Mistral's) masks the gathered keys by true position too."""
+    reference = losses(one_process)
+    work = workdir(smoke_run, tmp_path, "fsdp-cp")
+    result = run(work, 4, *MESH, FSDP_2_CP_2)
+    assert "4 processes (dp_shard 2 x cp 2)" in result.stdout
+    assert_close(losses(work), reference)
+    on_one = resume_elsewhere(smoke_run, tmp_path, work, 1)
+    assert len(on_one) == 3
+    assert_close(on_one, reference[3:])
+    window = ["model.sliding_window=16"]
+    alone, split = workdir(smoke_run, tmp_path, "window-1"), workdir(smoke_run, tmp_path, "window-cp")
+    run(alone, 1, *MESH, *window)
+    run(split, 2, *MESH, *window, CP_2)
+    assert losses(alone) != reference  # the window changes the model
+    assert_close(losses(split), losses(alone))
+
+
+SFT = ['sft.environments=["arithmetic"]', "sft.tasks=200", "sft.val_tasks=10", "sft.max_steps=4", "sft.batch_size=8"]
+SFT += ["sft.pack_length=64", "sft.warmup_steps=1", "sft.eval_every=2", "sft.sample_every=4", "sft.threads=1"]
+
+
+@pytest.mark.slow
+def test_context_parallel_sft_matches_one_process(one_process, tmp_path):
+    """SFT's packed rows score only the replies, so a piece of a row may have no scored token at all: each
+    process's loss is its share of the whole rows' mean, and the losses are those of one process."""
+    works = []
+    for name in ("sft-1", "sft-cp"):
+        works.append(tmp_path / name)
+        shutil.copytree(one_process / "runs", works[-1] / "runs")  # the same pretrained model under both
+    run(works[0], 1, *MESH, *SFT, step="sft")
+    run(works[1], 2, *MESH, *SFT, "sft.parallel={dp_shard = 1, cp = 2}", step="sft")
+    reference = losses(works[0], "sft")
+    assert len(reference) == 4
+    assert_close(losses(works[1], "sft"), reference)
 
 
 class MatmulCount(TorchDispatchMode):

@@ -28,6 +28,7 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     tp: int = 1  # processes per tensor-parallel group: they see the same rows of the batch
+    cp: int = 1  # processes per context-parallel group: the same rows too, each a share of every sequence
 
     @property
     def is_main(self) -> bool:
@@ -36,11 +37,11 @@ class World:
     @property
     def data_rank(self) -> int:
         """This process's place among the data-parallel ones (which rows of the batch it takes)."""
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.cp)
 
     @property
     def data_size(self) -> int:
-        return self.size // self.tp
+        return self.size // (self.tp * self.cp)
 
     @property
     def distributed(self) -> bool:

@@ -28,6 +28,7 @@ from atomlab.recipe import EvaluateConfig, ModelConfig, TrainConfig
 from atomlab.steps import StepContext, write_json
 from atomlab.tokenizer import END_OF_TEXT, load_tokenizer, token_byte_lengths
 from atomlab.train.checkpoint import Checkpointer, complete_checkpoints, load_checkpoint, load_weights, save_weights
+from atomlab.train.context_parallel import context_split
 from atomlab.train.distributed import SINGLE_PROCESS, World, all_reduce_sum, current_world, parallelize, setup
 from atomlab.train.lora import apply_lora, merge_lora, save_adapter
 from atomlab.train.loss import chunked_head
@@ -134,11 +135,14 @@ def evaluate(
     per_process = math.ceil(len(indices) / world.data_size)
     nats = torch.zeros((), dtype=torch.float64, device=device)
     tokens = bytes_ = 0.0
+    split = context_split(net)
     for start in range(0, per_process, batch_size):
         chunk, weight = mine[start : start + batch_size], 1.0
         if len(chunk) == 0:
             chunk, weight = indices[:1], 0.0
         inputs, targets = windows.rows(chunk)
+        if split is not None:  # each context-parallel process scores its share of every window
+            inputs, targets = split.shard(inputs), split.shard(targets)
         with autocast:
             loss = lm_loss(net, inputs.to(device), targets.to(device), reduction="sum", chunk_tokens=chunk_tokens)
         scored = targets >= 0  # -100 marks tokens without loss (prompts in SFT)
@@ -146,7 +150,8 @@ def evaluate(
         tokens += weight * int(scored.sum())
         bytes_ += weight * int((byte_lengths[targets.clamp(min=0)] * scored).sum())
     totals = all_reduce_sum([float(nats), tokens, bytes_], device)
-    nats, tokens, bytes_ = (total / world.tp for total in totals)  # each tensor-parallel group counted once
+    # each tensor-parallel group counted once; context-parallel processes scored disjoint shares
+    nats, tokens, bytes_ = (total / world.tp for total in totals)
     net.train()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1.0, bytes_), "val_tokens": int(tokens)}
 
@@ -209,6 +214,7 @@ class Objective:
 
     updates_per_step = 1  # optimizer steps per loop step, on the same data (GRPO's updates_per_batch)
     tensor_parallel = False  # whether backward/validate split rows by world.data_rank (TP peers share rows)
+    context_parallel = False  # whether backward/validate take their share of each row under cp (context_split)
     sample_prompt: str | None = None  # text sampled every train.sample_every steps, if any
     sample_stop: str = END_OF_TEXT
 
@@ -239,6 +245,7 @@ class TrainingData(Objective):
     """Next-token loss on rows (pretraining, SFT): rows to train on and to validate on, and how to sample."""
 
     tensor_parallel = True
+    context_parallel = True
 
     def __init__(self, train: Rows, val: Rows, sample_prompt: str, sample_stop: str = END_OF_TEXT) -> None:
         self.train, self.val, self.sample_prompt, self.sample_stop = train, val, sample_prompt, sample_stop
@@ -251,22 +258,23 @@ class TrainingData(Objective):
 
     def backward(self, step: int, update: int, run: Run) -> dict[str, Any]:
         train, world, net = run.train, run.world, run.net
-        local_batch = train.batch_size // world.data_size  # tensor-parallel processes share their rows
+        local_batch = train.batch_size // world.data_size  # tensor/context-parallel processes share their rows
+        split = context_split(net)
         # summed on the device in float64 (exactly as Python floats would), read once per step
         total_loss = torch.zeros((), dtype=torch.float64, device=run.device)
         for micro in range(train.grad_accum):
             first = (step * train.grad_accum + micro) * train.batch_size + world.data_rank * local_batch
             inputs, targets = self.train.batch(first, local_batch)
+            if split is not None:
+                inputs, targets = split.shard(inputs), split.shard(targets)
+            inputs, targets = inputs.to(run.device), targets.to(run.device)
             with gradient_sync(net, micro == train.grad_accum - 1):
                 with run.autocast:
-                    loss = lm_loss(
-                        net,
-                        inputs.to(run.device),
-                        targets.to(run.device),
-                        "mean",
-                        train.loss_chunk_tokens,
-                        train.z_loss,
-                    )
+                    if split is None:
+                        loss = lm_loss(net, inputs, targets, "mean", train.loss_chunk_tokens, train.z_loss)
+                    else:  # a share of the whole rows' mean: summed, over the rows' scored tokens (context_parallel)
+                        total = lm_loss(net, inputs, targets, "sum", train.loss_chunk_tokens, train.z_loss)
+                        loss = split.mean_share(total, targets)
                     loss = loss / train.grad_accum
                 loss.backward()
             total_loss += loss.detach().double()
@@ -355,6 +363,8 @@ def plan_layout(train: TrainConfig, args: ModelArgs, data: Objective, world: Wor
     check_layout(layout, args, train.batch_size, label)
     if layout.tp > 1 and not data.tensor_parallel:
         raise AtomlabError(f"{label}.parallel: tp > 1 is not supported for {label} yet; use dp_shard and dp_replicate")
+    if layout.cp > 1 and not data.context_parallel:
+        raise AtomlabError(f"{label}.parallel: cp > 1 is not supported for {label} yet; use dp_shard and dp_replicate")
     return layout
 
 
@@ -490,7 +500,7 @@ def fit(
     and its parallelism (build_model), optimizer, resume, the steps, the step's files."""
     device, world = start_processes(train, label)
     mesh_layout = plan_layout(train, args, data, world, label)
-    world = dataclasses.replace(world, tp=mesh_layout.tp)
+    world = dataclasses.replace(world, tp=mesh_layout.tp, cp=mesh_layout.cp)
     precision = resolve_precision(train.precision, device)
     torch.manual_seed(ctx.seed)
     built = build_model(ctx, label, args, train, tokenizer, data, init_weights, device, world, mesh_layout)

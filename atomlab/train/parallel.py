@@ -1,11 +1,13 @@
 """Layouts on a device mesh, applied from outside the plain model, as torchtitan does.
 
-A layout splits the processes of a torchrun job into three mesh dimensions, outermost first:
+A layout splits the processes of a torchrun job into four mesh dimensions, outermost first:
 `dp_replicate` (copies of the model, gradients all-reduced: DDP), `dp_shard` (FSDP2 shards of
-parameters, gradients and optimizer state; both > 1 is HSDP) and `tp` (tensor parallel with sequence
-parallel: each block's attention heads and MLP columns split across `tp` processes, activations between
-blocks split along the sequence). Data-parallel processes take different rows of the batch; the `tp`
-processes of one data-parallel position see the same rows.
+parameters, gradients and optimizer state; both > 1 is HSDP), `cp` (context parallel: each sequence split
+into `cp` pieces, one per process, every activation with it; keys and values gathered for attention) and
+`tp` (tensor parallel with sequence parallel: each block's attention heads and MLP columns split across
+`tp` processes, activations between blocks split along the sequence). Data-parallel processes take
+different rows of the batch; the `cp` and `tp` processes of one data-parallel position see the same rows.
+FSDP shards over dp_shard x cp together, as torchtitan does: the cp processes hold the same model.
 
 The sharded model is built on the meta device and its parameters materialised one at a time from the
 plain model's weights (`distribute_tensor` of each full tensor), so the result equals the 1-process
@@ -30,24 +32,29 @@ from torch import nn
 
 from atomlab.errors import AtomlabError
 from atomlab.model import Block, ModelArgs, Transformer
+from atomlab.train.context_parallel import apply_context_parallel
 
 # FSDP2's warning that the root returns a view: the loss makes no in-place change to the logits
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 # DTensor's note that a 2-D gather (FSDP x TP, when saving full weights) takes two collectives, at every save
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
-SHORTHANDS = {"ddp": {"dp_replicate": -1, "dp_shard": 1, "tp": 1}, "fsdp": {"dp_replicate": 1, "dp_shard": -1, "tp": 1}}
+SHORTHANDS = {
+    "ddp": {"dp_replicate": -1, "dp_shard": 1, "cp": 1, "tp": 1},
+    "fsdp": {"dp_replicate": 1, "dp_shard": -1, "cp": 1, "tp": 1},
+}
 
 
 @dataclass(frozen=True)
 class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
+    cp: int = 1
     tp: int = 1
 
     @property
     def processes(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def data_parallel(self) -> int:
@@ -56,15 +63,15 @@ class Layout:
     @property
     def plain_ddp(self) -> bool:
         """Only replicas: torch's DistributedDataParallel on the whole model, as before meshes."""
-        return self.dp_shard == 1 and self.tp == 1
+        return self.dp_shard == 1 and self.cp == 1 and self.tp == 1
 
 
 def layout_table(parallel: Any) -> dict[str, int]:
-    """train.parallel as its three sizes (-1: whatever the others leave), from a shorthand or a table."""
+    """train.parallel as its four sizes (-1: whatever the others leave), from a shorthand or a table."""
     if isinstance(parallel, str):
         return dict(SHORTHANDS[parallel])
     table = parallel if isinstance(parallel, dict) else parallel.model_dump()
-    return {"dp_replicate": table["dp_replicate"], "dp_shard": table["dp_shard"], "tp": table["tp"]}
+    return {name: table.get(name, 1) for name in ("dp_replicate", "dp_shard", "cp", "tp")}
 
 
 def layout_name(parallel: Any, layout: Layout) -> str:
@@ -94,7 +101,7 @@ def resolve_layout(parallel: Any, processes: int, label: str = "train") -> Layou
     layout = Layout(**sizes)
     if layout.processes != processes:
         raise AtomlabError(
-            f"{where}: dp_replicate x dp_shard x tp = {layout.processes} ({format_sizes(sizes)}), but "
+            f"{where}: {' x '.join(sizes)} = {layout.processes} ({format_sizes(sizes)}), but "
             f"{processes} processes run; make the product {processes} or set one size to -1"
         )
     return layout
@@ -112,9 +119,24 @@ def check_layout(layout: Layout, args: ModelArgs, batch_size: int, label: str = 
             f"{label}.batch_size ({batch_size}) must be divisible by the {layout.data_parallel} processes that split "
             f"it (the data-parallel ones, dp_replicate x dp_shard of {where}); change one of them"
         )
-    problem = tensor_parallel_problem(args, layout.tp)
+    problem = context_parallel_problem(args, layout) or tensor_parallel_problem(args, layout.tp)
     if problem:
         raise AtomlabError(f"{where}: {problem}")
+
+
+def context_parallel_problem(args: ModelArgs, layout: Layout) -> str | None:
+    """Why this model or layout cannot split its sequences `cp` ways (with the fix), or None."""
+    cp = layout.cp
+    if cp == 1:
+        return None
+    if layout.tp > 1:
+        return "cp and tp together are not supported yet; use cp with dp_shard and dp_replicate, or tp alone"
+    if args.seq_len % (2 * cp):
+        return (
+            f"cp = {cp} needs model.seq_len ({args.seq_len}) divisible by {2 * cp}: each process takes two of "
+            f"{2 * cp} equal pieces of a sequence (one near its start, one near its end); change cp or seq_len"
+        )
+    return None
 
 
 def tensor_parallel_problem(args: ModelArgs, tp: int) -> str | None:
@@ -142,8 +164,8 @@ def build_mesh(layout: Layout, device_type: str) -> Any:
 
     return init_device_mesh(
         device_type,
-        (layout.dp_replicate, layout.dp_shard, layout.tp),
-        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+        (layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp),
+        mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"),
     )
 
 
@@ -205,9 +227,14 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: Any) -> None:
 
 
 def data_parallel_mesh(mesh: Any, layout: Layout) -> Any:
+    """The mesh FSDP shards over: dp_shard, with the cp processes (which hold the same model) folded in."""
+    shard = "dp_shard"
+    if layout.cp > 1:
+        mesh["dp_shard", "cp"]._flatten(mesh_dim_name="dp_shard_cp")
+        shard = "dp_shard_cp"
     if layout.dp_replicate > 1:
-        return mesh["dp_replicate", "dp_shard"]  # 2-D: HSDP (replicas of shards)
-    return mesh["dp_shard"]
+        return mesh["dp_replicate", shard]  # 2-D: HSDP (replicas of shards)
+    return mesh[shard]
 
 
 def apply_fsdp(model: Transformer, dp_mesh: Any, device: torch.device) -> None:
@@ -245,8 +272,10 @@ def shard_model(
         sharded = Transformer(plain.args)
     if layout.tp > 1:
         apply_tensor_parallel(sharded, mesh["tp"])
+    if layout.cp > 1:
+        apply_context_parallel(sharded, mesh["cp"])
     speed_features(sharded, activation_checkpointing, compile)
-    if layout.data_parallel > 1:  # TP alone needs no data-parallel wrapper
+    if layout.data_parallel * layout.cp > 1:  # TP alone needs no data-parallel wrapper
         apply_fsdp(sharded, data_parallel_mesh(mesh, layout), device)
     materialise(sharded, plain, device)
     return sharded
