@@ -216,10 +216,7 @@ class Attention(nn.Module):
                 enable_gqa=gqa,
             )
         elif self.context_parallel is not None:  # this process's share of each sequence: keys of all of it
-            split = self.context_parallel
-            keys, values = split.gather(k, dim=2), split.gather(v, dim=2)
-            seen = split.mask(length, x.device, self.sliding_window)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=seen, enable_gqa=gqa)
+            out = self.context_parallel.attend(q, k, v, self.sliding_window, gqa)
         elif self.sliding_window and length > self.sliding_window:
             # a query sees the keys at most sliding_window - 1 positions back (Mistral's window)
             positions = torch.arange(length, device=x.device)

@@ -7,9 +7,10 @@ piece give each process the same attention work (the load balancing of Megatron-
 `context_parallel`). Everything but attention is position-wise and runs on the process's own tokens; RoPE
 takes their true positions. Attention gathers the keys and values of the whole sequence from the group (an
 all-gather, whose backward sums the gradients back to the process that owns each piece: a reduce-scatter on
-NCCL, an all-reduce on gloo, which has none) and masks by true position, as Llama 3's context parallelism
-does. torch's own `context_parallel` (ring attention over DTensor) covers only the CUDA attention kernels;
-this runs wherever torch.distributed does, gloo on CPU included.
+NCCL, an all-reduce on gloo, which has none), as Llama 3's context parallelism does; each piece attends
+over the keys up to its own last position only, masked by true position. torch's own `context_parallel`
+(ring attention over DTensor) covers only the CUDA attention kernels; this runs wherever torch.distributed
+does, gloo on CPU included.
 
 The loss of each process is its share of the mean over the whole rows (`mean_share`), so data-parallel
 averaging over dp x cp processes gives exactly the loss of one process over the same rows.
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from atomlab.errors import AtomlabError
 from atomlab.model import Transformer
@@ -49,15 +51,41 @@ class ContextParallel:
         return self._positions(self.rank, local, device)
 
     @functools.lru_cache(maxsize=16)  # noqa: B019
-    def mask(self, local: int, device: torch.device, window: int = 0) -> torch.Tensor:
-        """Which gathered keys each local query sees (local, cp x local): those at its position or before (and
-        fewer than `window` back, for a sliding window), by true position."""
-        queries = self.positions(local, device).view(-1, 1)
-        keys = torch.cat([self._positions(rank, local, device) for rank in range(self.size)]).view(1, -1)
-        seen = keys <= queries
-        if window:
-            seen &= queries - keys < window
-        return seen
+    def _pieces(
+        self, local: int, device: torch.device, dtype: torch.dtype, window: int
+    ) -> list[tuple[slice, int, int, torch.Tensor]]:
+        """For each of this process's two pieces: its queries (a slice of the local tokens), the keys it can see
+        (a range of the whole sequence: from the first a sliding window reaches, to its own last) and an additive
+        mask of which of them each query sees (at its position or before, fewer than `window` back). The mask
+        is made once, in the attention's dtype: SDPA would turn a boolean one into this at every call."""
+        piece, queries = local // 2, self.positions(local, device)
+        pieces = []
+        for index in range(2):
+            mine = queries[index * piece : (index + 1) * piece].view(-1, 1)
+            first_query, end = int(mine[0]), int(mine[-1]) + 1
+            start = max(0, first_query - window + 1) if window else 0
+            keys = torch.arange(start, end, device=device).view(1, -1)
+            seen = keys <= mine
+            if window:
+                seen &= mine - keys < window
+            mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+            pieces.append((slice(index * piece, (index + 1) * piece), start, end, mask))
+        return pieces
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, gqa: bool) -> torch.Tensor:
+        """Causal attention of this process's queries (batch, heads, local, head_dim) over the keys and values of
+        the whole sequence, gathered from the group. Each piece attends only over the keys up to its own last
+        position (an early piece over few), so the group does 1 + 1/(2 cp) times the work of one causal pass,
+        not the 2x of every query against every key."""
+        keys, values = self.gather(k, dim=2), self.gather(v, dim=2)
+        outputs = []
+        for queries, start, end, mask in self._pieces(q.shape[2], q.device, q.dtype, window):
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, queries], keys[:, :, start:end], values[:, :, start:end], attn_mask=mask, enable_gqa=gqa
+                )
+            )
+        return torch.cat(outputs, dim=2)
 
     def shard(self, rows: torch.Tensor) -> torch.Tensor:
         """This process's share of (batch, length) rows: its positions' columns."""
@@ -70,7 +98,8 @@ class ContextParallel:
         return rows.index_select(1, self.positions(length // self.size, rows.device))
 
     def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Every process's `tensor` concatenated along `dim` in rank order, gradients flowing back to each."""
+        """The whole sequence of `tensor` (this process's share along `dim`) from every process of the group, in
+        position order; gradients flow back to the process that holds each piece."""
         return _GatherPieces.apply(tensor, self, dim)
 
     def mean_share(self, loss_sum: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,25 +111,30 @@ class ContextParallel:
 
 
 class _GatherPieces(torch.autograd.Function):
+    """All-gather of each process's two pieces, put in position order (pieces 0, 1, ..., 2cp - 1: the first
+    halves of ranks 0..cp-1, then the second halves of ranks cp-1..0)."""
+
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, split: ContextParallel, dim: int) -> torch.Tensor:
         ctx.split, ctx.dim = split, dim
         parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(split.size)]
         dist.all_gather(parts, tensor.contiguous(), group=split.group)
-        return torch.cat(parts, dim=dim)
+        halves = [part.chunk(2, dim) for part in parts]
+        return torch.cat([early for early, _ in halves] + [late for _, late in reversed(halves)], dim=dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         split, dim = ctx.split, ctx.dim
-        if dist.get_backend(split.group) == "nccl":  # each process receives the sum for its own piece only
-            whole = grad.movedim(dim, 0).contiguous()
+        pieces = grad.chunk(2 * split.size, dim)  # back in rank order: each rank's early and late piece
+        by_rank = torch.cat([p for rank in range(split.size) for p in (pieces[rank], pieces[-1 - rank])], dim=dim)
+        if dist.get_backend(split.group) == "nccl":  # each process receives the sum for its own pieces only
+            whole = by_rank.movedim(dim, 0).contiguous()
             mine = whole.new_empty((whole.shape[0] // split.size, *whole.shape[1:]))
             dist.reduce_scatter_tensor(mine, whole, group=split.group)
             return mine.movedim(0, dim), None, None
-        whole = grad.contiguous().clone()  # gloo has no reduce-scatter: the whole sum, then this piece of it
-        dist.all_reduce(whole, group=split.group)
-        local = whole.shape[dim] // split.size
-        return whole.narrow(dim, split.rank * local, local), None, None
+        dist.all_reduce(by_rank, group=split.group)  # gloo has no reduce-scatter: the whole sum, then this share
+        local = by_rank.shape[dim] // split.size
+        return by_rank.narrow(dim, split.rank * local, local), None, None
 
 
 def apply_context_parallel(model: Transformer, cp_mesh: Any) -> None:
