@@ -313,7 +313,9 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(param, 0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, head: Callable | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, head: Callable | None = None
+    ) -> torch.Tensor:
         """Logits (batch, length, vocab) for token ids (batch, length). With a KV cache, the tokens continue
         each row of the cache (which keeps their keys and values) and only the last position's logits are
         computed: (batch, 1, vocab). With `head`, returns head(final hidden states, output weight) instead:

@@ -91,7 +91,7 @@ def main() -> None:
     options = parser.parse_args()
     if options.seq_len:
         # one sequence a step cannot be split by data parallelism: only context parallel shares it
-        layouts = LONG_LAYOUTS if options.batch_size % 2 == 0 else (LONG_LAYOUTS[0], LONG_LAYOUTS[2])
+        layouts = tuple(layout for layout in LONG_LAYOUTS if layout[2] != "fsdp" or options.batch_size % 2 == 0)
         extra = (f"model.seq_len={options.seq_len}", f"train.batch_size={options.batch_size}", "train.eval_tokens=1")
         results_file = RESULTS.with_name(f"distributed_speed-seq{options.seq_len}.json")
     else:

@@ -14,9 +14,8 @@ from typing import Any
 def corpus_metadata(name: str) -> dict[str, Any]:
     """The metadata of an embedded corpus (empty when it has none): languages, language_detail, content,
     and `attribution`, its provenance text."""
-    for file in sorted(
-        (f for f in resources.files("atomlab.corpora").iterdir() if f.name.endswith(".md")), key=lambda f: f.name
-    ):
+    for file in sorted((f for f in resources.files("atomlab.corpora").iterdir() if f.name.endswith(".md")),
+                       key=lambda f: f.name):
         text = file.read_text(encoding="utf-8")
         if not text.startswith("---\n"):
             continue

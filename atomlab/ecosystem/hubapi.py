@@ -59,12 +59,8 @@ def _caching_transport(http: Any, cache: Path | None, stats: CacheStats) -> Any:
                     stored = json.loads(path.read_text(encoding="utf-8"))
                     stats.cache_hits += 1
                     self._note(stored["headers"])
-                    return http.Response(
-                        stored["status"],
-                        headers=stored["headers"],
-                        content=stored["body"].encode("utf-8"),
-                        request=request,
-                    )
+                    return http.Response(stored["status"], headers=stored["headers"],
+                                         content=stored["body"].encode("utf-8"), request=request)
             response = self.inner.handle_request(request)
             stats.requests += 1
             stats.statuses[response.status_code] = stats.statuses.get(response.status_code, 0) + 1
@@ -104,12 +100,8 @@ def cached_hub(cache: Path | None) -> Iterator[CacheStats]:
     hooks = [hub_http.hf_request_event_hook] if hasattr(hub_http, "hf_request_event_hook") else []
 
     def factory() -> Any:
-        return http.Client(
-            event_hooks={"request": hooks},
-            follow_redirects=True,
-            timeout=60,
-            transport=_caching_transport(http, cache, stats),
-        )
+        return http.Client(event_hooks={"request": hooks}, follow_redirects=True, timeout=60,
+                           transport=_caching_transport(http, cache, stats))
 
     hub_http.set_client_factory(factory)
     try:

@@ -43,9 +43,8 @@ class Snapshot:
     @property
     def derivatives(self) -> dict[str, np.ndarray]:
         if self._derivatives is None:  # read on demand: a report needs only the latest snapshot's
-            self._derivatives = _read_parquet(
-                self.derivatives_path, ["derivative_id", "relation", "base_model", "base_family", "created_at"]
-            )
+            self._derivatives = _read_parquet(self.derivatives_path, ["derivative_id", "relation", "base_model",
+                                                                      "base_family", "created_at"])
         return self._derivatives
 
 
@@ -71,19 +70,8 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-MODEL_COLUMNS = [
-    "model_id",
-    "org",
-    "region",
-    "family",
-    "created_at",
-    "released_at",
-    "downloads_30d",
-    "downloads_all_time",
-    "likes",
-    "size_bucket",
-    "license",
-]
+MODEL_COLUMNS = ["model_id", "org", "region", "family", "created_at", "released_at", "downloads_30d",
+                 "downloads_all_time", "likes", "size_bucket", "license"]
 
 
 def load_snapshot(folder: Path) -> Snapshot:
@@ -101,14 +89,8 @@ def load_snapshot(folder: Path) -> Snapshot:
     # ages count from the launch date; where no correction was given it is the Hub's created_at
     released = models["released_at"].astype(float)
     models["released_at"] = np.where(np.isnan(released), models["created_at"], released).astype(np.int64)
-    return Snapshot(
-        folder,
-        dt.date.fromisoformat(record["snapshot_date"]),
-        record.get("synthetic"),
-        record,
-        models,
-        folder / "derivatives.parquet",
-    )
+    return Snapshot(folder, dt.date.fromisoformat(record["snapshot_date"]), record.get("synthetic"), record,
+                    models, folder / "derivatives.parquet")
 
 
 def load_snapshots(folders: list[Path]) -> list[Snapshot]:
@@ -129,7 +111,8 @@ def _epoch_day(day: dt.date) -> int:
 
 def adoption_by(snapshot: Snapshot, key: str) -> dict[str, dict[str, int]]:
     """Per value of `key` (region, family, org...): models, all-time and 30-day downloads, largest first."""
-    groups: dict[str, dict[str, int]] = defaultdict(lambda: {"models": 0, "downloads_all_time": 0, "downloads_30d": 0})
+    groups: dict[str, dict[str, int]] = defaultdict(lambda: {"models": 0, "downloads_all_time": 0,
+                                                              "downloads_30d": 0})
     m = snapshot.models
     for value, all_time, last_30 in zip(m[key], m["downloads_all_time"], m["downloads_30d"], strict=True):
         group = groups[str(value)]
@@ -161,12 +144,8 @@ def derivative_share(snapshot: Snapshot, relations: tuple[str, ...] = NEW_WORK_R
         counts[month][str(family)] += 1
     months = sorted(counts)
     shares = {month: {f: n / sum(counts[month].values()) for f, n in counts[month].items()} for month in months}
-    return {
-        "relations": list(relations),
-        "months": months,
-        "counts": {m: dict(counts[m]) for m in months},
-        "shares": shares,
-    }
+    return {"relations": list(relations), "months": months, "counts": {m: dict(counts[m]) for m in months},
+            "shares": shares}
 
 
 # ---------------------------------------------------------------- Relative Adoption Metric
@@ -199,9 +178,8 @@ def _values_at(ages: np.ndarray, downloads: np.ndarray, at: np.ndarray, max_gap:
     return np.where(valid, values, np.nan)
 
 
-def relative_adoption(
-    snapshots: list[Snapshot], top: int = 10, max_gap: float | None = MEASURED_MAX_GAP_DAYS
-) -> dict[str, dict[str, Any]]:
+def relative_adoption(snapshots: list[Snapshot], top: int = 10, max_gap: float | None = MEASURED_MAX_GAP_DAYS
+                      ) -> dict[str, dict[str, Any]]:
     """Per model of the latest snapshot: RAM v1 (÷ median of the top `top`) and v2 (÷ the `top`-th).
 
     The references are the models of the same size bucket, the model itself included, valued at the
@@ -226,14 +204,8 @@ def relative_adoption(
             best = np.sort(column[np.isfinite(column)])[::-1][:top]
             v1 = downloads[t] / np.median(best) if len(best) and np.median(best) > 0 else float("nan")
             v2 = downloads[t] / best[top - 1] if len(best) >= top and best[top - 1] > 0 else float("nan")
-            out[str(model)] = {
-                "bucket": str(bucket),
-                "age_days": int(ages[t]),
-                "downloads": int(downloads[t]),
-                "references": int(len(best)),
-                "ram_v1": float(v1),
-                "ram_v2": float(v2),
-            }
+            out[str(model)] = {"bucket": str(bucket), "age_days": int(ages[t]), "downloads": int(downloads[t]),
+                               "references": int(len(best)), "ram_v1": float(v1), "ram_v2": float(v2)}
     return out
 
 
@@ -245,15 +217,13 @@ def open_share(snapshot: Snapshot, classes: dict[str, int]) -> dict[str, Any]:
 
     `classes` maps model ids to their MOF class (1-3, 0 unclassified); models without an MOF file
     are 'unknown', which never counts as open."""
-
     def label(model: str) -> str:
         grade = classes.get(model)
         return "unknown" if grade is None else {0: "unclassified", 1: "class I", 2: "class II", 3: "class III"}[grade]
 
     m = snapshot.models
-    totals: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"downloads_30d": 0, "downloads_all_time": 0, "derivatives": 0}
-    )
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: {"downloads_30d": 0, "downloads_all_time": 0,
+                                                                "derivatives": 0})
     for model, last_30, all_time in zip(m["model_id"], m["downloads_30d"], m["downloads_all_time"], strict=True):
         totals[label(str(model))]["downloads_30d"] += int(last_30)
         totals[label(str(model))]["downloads_all_time"] += int(all_time)
@@ -266,25 +236,15 @@ def open_share(snapshot: Snapshot, classes: dict[str, int]) -> dict[str, Any]:
         whole = sum(v[measure] for v in totals.values())
         open_part = sum(totals[c][measure] for c in ("class I", "class II") if c in totals)
         result[f"truly_open_share_{measure}"] = open_part / whole if whole else float("nan")
-        result[f"unknown_share_{measure}"] = (
-            totals["unknown"][measure] / whole if whole and "unknown" in totals else 0.0
-        )
+        result[f"unknown_share_{measure}"] = totals["unknown"][measure] / whole if whole and "unknown" in totals \
+            else 0.0
     return result
 
 
 def top_models(snapshot: Snapshot, n: int, by: str = "downloads_30d") -> list[dict[str, Any]]:
     m = snapshot.models
     order = np.argsort(-m[by], kind="stable")[:n]
-    return [
-        {
-            "model_id": str(m["model_id"][i]),
-            "org": str(m["org"][i]),
-            "region": str(m["region"][i]),
-            "size_bucket": str(m["size_bucket"][i]),
-            "license": None if m["license"][i] is None else str(m["license"][i]),
-            "downloads_30d": int(m["downloads_30d"][i]),
-            "downloads_all_time": int(m["downloads_all_time"][i]),
-            "likes": int(m["likes"][i]),
-        }
-        for i in order
-    ]
+    return [{"model_id": str(m["model_id"][i]), "org": str(m["org"][i]), "region": str(m["region"][i]),
+             "size_bucket": str(m["size_bucket"][i]), "license": None if m["license"][i] is None else
+             str(m["license"][i]), "downloads_30d": int(m["downloads_30d"][i]),
+             "downloads_all_time": int(m["downloads_all_time"][i]), "likes": int(m["likes"][i])} for i in order]

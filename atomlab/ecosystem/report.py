@@ -32,7 +32,7 @@ _HUB_LINE = re.compile(r"""^\s+huggingface:\s*['"]?([^'"\s]+)""", re.MULTILINE)
 def _huggingface_id(url: str) -> str | None:
     for prefix in ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/"):
         if url.startswith(prefix):
-            parts = url[len(prefix) :].strip("/").split("/")
+            parts = url[len(prefix):].strip("/").split("/")
             return "/".join(parts[:2]) if len(parts) >= 2 else None
     return None
 
@@ -78,7 +78,8 @@ class Figures:
         prefix = "SYNTHETIC DATA - " if self.synthetic else ""
         fig.suptitle(f"{prefix}{title}\n{self.dates}", fontsize=11)
         if self.synthetic:
-            fig.text(0.5, 0.5, "SYNTHETIC", fontsize=60, color="red", alpha=0.15, ha="center", va="center", rotation=30)
+            fig.text(0.5, 0.5, "SYNTHETIC", fontsize=60, color="red", alpha=0.15, ha="center", va="center",
+                     rotation=30)
         fig.subplots_adjust(left=left, right=0.97, top=0.86, bottom=bottom, hspace=0.45)  # tight_layout costs seconds
         path = self.out / f"{name}.png"
         # the stamp goes into the PNG's text chunks too, so a copied plot still says what it shows
@@ -128,14 +129,9 @@ def plot_derivatives(fig: Figures, share: dict[str, Any], shown: int = 6, months
     leaders = sorted(totals, key=lambda f: -totals[f])[:shown]
     bottom = np.zeros(len(recent))
     for family in leaders + ["other"]:
-        heights = np.array(
-            [
-                sum(v for f, v in share["shares"][m].items() if f not in leaders)
-                if family == "other"
-                else share["shares"][m].get(family, 0.0)
-                for m in recent
-            ]
-        )
+        heights = np.array([
+            sum(v for f, v in share["shares"][m].items() if f not in leaders) if family == "other"
+            else share["shares"][m].get(family, 0.0) for m in recent])
         axes[0][0].bar(recent, heights * 100, bottom=bottom * 100, label=family)
         bottom += heights
     axes[0][0].set_ylabel("share of new derivatives (%)")
@@ -151,11 +147,8 @@ def plot_ram(fig: Figures, ram: dict[str, dict[str, Any]], method: str, shown: i
     axes[0][0].axvline(1.0, color="grey", lw=0.8)
     axes[0][0].set_xlabel("RAM v1 (1 = median of the top 10 of the size bucket at the same age)")
     axes[0][0].tick_params(axis="y", labelsize=6)
-    label = (
-        "APPROXIMATION\n(one snapshot: linear growth since release assumed)"
-        if method == "approximation"
+    label = "APPROXIMATION\n(one snapshot: linear growth since release assumed)" if method == "approximation" \
         else "measured from dated snapshots"
-    )
     fig.save("relative_adoption", canvas, f"Relative Adoption Metric, {label}", left=0.4)
 
 
@@ -193,11 +186,13 @@ def plot_tracked(fig: Figures, org: str, series: list[int], dates: list[str], mo
 # ---------------------------------------------------------------- the report
 
 
-def compute(snapshots: list[Snapshot], track: list[str], mof: dict[str, dict[str, Any]], top: int) -> dict[str, Any]:
+def compute(snapshots: list[Snapshot], track: list[str], mof: dict[str, dict[str, Any]], top: int
+            ) -> dict[str, Any]:
     """Every figure of the report as data (report.json)."""
     latest = snapshots[-1]
     method = "measured" if len(snapshots) >= 2 else "approximation"
-    ram = metrics.relative_adoption(snapshots, max_gap=metrics.MEASURED_MAX_GAP_DAYS if method == "measured" else None)
+    ram = metrics.relative_adoption(snapshots, max_gap=metrics.MEASURED_MAX_GAP_DAYS if method == "measured"
+                                    else None)
     classes = {model: grade["class"] for model, grade in mof.items()}
     leaders = metrics.top_models(latest, top)
     for row in leaders:
@@ -209,49 +204,28 @@ def compute(snapshots: list[Snapshot], track: list[str], mof: dict[str, dict[str
     for base, relation in zip(d["base_model"], d["relation"], strict=True):
         if relation in metrics.NEW_WORK_RELATIONS:
             derivative_counts[str(base)] = derivative_counts.get(str(base), 0) + 1
-    rank = {
-        str(model): i + 1
-        for i, model in enumerate(latest.models["model_id"][np.argsort(-latest.models["downloads_30d"], kind="stable")])
-    }
+    rank = {str(model): i + 1 for i, model in enumerate(latest.models["model_id"][np.argsort(
+        -latest.models["downloads_30d"], kind="stable")])}
     tracked = {}
     for org in track:
         mine = [row for row in metrics.top_models(latest, len(latest.models["model_id"])) if row["org"] == org]
         for row in mine:
-            row.update(
-                {
-                    "rank_30d": rank[row["model_id"]],
-                    "derivatives": derivative_counts.get(row["model_id"], 0),
-                    "openness": mof[row["model_id"]]["label"] if row["model_id"] in mof else "unknown",
-                    "ram_v1": ram[row["model_id"]]["ram_v1"],
-                    "ram_v2": ram[row["model_id"]]["ram_v2"],
-                }
-            )
-        tracked[org] = {
-            "models": mine,
-            "downloads_all_time_over_time": metrics.adoption_over_time(snapshots, "org").get(org, [0] * len(snapshots)),
-        }
+            row.update({"rank_30d": rank[row["model_id"]], "derivatives": derivative_counts.get(row["model_id"], 0),
+                        "openness": mof[row["model_id"]]["label"] if row["model_id"] in mof else "unknown",
+                        "ram_v1": ram[row["model_id"]]["ram_v1"], "ram_v2": ram[row["model_id"]]["ram_v2"]})
+        tracked[org] = {"models": mine, "downloads_all_time_over_time":
+                        metrics.adoption_over_time(snapshots, "org").get(org, [0] * len(snapshots))}
     return {
         "synthetic": any(s.synthetic for s in snapshots),
-        "snapshots": [
-            {
-                "folder": str(s.folder),
-                "date": s.date.isoformat(),
-                "synthetic": s.synthetic,
-                "endpoint": s.provenance.get("endpoint"),
-                "client": s.provenance.get("client"),
-                "models": int(len(s.models["model_id"])),
-            }
-            for s in snapshots
-        ],
+        "snapshots": [{"folder": str(s.folder), "date": s.date.isoformat(), "synthetic": s.synthetic,
+                       "endpoint": s.provenance.get("endpoint"), "client": s.provenance.get("client"),
+                       "models": int(len(s.models["model_id"]))} for s in snapshots],
         "adoption_by_region": metrics.adoption_by(latest, "region"),
         "adoption_by_region_over_time": metrics.adoption_over_time(snapshots, "region"),
         "adoption_by_family": metrics.adoption_by(latest, "family"),
         "derivative_share": metrics.derivative_share(latest),
-        "relative_adoption": {
-            "method": method,
-            "max_gap_days": metrics.MEASURED_MAX_GAP_DAYS if method == "measured" else None,
-            "models": ram,
-        },
+        "relative_adoption": {"method": method, "max_gap_days": metrics.MEASURED_MAX_GAP_DAYS
+                              if method == "measured" else None, "models": ram},
         "top_models": leaders,
         "open_share": metrics.open_share(latest, classes),
         "mof_graded_models": len(mof),
@@ -271,95 +245,46 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def render_html(data: dict[str, Any], figures: Figures, dates: str) -> str:
-    banner = (
-        '<p class="synthetic">SYNTHETIC DATA: made by a seeded generator, not downloads of real models.</p>'
-        if data["synthetic"]
-        else ""
-    )
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Open-model ecosystem report, {dates}</title>"
-        "<style>body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:collapse;"
-        "font-size:85%}td,th{border:1px solid #ccc;padding:2px 6px}.synthetic{background:#fdd;color:#900;"
-        "font-weight:bold;padding:.5em;font-size:130%}</style></head><body>",
-        banner,
-        f"<h1>Open-model ecosystem report</h1><p>{html.escape(dates)}</p>",
-        _table(data["snapshots"], ["date", "folder", "endpoint", "client", "models", "synthetic"]),
-    ]
+    banner = ('<p class="synthetic">SYNTHETIC DATA: made by a seeded generator, not downloads of real models.</p>'
+              if data["synthetic"] else "")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Open-model ecosystem report, {dates}</title>"
+             "<style>body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:collapse;"
+             "font-size:85%}td,th{border:1px solid #ccc;padding:2px 6px}.synthetic{background:#fdd;color:#900;"
+             "font-weight:bold;padding:.5em;font-size:130%}</style></head><body>", banner,
+             f"<h1>Open-model ecosystem report</h1><p>{html.escape(dates)}</p>",
+             _table(data["snapshots"], ["date", "folder", "endpoint", "client", "models", "synthetic"])]
     ram = data["relative_adoption"]
     notes = {
-        "adoption_by_region": _table(
-            [{"region": k, **v} for k, v in data["adoption_by_region"].items()],
-            ["region", "models", "downloads_all_time", "downloads_30d"],
-        ),
-        "relative_adoption": "<p>"
-        + (
-            "<b>APPROXIMATION</b>: one snapshot, so every model is assumed to have gained "
-            "its downloads at a constant rate since release."
-            if ram["method"] == "approximation"
-            else f"Measured: interpolated between release and dated snapshots at most {ram['max_gap_days']} days apart."
-        )
-        + " v1 divides by the median of the "
-        "top 10 of the size bucket at the same age, v2 by the 10th.</p>",
-        "truly_open_share": "<p>"
-        + html.escape(
-            ", ".join(
-                f"{k.replace('_', ' ')}: {v:.1%}"
-                for k, v in data["open_share"].items()
-                if k.startswith(("truly", "unknown")) and np.isfinite(v)
-            )
-        )
-        + f" ({data['mof_graded_models']} models "
-        "with MOF files given; the others are 'unknown' and never count as open)</p>",
+        "adoption_by_region": _table([{"region": k, **v} for k, v in data["adoption_by_region"].items()],
+                                     ["region", "models", "downloads_all_time", "downloads_30d"]),
+        "relative_adoption": "<p>" + ("<b>APPROXIMATION</b>: one snapshot, so every model is assumed to have gained "
+                                      "its downloads at a constant rate since release."
+                                      if ram["method"] == "approximation" else
+                                      f"Measured: interpolated between release and dated snapshots at most "
+                                      f"{ram['max_gap_days']} days apart.") + " v1 divides by the median of the "
+                             "top 10 of the size bucket at the same age, v2 by the 10th.</p>",
+        "truly_open_share": "<p>" + html.escape(", ".join(
+            f"{k.replace('_', ' ')}: {v:.1%}" for k, v in data["open_share"].items()
+            if k.startswith(("truly", "unknown")) and np.isfinite(v))) + f" ({data['mof_graded_models']} models "
+            "with MOF files given; the others are 'unknown' and never count as open)</p>",
     }
     for name, title in figures.written.items():
         encoded = base64.b64encode((figures.out / f"{name}.png").read_bytes()).decode()
-        parts.append(
-            f"<h2>{html.escape(title)}</h2><p>{html.escape(dates)}</p>"
-            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>{notes.get(name, '')}"
-        )
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(dates)}</p>"
+                     f"<img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>{notes.get(name, '')}")
     parts.append(f"<h2>Top {len(data['top_models'])} by downloads in the last 30 days</h2><p>{html.escape(dates)}</p>")
-    parts.append(
-        _table(
-            data["top_models"],
-            [
-                "model_id",
-                "region",
-                "size_bucket",
-                "license",
-                "openness",
-                "downloads_30d",
-                "downloads_all_time",
-                "likes",
-                "ram_v1",
-                "ram_v2",
-            ],
-        )
-    )
+    parts.append(_table(data["top_models"], ["model_id", "region", "size_bucket", "license", "openness",
+                                             "downloads_30d", "downloads_all_time", "likes", "ram_v1", "ram_v2"]))
     for org, tracked in data["tracked"].items():
         parts.append(f"<h2>Tracked: {html.escape(org)}</h2><p>{html.escape(dates)}</p>")
-        parts.append(
-            _table(
-                tracked["models"],
-                [
-                    "model_id",
-                    "rank_30d",
-                    "downloads_30d",
-                    "downloads_all_time",
-                    "likes",
-                    "derivatives",
-                    "openness",
-                    "ram_v1",
-                    "ram_v2",
-                ],
-            )
-        )
+        parts.append(_table(tracked["models"], ["model_id", "rank_30d", "downloads_30d", "downloads_all_time",
+                                                "likes", "derivatives", "openness", "ram_v1", "ram_v2"]))
     parts.append(banner + "</body></html>")
     return "\n".join(parts)
 
 
-def build_report(
-    folders: list[Path], out: Path, track: list[str] | None = None, mof: list[Path] | None = None, top: int = 25
-) -> dict[str, Any]:
+def build_report(folders: list[Path], out: Path, track: list[str] | None = None, mof: list[Path] | None = None,
+                 top: int = 25) -> dict[str, Any]:
     """Write report.html, report.json and the PNGs into `out` (replaced only once the new one is whole)."""
     snapshots = metrics.load_snapshots(folders)
     grades = mof_classes(mof) if mof else {}
@@ -394,13 +319,8 @@ def build_report(
 
 
 def _report(args: argparse.Namespace) -> int:
-    data = build_report(
-        [Path(p) for p in args.snapshots],
-        Path(args.out),
-        args.track,
-        [Path(p) for p in args.mof] if args.mof else None,
-        args.top,
-    )
+    data = build_report([Path(p) for p in args.snapshots], Path(args.out), args.track,
+                        [Path(p) for p in args.mof] if args.mof else None, args.top)
     label = "SYNTHETIC " if data["synthetic"] else ""
     print(f"{label}report of {data['dates']} -> {Path(args.out) / 'report.html'}")
     return 0

@@ -26,18 +26,8 @@ from atomlab.ecosystem.regions import load_regions, region_of
 from atomlab.errors import AtomlabError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-EXPAND = [
-    "author",
-    "createdAt",
-    "downloads",
-    "downloadsAllTime",
-    "likes",
-    "pipeline_tag",
-    "tags",
-    "library_name",
-    "safetensors",
-    "cardData",
-]
+EXPAND = ["author", "createdAt", "downloads", "downloadsAllTime", "likes", "pipeline_tag", "tags", "library_name",
+          "safetensors", "cardData"]
 DERIVATIVE_EXPAND = ["author", "createdAt", "downloads", "downloadsAllTime", "likes", "tags"]
 
 
@@ -53,10 +43,8 @@ def load_parameters(path: Path | None) -> dict[str, tuple[float, float | None]]:
                     total = float(row["total_params_b"])
                     active = float(row["active_params_b"]) if (row.get("active_params_b") or "").strip() else None
                 except (KeyError, TypeError, ValueError):
-                    raise AtomlabError(
-                        f"{path}: line {number}: needs model_id,total_params_b[,active_params_b] "
-                        "with numbers in billions"
-                    ) from None
+                    raise AtomlabError(f"{path}: line {number}: needs model_id,total_params_b[,active_params_b] "
+                                       "with numbers in billions") from None
                 table[row["model_id"]] = (total, active)
     except OSError as exc:
         raise AtomlabError(f"{path}: cannot read the parameter table ({exc.strerror})") from None
@@ -77,10 +65,8 @@ def load_release_dates(path: Path | None) -> dict[str, dt.datetime]:
         try:
             day = dt.date.fromisoformat((row.get("actual_release_date") or "").strip())
         except ValueError:
-            raise AtomlabError(
-                f"{path}: {row.get('model_id')}: actual_release_date must be YYYY-MM-DD "
-                f"(columns model_id,hf_created_at,actual_release_date)"
-            ) from None
+            raise AtomlabError(f"{path}: {row.get('model_id')}: actual_release_date must be YYYY-MM-DD "
+                               f"(columns model_id,hf_created_at,actual_release_date)") from None
         table[row["model_id"]] = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
     return table
 
@@ -94,13 +80,9 @@ def _license(info: Any) -> str | None:
     return str(value) if value else None
 
 
-def population(
-    infos: Iterable[Any],
-    regions: dict[str, str],
-    curated: dict[str, tuple[float, float | None]],
-    min_downloads: int = 0,
-    release_dates: dict[str, dt.datetime] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def population(infos: Iterable[Any], regions: dict[str, str], curated: dict[str, tuple[float, float | None]],
+               min_downloads: int = 0, release_dates: dict[str, dt.datetime] | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(population rows, excluded rows) from the Hub's ModelInfo objects of the tracked publishers."""
     release_dates = release_dates or {}
     rows, excluded = [], []
@@ -116,27 +98,16 @@ def population(
         hub_total = info.safetensors.total if info.safetensors else None
         total_b, active_b = curated.get(info.id, (hub_total / 1e9 if hub_total else None, None))
         relations = [(r, base) for r, base in policy.base_relations(info.tags) if r != "quantized"]
-        rows.append(
-            {
-                "model_id": info.id,
-                "org": org,
-                "region": region_of(org, regions),
-                "family": policy.family_of(info.id),
-                "pipeline_tag": info.pipeline_tag,
-                "created_at": info.created_at,
-                "released_at": release_dates.get(info.id, info.created_at),
-                "downloads_30d": int(info.downloads or 0),
-                "downloads_all_time": all_time,
-                "likes": int(info.likes or 0),
-                "params_total_b": total_b,
-                "params_active_b": active_b,
-                "params_source": "curated" if info.id in curated else ("hub safetensors" if hub_total else "unknown"),
-                "size_bucket": policy.size_bucket(total_b),
-                "license": _license(info),
-                "base_models": [base for _, base in relations],
-                "base_relation": relations[0][0] if relations else None,
-            }
-        )
+        rows.append({
+            "model_id": info.id, "org": org, "region": region_of(org, regions), "family": policy.family_of(info.id),
+            "pipeline_tag": info.pipeline_tag, "created_at": info.created_at,
+            "released_at": release_dates.get(info.id, info.created_at),
+            "downloads_30d": int(info.downloads or 0), "downloads_all_time": all_time, "likes": int(info.likes or 0),
+            "params_total_b": total_b, "params_active_b": active_b,
+            "params_source": "curated" if info.id in curated else ("hub safetensors" if hub_total else "unknown"),
+            "size_bucket": policy.size_bucket(total_b), "license": _license(info),
+            "base_models": [base for _, base in relations], "base_relation": relations[0][0] if relations else None,
+        })
     return rows, excluded
 
 
@@ -145,21 +116,13 @@ def derivative_rows(base: dict[str, Any], children: Iterable[Any]) -> list[dict[
     rows = []
     for info in children:
         relation = next((r for r, b in policy.base_relations(info.tags) if b == base["model_id"]), "finetune")
-        rows.append(
-            {
-                "derivative_id": info.id,
-                "author": info.id.split("/", 1)[0],
-                "relation": relation,
-                "base_model": base["model_id"],
-                "base_org": base["org"],
-                "base_family": base["family"],
-                "base_region": base["region"],
-                "created_at": info.created_at,
-                "downloads_30d": int(info.downloads or 0),
-                "downloads_all_time": int(info.downloads_all_time or 0),
-                "likes": int(info.likes or 0),
-            }
-        )
+        rows.append({
+            "derivative_id": info.id, "author": info.id.split("/", 1)[0], "relation": relation,
+            "base_model": base["model_id"], "base_org": base["org"], "base_family": base["family"],
+            "base_region": base["region"], "created_at": info.created_at,
+            "downloads_30d": int(info.downloads or 0), "downloads_all_time": int(info.downloads_all_time or 0),
+            "likes": int(info.likes or 0),
+        })
     return rows
 
 
@@ -168,42 +131,20 @@ def _schemas() -> dict[str, Any]:
 
     when = pa.timestamp("s", tz="UTC")
     return {
-        "models": pa.schema(
-            [
-                ("model_id", pa.string()),
-                ("org", pa.string()),
-                ("region", pa.string()),
-                ("family", pa.string()),
-                ("pipeline_tag", pa.string()),
-                ("created_at", when),
-                ("released_at", when),
-                ("downloads_30d", pa.int64()),
-                ("downloads_all_time", pa.int64()),
-                ("likes", pa.int64()),
-                ("params_total_b", pa.float64()),
-                ("params_active_b", pa.float64()),
-                ("params_source", pa.string()),
-                ("size_bucket", pa.string()),
-                ("license", pa.string()),
-                ("base_models", pa.list_(pa.string())),
-                ("base_relation", pa.string()),
-            ]
-        ),
-        "derivatives": pa.schema(
-            [
-                ("derivative_id", pa.string()),
-                ("author", pa.string()),
-                ("relation", pa.string()),
-                ("base_model", pa.string()),
-                ("base_org", pa.string()),
-                ("base_family", pa.string()),
-                ("base_region", pa.string()),
-                ("created_at", when),
-                ("downloads_30d", pa.int64()),
-                ("downloads_all_time", pa.int64()),
-                ("likes", pa.int64()),
-            ]
-        ),
+        "models": pa.schema([
+            ("model_id", pa.string()), ("org", pa.string()), ("region", pa.string()), ("family", pa.string()),
+            ("pipeline_tag", pa.string()), ("created_at", when), ("released_at", when),
+            ("downloads_30d", pa.int64()), ("downloads_all_time", pa.int64()), ("likes", pa.int64()),
+            ("params_total_b", pa.float64()),
+            ("params_active_b", pa.float64()), ("params_source", pa.string()), ("size_bucket", pa.string()),
+            ("license", pa.string()), ("base_models", pa.list_(pa.string())), ("base_relation", pa.string()),
+        ]),
+        "derivatives": pa.schema([
+            ("derivative_id", pa.string()), ("author", pa.string()), ("relation", pa.string()),
+            ("base_model", pa.string()), ("base_org", pa.string()), ("base_family", pa.string()),
+            ("base_region", pa.string()), ("created_at", when), ("downloads_30d", pa.int64()),
+            ("downloads_all_time", pa.int64()), ("likes", pa.int64()),
+        ]),
         "excluded": pa.schema([("model_id", pa.string()), ("reason", pa.string())]),
     }
 
@@ -244,17 +185,9 @@ def _file_record(path: Path | None) -> dict[str, str] | str:
     return {"path": str(path), "sha256": _sha256(path)} if path else "built-in"
 
 
-def take_snapshot(
-    out: Path,
-    endpoint: str = DEFAULT_ENDPOINT,
-    orgs: list[str] | None = None,
-    regions_csv: Path | None = None,
-    parameters_csv: Path | None = None,
-    cache: Path | None = None,
-    derivatives: bool = True,
-    min_downloads: int = 0,
-    release_dates_csv: Path | None = None,
-) -> Path:
+def take_snapshot(out: Path, endpoint: str = DEFAULT_ENDPOINT, orgs: list[str] | None = None,
+                  regions_csv: Path | None = None, parameters_csv: Path | None = None, cache: Path | None = None,
+                  derivatives: bool = True, min_downloads: int = 0, release_dates_csv: Path | None = None) -> Path:
     """Query the Hub at `endpoint` and write the snapshot folder `out`."""
     http = http_module()  # first: without huggingface_hub this says what to install
     from huggingface_hub import HfApi
@@ -278,41 +211,26 @@ def take_snapshot(
                     found = api.list_models(filter=f"base_model:{base['model_id']}", expand=DERIVATIVE_EXPAND)
                     children += derivative_rows(base, found)
     except HfHubHTTPError as exc:
-        raise AtomlabError(
-            f"{endpoint}: the Hub answered {str(exc).splitlines()[0]}; rerun: pages already "
-            "fetched come from the page cache"
-        ) from None
+        raise AtomlabError(f"{endpoint}: the Hub answered {str(exc).splitlines()[0]}; rerun: pages already "
+                           "fetched come from the page cache") from None
     except (OSError, http.TransportError) as exc:  # after huggingface_hub's own retries
-        raise AtomlabError(
-            f"{endpoint}: cannot reach the Hub ({exc}); rerun later, the page cache keeps what was fetched"
-        ) from None
+        raise AtomlabError(f"{endpoint}: cannot reach the Hub ({exc}); rerun later, the page cache keeps "
+                           "what was fetched") from None
     synthetic = stats.synthetic
     snapshot_date = taken_at.date().isoformat()
     if synthetic and "date=" in synthetic:  # synthetic data describes the date its server was told
         snapshot_date = synthetic.split("date=", 1)[1].split(";")[0].strip()
     provenance = {
-        "endpoint": endpoint,
-        "client": f"huggingface_hub {hub_version}",
-        "atomlab": __version__,
-        "taken_at": taken_at.isoformat(timespec="seconds"),
-        "snapshot_date": snapshot_date,
+        "endpoint": endpoint, "client": f"huggingface_hub {hub_version}", "atomlab": __version__,
+        "taken_at": taken_at.isoformat(timespec="seconds"), "snapshot_date": snapshot_date,
         "synthetic": synthetic,
-        "query": {
-            "orgs": orgs,
-            "population": {"method": "list_models", "author": "<each org>", "expand": EXPAND},
-            "derivatives": (
-                {"method": "list_models", "filter": "base_model:<each model>", "expand": DERIVATIVE_EXPAND}
-                if derivatives
-                else None
-            ),
-            "min_downloads": min_downloads,
-        },
-        "filter": policy.rules(),
-        "regions": _file_record(regions_csv),
-        "parameters": _file_record(parameters_csv),
+        "query": {"orgs": orgs, "population": {"method": "list_models", "author": "<each org>", "expand": EXPAND},
+                  "derivatives": ({"method": "list_models", "filter": "base_model:<each model>",
+                                   "expand": DERIVATIVE_EXPAND} if derivatives else None),
+                  "min_downloads": min_downloads},
+        "filter": policy.rules(), "regions": _file_record(regions_csv), "parameters": _file_record(parameters_csv),
         "release_dates": _file_record(release_dates_csv),
-        "requests": stats.requests,
-        "cache_hits": stats.cache_hits,
+        "requests": stats.requests, "cache_hits": stats.cache_hits,
         "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
         "cache": str(cache) if cache else None,
     }
@@ -328,24 +246,14 @@ def _default_cache(endpoint: str) -> Path:
 
 def _snapshot(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else Path(args.cache) if args.cache else _default_cache(args.endpoint)
-    out = take_snapshot(
-        Path(args.out),
-        args.endpoint,
-        args.orgs,
-        Path(args.regions) if args.regions else None,
-        Path(args.parameters) if args.parameters else None,
-        cache,
-        not args.no_derivatives,
-        args.min_downloads,
-        Path(args.release_dates) if args.release_dates else None,
-    )
+    out = take_snapshot(Path(args.out), args.endpoint, args.orgs, Path(args.regions) if args.regions else None,
+                        Path(args.parameters) if args.parameters else None, cache, not args.no_derivatives,
+                        args.min_downloads, Path(args.release_dates) if args.release_dates else None)
     record = json.loads((out / "provenance.json").read_text())
     label = "SYNTHETIC " if record["synthetic"] else ""
-    print(
-        f"{label}snapshot {record['snapshot_date']} -> {out}: {record['rows']['models']} models, "
-        f"{record['rows']['derivatives']} derivatives, {record['rows']['excluded']} excluded; "
-        f"{record['requests']} requests, {record['cache_hits']} from the page cache"
-    )
+    print(f"{label}snapshot {record['snapshot_date']} -> {out}: {record['rows']['models']} models, "
+          f"{record['rows']['derivatives']} derivatives, {record['rows']['excluded']} excluded; "
+          f"{record['requests']} requests, {record['cache_hits']} from the page cache")
     return 0
 
 
@@ -356,11 +264,8 @@ def add_snapshot_command(commands: Any) -> None:
     sub.add_argument("--orgs", nargs="+", help="publishers to track (default: every one in the region table)")
     sub.add_argument("--regions", help="CSV hf_org,region overriding or extending the built-in region table")
     sub.add_argument("--parameters", help="CSV model_id,total_params_b,active_params_b of curated parameter counts")
-    sub.add_argument(
-        "--release-dates",
-        help="CSV model_id,hf_created_at,actual_release_date: launch dates where "
-        "the Hub's created_at is wrong (ages for the Relative Adoption Metric count from these)",
-    )
+    sub.add_argument("--release-dates", help="CSV model_id,hf_created_at,actual_release_date: launch dates where "
+                     "the Hub's created_at is wrong (ages for the Relative Adoption Metric count from these)")
     sub.add_argument("--cache", help="page cache folder (default ~/.cache/atomlab/hub-pages/<host>/<UTC date>)")
     sub.add_argument("--no-cache", action="store_true", help="ask the Hub for every page")
     sub.add_argument("--no-derivatives", action="store_true", help="skip listing each model's derivatives")

@@ -60,16 +60,10 @@ class SyntheticModel:
         all_time = self.downloads_until(age)
         last_30 = all_time - self.downloads_until(age - 30)
         return {
-            "_id": hash_id(self.id),
-            "id": self.id,
-            "author": self.id.split("/")[0],
-            "createdAt": f"{self.created.isoformat()}T12:00:00.000Z",
-            "downloads": last_30,
-            "downloadsAllTime": all_time,
-            "likes": int(math.sqrt(all_time) / 4),
-            "pipeline_tag": self.pipeline_tag,
-            "library_name": self.library,
-            "tags": self.tags + [f"license:{self.license}"],
+            "_id": hash_id(self.id), "id": self.id, "author": self.id.split("/")[0],
+            "createdAt": f"{self.created.isoformat()}T12:00:00.000Z", "downloads": last_30,
+            "downloadsAllTime": all_time, "likes": int(math.sqrt(all_time) / 4), "pipeline_tag": self.pipeline_tag,
+            "library_name": self.library, "tags": self.tags + [f"license:{self.license}"],
             "safetensors": {"parameters": {"BF16": self.params}, "total": self.params},
             "cardData": {"license": self.license},
         }
@@ -104,66 +98,27 @@ def synthetic_world(models: int, seed: int, start: dt.date, end: dt.date) -> lis
         daily = float(rng.lognormal(5.5, 1.8))
         decay = float(rng.uniform(30, 400))
         lic = str(rng.choice(LICENSES))
-        model = SyntheticModel(
-            name,
-            created,
-            "image-text-to-text" if vision else "text-generation",
-            params,
-            lic,
-            ["transformers", "safetensors"],
-            "transformers",
-            daily,
-            decay,
-        )
+        model = SyntheticModel(name, created, "image-text-to-text" if vision else "text-generation", params, lic,
+                               ["transformers", "safetensors"], "transformers", daily, decay)
         world.append(model)
         if rng.random() < 0.15:  # the publisher's own quantised re-upload: filtered out of the population
             suffix, fmt = REUPLOAD_SUFFIXES[int(rng.integers(len(REUPLOAD_SUFFIXES)))]
             tags = [f"base_model:quantized:{name}", f"base_model:{name}"] + ([fmt] if fmt else [])
-            world.append(
-                SyntheticModel(
-                    f"{name}-{suffix}",
-                    created,
-                    model.pipeline_tag,
-                    params,
-                    lic,
-                    tags,
-                    fmt or "transformers",
-                    daily / 5,
-                    decay,
-                )
-            )
+            world.append(SyntheticModel(f"{name}-{suffix}", created, model.pipeline_tag, params, lic, tags,
+                                        fmt or "transformers", daily / 5, decay))
         if rng.random() < 0.04:  # not a language model
-            world.append(
-                SyntheticModel(
-                    f"{org}/{family}-Embedding-s{index}",
-                    created,
-                    "feature-extraction",
-                    int(0.3e9),
-                    lic,
-                    [],
-                    "sentence-transformers",
-                    daily,
-                    decay,
-                )
-            )
+            world.append(SyntheticModel(f"{org}/{family}-Embedding-s{index}", created, "feature-extraction",
+                                        int(0.3e9), lic, [], "sentence-transformers", daily, decay))
         for child in range(int(rng.poisson(min(40.0, 0.004 * daily)))):  # derivatives by other people
             relation = str(rng.choice(["finetune", "finetune", "finetune", "adapter", "merge", "quantized"]))
             born = created + dt.timedelta(days=int(rng.integers(1, 240)))
             if born > end:
                 continue
-            world.append(
-                SyntheticModel(
-                    f"user{int(rng.integers(0, 5000))}/{family}-{relation}-{index}-{child}",
-                    born,
-                    model.pipeline_tag,
-                    params,
-                    lic,
-                    [f"base_model:{relation}:{name}", f"base_model:{name}"],
-                    "transformers",
-                    float(rng.lognormal(2.0, 1.5)),
-                    60.0,
-                )
-            )
+            world.append(SyntheticModel(
+                f"user{int(rng.integers(0, 5000))}/{family}-{relation}-{index}-{child}", born, model.pipeline_tag,
+                params, lic, [f"base_model:{relation}:{name}", f"base_model:{name}"], "transformers",
+                float(rng.lognormal(2.0, 1.5)), 60.0,
+            ))
     return world
 
 
@@ -182,12 +137,8 @@ def write_synthetic_snapshot(world: list[SyntheticModel], on: dt.date, seed: int
         for _, base in policy.base_relations(info.tags):
             children[base].append(info)
     derivatives = [row for base in models for row in derivative_rows(base, children[base["model_id"]])]
-    provenance = {
-        "endpoint": None,
-        "client": "none (written directly from the synthetic world)",
-        "snapshot_date": on.isoformat(),
-        "synthetic": f"seed={seed}; date={on.isoformat()}",
-    }
+    provenance = {"endpoint": None, "client": "none (written directly from the synthetic world)",
+                  "snapshot_date": on.isoformat(), "synthetic": f"seed={seed}; date={on.isoformat()}"}
     return write_snapshot(out, {"models": models, "derivatives": derivatives, "excluded": excluded}, provenance)
 
 
@@ -208,16 +159,8 @@ class SyntheticHub(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(
-        self,
-        world: Iterable[SyntheticModel],
-        on: dt.date,
-        seed: int,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        page_size: int = 100,
-        fail_with: Iterable[int] = (),
-    ) -> None:
+    def __init__(self, world: Iterable[SyntheticModel], on: dt.date, seed: int, host: str = "127.0.0.1",
+                 port: int = 0, page_size: int = 100, fail_with: Iterable[int] = ()) -> None:
         self.listing = [m.as_hub_json(on) for m in sorted(world, key=lambda m: m.id) if m.created <= on]
         self.on, self.seed, self.page_size = on, seed, page_size
         self.fail_with = list(fail_with)
@@ -267,7 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
         size = min(int(query.get("limit", [hub.page_size])[0]), hub.page_size)
         start = int(base64.urlsafe_b64decode(query["cursor"][0]).decode()) if "cursor" in query else 0
         found = [entry for entry in hub.listing if _matches(entry, query)]
-        page = found[start : start + size]
+        page = found[start:start + size]
         expand = query.get("expand")
         if expand:  # as on the Hub: only the properties asked for, and the ids
             page = [{k: v for k, v in e.items() if k in expand or k in ("id", "_id")} for e in page]
@@ -283,11 +226,8 @@ def _serve(args: argparse.Namespace) -> int:
     on = dt.date.fromisoformat(args.date) if args.date else dt.datetime.now(dt.UTC).date()
     world = synthetic_world(args.models, args.seed, on - dt.timedelta(days=60), on)
     hub = SyntheticHub(world, on, args.seed, args.host, args.port, args.page_size)
-    print(
-        f"SYNTHETIC Hub (seed {args.seed}, {args.models} first-party models, as of {on}) at {hub.endpoint}; "
-        f"try: atomlab ecosystem snapshot --endpoint {hub.endpoint} --out snapshot-{on}",
-        flush=True,
-    )
+    print(f"SYNTHETIC Hub (seed {args.seed}, {args.models} first-party models, as of {on}) at {hub.endpoint}; "
+          f"try: atomlab ecosystem snapshot --endpoint {hub.endpoint} --out snapshot-{on}", flush=True)
     try:
         hub.serve_forever()
     except KeyboardInterrupt:

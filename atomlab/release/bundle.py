@@ -30,7 +30,6 @@ from atomlab.train.checkpoint import export_checkpoints
 
 def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
     """Enough TOML for a recipe: scalars, lists of scalars and nested tables."""
-
     # a None (an absent optional section, such as [sft]) is left out: TOML has no null
     def is_table_list(value: Any) -> bool:  # such as [[data.mix]]
         return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
@@ -45,6 +44,7 @@ def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
         name = f"{prefix}{key}"
         lines += ["", f"[{name}]", to_toml(value, f"{name}.").strip("\n")]
     return "\n".join(lines) + "\n"
+
 
 
 def released_stage(ctx: StepContext) -> Path:
@@ -150,9 +150,8 @@ def release(ctx: StepContext, recipe: Recipe) -> dict[str, Any]:
     write_json(out / LINEAGE, lineage(ctx.inputs))  # every step's hash, settings, outputs: what reproduce checks
     write_machine_record(ctx, out, logs)
     graded = grade_with_card(out, recipe)
-    write_atomic(
-        out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded, stages_run)
-    )
+    write_atomic(out / "MODEL_CARD.md", model_card(recipe, model_config, metrics, summary, stats, tokens, graded,
+                                                   stages_run))
     return {
         "bundle": str(out),
         "released_stage": metrics["released_stage"],

@@ -220,15 +220,8 @@ def _results(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _limits(
-    recipe: Recipe,
-    stats: dict[str, Any],
-    tokens: dict[str, Any],
-    language: str,
-    codes: list[str],
-    stages_run: list[str],
-    metrics: dict[str, Any],
-) -> list[str]:
+def _limits(recipe: Recipe, stats: dict[str, Any], tokens: dict[str, Any], language: str, codes: list[str],
+            stages_run: list[str], metrics: dict[str, Any]) -> list[str]:
     """Limits that follow from the data and the training: size, languages, licences, post-training."""
     trained = metrics["stages"].get("pretrain", {}).get("train_tokens", 0)
     lines = [
@@ -249,25 +242,19 @@ def _limits(
     restricted = [lic for lic in stats["licenses"] if any(part in lic.upper() for part in ("-NC", "-ND"))]
     unknown = [lic for lic in stats["licenses"] if lic in ("unspecified", "")]
     if restricted:
-        lines.append(
-            f"- Some training data is under {', '.join(restricted)}: non-commercial or no-derivatives terms "
-            "may bind uses of the model; check them before any commercial use or redistribution."
-        )
+        lines.append(f"- Some training data is under {', '.join(restricted)}: non-commercial or no-derivatives terms "
+                     "may bind uses of the model; check them before any commercial use or redistribution.")
     if unknown:
-        lines.append(
-            f"- {sum(stats['licenses'][u] for u in unknown)} training documents have no recorded licence: "
-            "their terms are unknown."
-        )
+        lines.append(f"- {sum(stats['licenses'][u] for u in unknown)} training documents have no recorded licence: "
+                     "their terms are unknown.")
     post = [s for s in stages_run if s != "pretrain"]
     if not post:
         lines.append("- No instruction or safety tuning: it continues text; it does not follow instructions.")
     else:
         environments = sorted({env for s in post for env in getattr(getattr(recipe, s, None), "environments", [])})
-        lines.append(
-            f"- Post-trained ({', '.join(post)}) only"
-            + (f" on {', '.join(environments)}" if environments else "")
-            + "; no safety tuning. Its accuracy outside those tasks is unmeasured."
-        )
+        lines.append(f"- Post-trained ({', '.join(post)}) only"
+                     + (f" on {', '.join(environments)}" if environments else "")
+                     + "; no safety tuning. Its accuracy outside those tasks is unmeasured.")
     lines.append("- It must not be used for decisions about people.")
     return lines
 
@@ -379,3 +366,4 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+

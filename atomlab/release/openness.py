@@ -34,12 +34,8 @@ from atomlab.release import spdx
 
 CODE_LICENSE = "Apache-2.0"  # atomlab's own licence (pyproject.toml, LICENSE)
 # the libraries every atomlab run uses, and their licences
-SUPPORTING_LIBRARIES = {
-    "PyTorch": "BSD-3-Clause",
-    "tokenizers": "Apache-2.0",
-    "safetensors": "Apache-2.0",
-    "NumPy": "BSD-3-Clause",
-}
+SUPPORTING_LIBRARIES = {"PyTorch": "BSD-3-Clause", "tokenizers": "Apache-2.0", "safetensors": "Apache-2.0",
+                        "NumPy": "BSD-3-Clause"}
 
 
 @dataclass(frozen=True)
@@ -164,15 +160,8 @@ def grade(found: list[Component], source: str, reader: str) -> Grade:
         elif not fix:
             fix = f"release the {spec.name.lower()}"
         graded[spec.name] = Graded(
-            spec.name,
-            spec.kind,
-            spec.mof_class,
-            spec.required,
-            status,
-            component.license,
-            component.where,
-            fits_kind,
-            fix,
+            spec.name, spec.kind, spec.mof_class, spec.required, status, component.license, component.where,
+            fits_kind, fix,
         )
 
     report, paper = graded[TECHNICAL_REPORT], graded[RESEARCH_PAPER]
@@ -218,8 +207,7 @@ def read_mof_yaml(path: Path) -> list[Component]:
     if not isinstance(release, dict):
         raise AtomlabError(f"{path}: no `release` mapping; not an MOF model file (see the MOT schema)")
     global_licenses = {
-        kind: (entry or {}).get("name")
-        for kind, entry in (release.get("license") or {}).items()
+        kind: (entry or {}).get("name") for kind, entry in (release.get("license") or {}).items()
         if isinstance(entry, dict) or entry is None
     }
     found = []
@@ -266,7 +254,6 @@ def _all_of(licenses: set[str]) -> str | None:
 def read_bundle(folder: Path, code: dict[str, Any] | None = None) -> list[Component]:
     """What an atomlab release bundle holds, each component with the licence that applies to it. `code` is
     the code version (as manifest.json records it) while the release step is still writing the bundle."""
-
     def has(*names: str) -> bool:
         return all((folder / n).is_file() for n in names)
 
@@ -302,74 +289,41 @@ def read_bundle(folder: Path, code: dict[str, Any] | None = None) -> list[Compon
                 val_licenses.add(record["license"])
     data_fix = (
         f"publish {', '.join(unpublished)} (e.g. on the Hugging Face Hub) and train from the hf:// URL"
-        if unpublished
-        else "keep the provenance shards (provenance-*.parquet) in the bundle"
+        if unpublished else "keep the provenance shards (provenance-*.parquet) in the bundle"
     )
     data_present = bool(kept) and not unpublished
     checkpoints = folder / "checkpoints"
     paper = release.get("paper", "")
     eval_has_envs = has("eval.json") and "stages" in json.loads((folder / "eval.json").read_text())
     return [
-        code("Model architecture", "atomlab/model.py")
-        if has("config.json")
-        else Component("Model architecture", False, fix="config.json is missing from the bundle"),
+        code("Model architecture", "atomlab/model.py") if has("config.json") else
+        Component("Model architecture", False, fix="config.json is missing from the bundle"),
         Component("Model parameters (Final)", has("model.safetensors"), weights_license, "model.safetensors"),
         Component("Evaluation results", has("metrics.json", "eval.json"), weights_license, "metrics.json, eval.json"),
         Component("Model card", has("MODEL_CARD.md"), weights_license, "MODEL_CARD.md"),
         Component("Data card", has("DATA_CARD.md"), weights_license, "DATA_CARD.md"),
         Component("Technical report", has("REPORT.md"), weights_license, "REPORT.md (report card)"),
-        Component(
-            "Sample model outputs",
-            has("samples.txt") or has("eval.json"),
-            weights_license,
-            "samples.txt, eval.json samples",
-        ),
+        Component("Sample model outputs", has("samples.txt") or has("eval.json"), weights_license,
+                  "samples.txt, eval.json samples"),
         code("Training code", "atomlab/train, atomlab/posttrain"),
         code("Inference code", "atomlab/infer"),
         code("Evaluation code", "atomlab/evaluate"),
-        Component(
-            "Evaluation data",
-            data_present and bool(val),
-            _all_of(val_licenses),
-            f"{val} held-out documents listed in the provenance shards"
-            + (" + seeded environment tasks" if eval_has_envs else ""),
-            data_fix,
-        ),
-        Component(
-            "Supporting libraries and tools",
-            bool(version),
-            " AND ".join(sorted(set(SUPPORTING_LIBRARIES.values()))),
-            ", ".join(SUPPORTING_LIBRARIES),
-            code_fix,
-        ),
-        Component(
-            "Datasets",
-            data_present,
-            _all_of(kept_licenses),
-            f"{kept} documents from {', '.join(sources)}, each with sha256 in the provenance shards",
-            data_fix,
-        ),
+        Component("Evaluation data", data_present and bool(val), _all_of(val_licenses),
+                  f"{val} held-out documents listed in the provenance shards"
+                  + (" + seeded environment tasks" if eval_has_envs else ""), data_fix),
+        Component("Supporting libraries and tools", bool(version),
+                  " AND ".join(sorted(set(SUPPORTING_LIBRARIES.values()))),
+                  ", ".join(SUPPORTING_LIBRARIES), code_fix),
+        Component("Datasets", data_present, _all_of(kept_licenses),
+                  f"{kept} documents from {', '.join(sources)}, each with sha256 in the provenance shards", data_fix),
         code("Data preprocessing code", "atomlab/data"),
-        Component(
-            "Model parameters (Intermediate)",
-            checkpoints.is_dir() and any(checkpoints.iterdir()),
-            weights_license,
-            "checkpoints/",
-            "keep intermediate checkpoints (train.checkpoint_every > 0, train.keep_checkpoints > 0)",
-        ),
-        Component(
-            "Research paper",
-            bool(paper),
-            release.get("paper_license") or None,
-            paper,
-            "publish a paper about the model; set release.paper (its URL) and release.paper_license",
-        ),
-        Component(
-            "Model metadata",
-            has("config.json", "recipe.toml") and bool(version),
-            weights_license,
-            "config.json, recipe.toml, manifest.json",
-        ),
+        Component("Model parameters (Intermediate)", checkpoints.is_dir() and any(checkpoints.iterdir()),
+                  weights_license, "checkpoints/",
+                  "keep intermediate checkpoints (train.checkpoint_every > 0, train.keep_checkpoints > 0)"),
+        Component("Research paper", bool(paper), release.get("paper_license") or None, paper,
+                  "publish a paper about the model; set release.paper (its URL) and release.paper_license"),
+        Component("Model metadata", has("config.json", "recipe.toml") and bool(version), weights_license,
+                  "config.json, recipe.toml, manifest.json"),
     ]
 
 
@@ -419,9 +373,8 @@ def read_huggingface(folder: Path) -> list[Component]:
     declared = meta.get("license")
     if declared == "other":
         declared = meta.get("license_name")
-    license_files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE", "LICENCE"))
-    )
+    license_files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE",
+                                                                                                      "LICENCE")))
     from_file = next((lic for p in license_files if (lic := _license_from_text(p.read_text(errors="replace")))), None)
     lic = str(declared) if declared else from_file
     files = {p.name for p in folder.iterdir() if p.is_file()}
@@ -435,70 +388,32 @@ def read_huggingface(folder: Path) -> list[Component]:
     architecture = config.get("architectures") or config.get("model_type")
     transformers_code = "transformers (Apache-2.0)" if config.get("model_type") else ""
     return [
-        Component(
-            "Model architecture",
-            bool(code_files or architecture),
-            lic if code_files else CODE_LICENSE if architecture else None,
-            ", ".join(code_files) or f"config.json ({architecture}) implemented in {transformers_code}",
-            "add config.json naming the architecture, or its modelling code",
-        ),
+        Component("Model architecture", bool(code_files or architecture),
+                  lic if code_files else CODE_LICENSE if architecture else None,
+                  ", ".join(code_files) or f"config.json ({architecture}) implemented in {transformers_code}",
+                  "add config.json naming the architecture, or its modelling code"),
         Component("Model parameters (Final)", bool(weights), lic, ", ".join(weights), "add the weights (safetensors)"),
-        Component(
-            "Evaluation results",
-            bool(model_index),
-            lic,
-            "model-index in README.md",
-            "add a model-index with evaluation results to the card metadata",
-        ),
+        Component("Evaluation results", bool(model_index), lic, "model-index in README.md",
+                  "add a model-index with evaluation results to the card metadata"),
         Component("Model card", "README.md" in files, lic, "README.md"),
-        Component(
-            "Data card",
-            any(n.upper().startswith("DATA_CARD") for n in files),
-            lic,
-            "DATA_CARD.md",
-            "add DATA_CARD.md describing the training data",
-        ),
-        Component(
-            "Technical report",
-            any(n.upper().startswith(("REPORT", "TECHNICAL_REPORT")) for n in files),
-            lic,
-            "REPORT.md",
-            "add a technical report (REPORT.md)",
-        ),
+        Component("Data card", any(n.upper().startswith("DATA_CARD") for n in files), lic, "DATA_CARD.md",
+                  "add DATA_CARD.md describing the training data"),
+        Component("Technical report", any(n.upper().startswith(("REPORT", "TECHNICAL_REPORT")) for n in files), lic,
+                  "REPORT.md", "add a technical report (REPORT.md)"),
         Component("Sample model outputs", any("sample" in n.lower() for n in files), lic, "samples"),
         Component("Training code", False, fix="publish the training code under an open licence"),
-        Component(
-            "Inference code",
-            bool(code_files or transformers_code),
-            lic if code_files else CODE_LICENSE,
-            ", ".join(code_files) or transformers_code,
-            "add inference code",
-        ),
+        Component("Inference code", bool(code_files or transformers_code), lic if code_files else CODE_LICENSE,
+                  ", ".join(code_files) or transformers_code, "add inference code"),
         Component("Evaluation code", False, fix="publish the evaluation code under an open licence"),
         Component("Evaluation data", False, fix="publish the evaluation data and name its licence"),
         Component("Supporting libraries and tools", bool(transformers_code), CODE_LICENSE, transformers_code),
-        Component(
-            "Datasets",
-            bool(datasets),
-            None,
-            ", ".join(map(str, datasets)),
-            "name the training datasets in the card metadata (datasets:)",
-        ),
+        Component("Datasets", bool(datasets), None, ", ".join(map(str, datasets)),
+                  "name the training datasets in the card metadata (datasets:)"),
         Component("Data preprocessing code", False, fix="publish the data preprocessing code"),
-        Component(
-            "Model parameters (Intermediate)",
-            bool(checkpoints),
-            lic,
-            ", ".join(checkpoints),
-            "publish intermediate checkpoints",
-        ),
-        Component(
-            "Research paper",
-            bool(papers),
-            None,
-            ", ".join(papers),
-            "publish a paper under an open licence and tag it (arxiv:ID)",
-        ),
+        Component("Model parameters (Intermediate)", bool(checkpoints), lic, ", ".join(checkpoints),
+                  "publish intermediate checkpoints"),
+        Component("Research paper", bool(papers), None, ", ".join(papers),
+                  "publish a paper under an open licence and tag it (arxiv:ID)"),
         Component("Model metadata", "config.json" in files, lic, "config.json"),
     ]
 
@@ -518,10 +433,8 @@ def grade_path(path: Path) -> Grade:
         return grade(read_bundle(path), str(path), "bundle")
     if (path / "README.md").is_file() or (path / "config.json").is_file():
         return grade(read_huggingface(path), str(path), "huggingface")
-    raise AtomlabError(
-        f"{path}: neither an atomlab bundle (recipe.toml, manifest.json) nor a Hugging Face "
-        "model folder (README.md, config.json)"
-    )
+    raise AtomlabError(f"{path}: neither an atomlab bundle (recipe.toml, manifest.json) nor a Hugging Face "
+                       "model folder (README.md, config.json)")
 
 
 def render(result: Grade) -> str:

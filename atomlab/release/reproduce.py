@@ -95,17 +95,11 @@ def compare_lineage(original: Path, reproduced: Path) -> tuple[str, str]:
         outputs_a, outputs_b = a[step]["outputs"], b[step]["outputs"]
         if outputs_a.keys() != outputs_b.keys():
             found.setdefault("different", f"{step}: outputs {sorted(outputs_a.keys() ^ outputs_b.keys())[:3]}")
-        differing += [
-            f"{step}/{name}"
-            for name in sorted(outputs_a.keys() & outputs_b.keys())
-            if outputs_a[name]["sha256"] != outputs_b[name]["sha256"]
-        ]
+        differing += [f"{step}/{name}" for name in sorted(outputs_a.keys() & outputs_b.keys())
+                      if outputs_a[name]["sha256"] != outputs_b[name]["sha256"]]
     if differing:
-        found.setdefault(
-            "tolerance",
-            f"{len(differing)} step outputs differ in bytes (first {differing[0]}); "
-            "the released files are judged one by one",
-        )
+        found.setdefault("tolerance", f"{len(differing)} step outputs differ in bytes (first {differing[0]}); "
+                                      "the released files are judged one by one")
     return _worst(found)
 
 
@@ -259,9 +253,8 @@ def check_sources(
         for key in sorted(k for k in config if k.endswith("_content") and (step.name, k) != STAT_IDENTITY):
             for name, digest in config[key].items():
                 if step.config.get(key, {}).get(name) != digest:
-                    raise _mismatch(
-                        f"{step.name} file", name, step.config.get(key, {}).get(name), digest, base, "sha256"
-                    )
+                    raise _mismatch(f"{step.name} file", name, step.config.get(key, {}).get(name), digest, base,
+                                    "sha256")
             checked[f"{step.name} {key}"] = {"check": "content sha256", "files": config[key]}
     if "prepare-data" not in bundle_lineage:
         return checked
@@ -276,15 +269,9 @@ def check_sources(
     current_stat = next((s.config.get("source_content", {}) for s in steps if s.name == "prepare-data"), {})
     for source, digest in stat.items():
         if current_stat.get(source) != digest:
-            raise _mismatch(
-                "data source",
-                source,
-                current_stat.get(source),
-                digest,
-                base,
-                "stat identity (name, size and modification time: this bundle records no content "
-                "sha256; copy the file with its time, e.g. cp -p)",
-            )
+            raise _mismatch("data source", source, current_stat.get(source), digest, base,
+                            "stat identity (name, size and modification time: this bundle records no content "
+                            "sha256; copy the file with its time, e.g. cp -p)")
     checked["data sources"] = {
         "check": "stat identity only" if stat else "embedded sources only (versioned with atomlab's source)",
         "sources": stat,

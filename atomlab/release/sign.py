@@ -123,9 +123,8 @@ def check_signature(bundle: Path, trusted_folder: Path) -> tuple[str, str]:
     path = bundle / SIGNATURE
     if not path.is_file():
         raise AtomlabError(f"{bundle}: not signed (no {SIGNATURE}); sign it with `atomlab sign {bundle} --key KEY`")
-    return verify_envelope(
-        path.read_text(encoding="utf-8"), sha256_file(bundle / MANIFEST), keys, str(path), f"in {trusted_folder}"
-    )
+    return verify_envelope(path.read_text(encoding="utf-8"), sha256_file(bundle / MANIFEST), keys, str(path),
+                           f"in {trusted_folder}")
 
 
 def public_keys(pems: dict[str, str]) -> dict[str, tuple[str, Any]]:

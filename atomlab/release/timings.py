@@ -22,15 +22,8 @@ TIMINGS = "timings.json"
 # what the machine measured, wherever a log, summary or metrics file records it
 SPEED_KEYS = frozenset(
     {
-        "tokens_per_s",
-        "mfu",
-        "mfu_problem",
-        "peak_flops",
-        "peak_memory_gib",
-        "precision_measured",
-        "seconds",
-        "rollout_tokens_per_s",
-        "rollout_seconds",
+        "tokens_per_s", "mfu", "mfu_problem", "peak_flops", "peak_memory_gib", "precision_measured", "seconds",
+        "rollout_tokens_per_s", "rollout_seconds",
     }
 )
 # step outputs that log speed figures beside the results (training logs and their summaries)
@@ -117,13 +110,8 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 def side_by_side(original: dict[str, Any], reproduced: dict[str, Any]) -> list[dict[str, Any]]:
     """The two records' figures in rows (machine, each step's seconds and speed), for the reproduction report."""
-    rows = [
-        {
-            "figure": "cpu",
-            "original": original.get("machine", {}).get("cpu"),
-            "reproduced": reproduced.get("machine", {}).get("cpu"),
-        }
-    ]
+    rows = [{"figure": "cpu", "original": original.get("machine", {}).get("cpu"),
+             "reproduced": reproduced.get("machine", {}).get("cpu")}]
     steps_a, steps_b = original.get("steps", {}), reproduced.get("steps", {})
     for step in [s for s in steps_a if s in steps_b]:
         figures_a, figures_b = (

@@ -36,19 +36,18 @@ class ContextParallel:
     def __init__(self, group: Any, rank: int, size: int) -> None:
         self.group, self.rank, self.size = group, rank, size
 
-    @functools.lru_cache(maxsize=16)  # noqa: B019 (one instance per model, a handful of lengths)
-    def _positions(self, rank: int, local: int, device: torch.device) -> torch.Tensor:
+    def piece_starts(self, local: int) -> tuple[int, int]:
+        """Where this process's two pieces (of local / 2 tokens each) start in the whole sequence."""
         piece = local // 2
-        late = 2 * self.size - 1 - rank
-        return torch.cat(
-            [torch.arange(rank * piece, (rank + 1) * piece), torch.arange(late * piece, (late + 1) * piece)]
-        ).to(device)
+        return self.rank * piece, (2 * self.size - 1 - self.rank) * piece
 
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (one instance per model, a handful of lengths)
     def positions(self, local: int, device: torch.device) -> torch.Tensor:
         """The positions in the whole sequence of this process's `local` tokens, in the order it holds them."""
         if local % 2:
             raise ValueError(f"context parallel: a process's share of a sequence is two equal pieces, not {local}")
-        return self._positions(self.rank, local, device)
+        piece = local // 2
+        return torch.cat([torch.arange(start, start + piece) for start in self.piece_starts(local)]).to(device)
 
     @functools.lru_cache(maxsize=16)  # noqa: B019
     def _pieces(
@@ -58,11 +57,10 @@ class ContextParallel:
         (a range of the whole sequence: from the first a sliding window reaches, to its own last) and an additive
         mask of which of them each query sees (at its position or before, fewer than `window` back). The mask
         is made once, in the attention's dtype: SDPA would turn a boolean one into this at every call."""
-        piece, queries = local // 2, self.positions(local, device)
-        pieces = []
-        for index in range(2):
-            mine = queries[index * piece : (index + 1) * piece].view(-1, 1)
-            first_query, end = int(mine[0]), int(mine[-1]) + 1
+        piece, pieces = local // 2, []
+        for index, first_query in enumerate(self.piece_starts(local)):
+            end = first_query + piece
+            mine = torch.arange(first_query, end, device=device).view(-1, 1)
             start = max(0, first_query - window + 1) if window else 0
             keys = torch.arange(start, end, device=device).view(1, -1)
             seen = keys <= mine
